@@ -1,0 +1,1 @@
+"""LightningDataModules: real datasets, local-folder sources and generated offline sources."""

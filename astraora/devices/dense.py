@@ -1,0 +1,95 @@
+"""Devices whose matrix has one control parameter per entry: matvec, SLM, MRR weight bank."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from astraora.devices.base import Device, dense_transfer
+from astraora.errors import ConfigError
+
+
+class MatVec(Device):
+    """Unconstrained reference black box: θ are the m·n entries of A (not phases)."""
+
+    is_phase_device = False
+
+    def __init__(self, d_in: int, d_out: int, *, init_std: float | None = None, **kwargs):
+        self.init_std = init_std
+        super().__init__(d_in, d_out, **kwargs)
+
+    def theta_shape(self) -> tuple[int, ...]:
+        return (self.d_out, self.d_in)
+
+    def init_theta(self, generator: torch.Generator) -> Tensor:
+        std = self.init_std if self.init_std is not None else 1.0 / math.sqrt(self.d_in)
+        return torch.randn(self.theta_shape(), generator=generator) * std
+
+    def transfer(self, theta: Tensor, x: Tensor) -> Tensor:
+        return dense_transfer(theta, x)
+
+
+class SLM(Device):
+    """Phase-only spatial light modulator with real-part readout: A = cos(θ)/√n.
+
+    θ ∈ R^{m×n}, initialised uniformly on [π/2 − init_halfwidth, π/2 + init_halfwidth].
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, init_center: float = math.pi / 2, init_halfwidth: float = 0.1, **kwargs):
+        self.init_center, self.init_halfwidth = float(init_center), float(init_halfwidth)
+        super().__init__(d_in, d_out, **kwargs)
+
+    def theta_shape(self) -> tuple[int, ...]:
+        return (self.d_out, self.d_in)
+
+    def init_theta(self, generator: torch.Generator) -> Tensor:
+        u = torch.rand(self.theta_shape(), generator=generator)
+        return self.init_center + self.init_halfwidth * (2 * u - 1)
+
+    def transfer(self, theta: Tensor, x: Tensor) -> Tensor:
+        return dense_transfer(torch.cos(theta) / math.sqrt(self.d_in), x)
+
+
+def mrr_transmission(phi: Tensor, loss: float, coupling: float) -> Tensor:
+    """Field transmission of an all-pass microring:
+    t(φ) = sqrt((a² + r² − 2ar cos φ) / (1 + a²r² − 2ar cos φ))."""
+    a, r = loss, coupling
+    cos_phi = torch.cos(phi)
+    return torch.sqrt((a * a + r * r - 2 * a * r * cos_phi) / (1 + a * a * r * r - 2 * a * r * cos_phi))
+
+
+class MRRBank(Device):
+    """All-pass microring weight bank: θ = round-trip phases φ ∈ R^{m×n}, A = 2·t(φ) − 1.
+
+    Args:
+        loss: round-trip amplitude transmission a (paper: 0.8).
+        coupling: self-coupling coefficient r (paper: 0.9).
+        init_low, init_high: φ ~ U[init_low, init_high] (paper: [0.01, π/4]).
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, loss: float = 0.8, coupling: float = 0.9,
+                 init_low: float = 0.01, init_high: float = math.pi / 4, **kwargs):
+        if not (0 < loss <= 1 and 0 < coupling < 1):
+            raise ConfigError(f"device.loss={loss} must be in (0, 1] and device.coupling={coupling} in (0, 1).")
+        if init_high < init_low:
+            raise ConfigError(f"device.init_high={init_high} must be >= device.init_low={init_low}.")
+        self.loss, self.coupling = float(loss), float(coupling)
+        self.init_low, self.init_high = float(init_low), float(init_high)
+        super().__init__(d_in, d_out, **kwargs)
+
+    def theta_shape(self) -> tuple[int, ...]:
+        return (self.d_out, self.d_in)
+
+    def init_theta(self, generator: torch.Generator) -> Tensor:
+        u = torch.rand(self.theta_shape(), generator=generator)
+        return self.init_low + (self.init_high - self.init_low) * u
+
+    def weight_range(self) -> tuple[float, float]:
+        """[2·t_min − 1, 2·t_max − 1]: t is smallest at φ = 0 and largest at φ = π."""
+        t = mrr_transmission(torch.tensor([0.0, math.pi], dtype=torch.float64), self.loss, self.coupling)
+        return float(2 * t[0] - 1), float(2 * t[1] - 1)
+
+    def transfer(self, theta: Tensor, x: Tensor) -> Tensor:
+        return dense_transfer(2 * mrr_transmission(theta, self.loss, self.coupling) - 1, x)

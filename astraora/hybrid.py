@@ -1,0 +1,207 @@
+"""HybridLayer: a physical device inside a digital network, trained end to end.
+
+Forward: ``y = s · query(x)`` through the ledger (``s`` an optional trainable output scale).
+Backward, by gradient mode (ALGORITHM.md §6):
+
+| mode       | θ-gradient                  | x-gradient                      |
+|------------|-----------------------------|---------------------------------|
+| ``zo+sm``  | ZO estimate (queries)       | low-rank surrogate G Â          |
+| ``exact+sm`` | autograd through simulator | low-rank surrogate G Â          |
+| ``zo+exact`` | ZO estimate (queries)       | autograd through simulator      |
+| ``exact``  | autograd through simulator  | autograd through simulator      |
+
+When the surrogate is updated: right after the optimizer has changed θ, through
+:meth:`HybridLayer.after_optimizer_step`, which the training loop calls once per θ-update. Doing it
+there (rather than lazily at the next forward) charges the integrator's queries to the step that
+moved θ, leaves the hardware programmed at the new θ for the next forward (no extra reprogram), and
+keeps the surrogate current for anyone who reads it between steps (diagnostics, checkpoints).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from astraora.devices.base import Device
+from astraora.errors import ConfigError
+from astraora.ledger import QueryLedger
+from astraora.rng import make_generator
+from astraora.surrogate import LowRankSurrogate, make_integrator
+from astraora.surrogate.lowrank import best_rank_error
+from astraora.zo import ZOEstimator
+
+MODES = ("zo+sm", "exact+sm", "zo+exact", "exact")
+
+
+def _cosine(a: Tensor, b: Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.reshape(1, -1).double(), b.reshape(1, -1).double()).item())
+
+
+class _PhysicalLayerFunction(torch.autograd.Function):
+    """y = query(x) forward; the layer's gradient mode decides the backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, theta: Tensor, layer: "HybridLayer") -> Tensor:
+        y = layer.ledger.query(x, "forward")
+        ctx.layer = layer
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, y = ctx.saved_tensors
+        layer: HybridLayer = ctx.layer
+        grad_x = layer.input_grad(x, g) if ctx.needs_input_grad[0] else None
+        grad_theta = layer.theta_grad(x, g, y) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_theta, None
+
+
+class HybridLayer(nn.Module):
+    """A black-box device with its ledger, surrogate, ZO estimator and integrator.
+
+    Args:
+        device: the physical layer (owns θ as ``device.theta``).
+        mode: one of ``zo+sm``, ``exact+sm``, ``zo+exact``, ``exact``.
+        rank: surrogate rank r (1 ≤ r ≤ min(d_in, d_out)).
+        zo: a :class:`ZOEstimator` (needed for ``zo+*`` modes).
+        integrator: name of the surrogate update rule and its schedule options
+            (``name``, ``every``, ``samples``, ``sketch``, ``rebuild_every``).
+        output_scale: learn a digital scalar s with y = s · query(x).
+        health_threshold: if set, a training forward whose residual ‖Y − X Âᵀ‖/‖Y‖ exceeds it
+            triggers a full readout rebuild of the surrogate (counted as ``readout``).
+        max_retries, timeout_s: the ledger's fault handling.
+        seed, name: the run seed and this layer's stable name (seed its generators).
+    """
+
+    def __init__(self, device: Device, *, mode: str = "zo+sm", rank: int = 10, zo: ZOEstimator | None = None,
+                 integrator: dict | None = None, output_scale: bool = True, health_threshold: float | None = None,
+                 max_retries: int = 3, timeout_s: float | None = None, seed: int = 0, name: str = "physical"):
+        super().__init__()
+        if mode not in MODES:
+            raise ConfigError(f"mode={mode!r} is not allowed; choose one of {MODES}.")
+        if mode != "zo+sm" and not device.has_simulator:
+            raise ConfigError(f"mode={mode!r} needs the true device matrix, but {type(device).__name__} has no simulator; use mode=zo+sm.")
+        if mode.startswith("zo") and zo is None:
+            raise ConfigError(f"mode={mode!r} needs a ZO estimator (the zo config group).")
+        self.device, self.mode, self.name = device, mode, name
+        self.ledger = QueryLedger(device, max_retries=max_retries, timeout_s=timeout_s)
+        self.zo = zo
+        self.uses_surrogate = mode.endswith("+sm")
+        self.surrogate = LowRankSurrogate(device.d_in, device.d_out, rank, tuple(device.theta.shape), layer=name)
+        integrator = dict(integrator or {"name": "psi_implicit"})
+        self.integrator = make_integrator(integrator.pop("name"), generator=make_generator(seed, name, "sketch"), **integrator)
+        self.scale = nn.Parameter(torch.ones(())) if output_scale else None
+        self.health_threshold = health_threshold
+        self.theta_updates = 0
+        self.capture_next_backward = False  # set by the trainer when it wants gradient cosines
+        self._captured: dict[str, Tensor] = {}
+        self.last_residual: float | None = None
+
+    @property
+    def d_in(self) -> int:
+        return self.device.d_in
+
+    @property
+    def d_out(self) -> int:
+        return self.device.d_out
+
+    @property
+    def theta(self) -> nn.Parameter:
+        return self.device.theta
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, rank={self.surrogate.rank}, integrator={self.integrator.name}"
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.d_in)
+        if self.training and self.uses_surrogate and not bool(self.surrogate.initialized):
+            self.surrogate.readout(self.ledger)
+        y = _PhysicalLayerFunction.apply(x2, self.device.theta, self)
+        if self.training and self.uses_surrogate:
+            self._check_health(x2.detach(), y.detach())
+        if self.scale is not None:
+            y = self.scale * y
+        return y.reshape(*lead, self.d_out)
+
+    @torch.no_grad()
+    def _check_health(self, x: Tensor, y: Tensor) -> None:
+        """Residual of the surrogate on this batch, from queries already made (no extra cost)."""
+        self.last_residual = float((y - self.surrogate.apply(x)).norm() / y.norm().clamp_min(1e-12))
+        if self.health_threshold is not None and self.last_residual > self.health_threshold:
+            self.surrogate.readout(self.ledger)
+
+    # ----------------------------------------------------------------- backward pieces
+    def input_grad(self, x: Tensor, g: Tensor) -> Tensor:
+        """∂L/∂X (B, n) from upstream G (B, m)."""
+        if self.uses_surrogate:
+            grad = self.surrogate.input_grad(g)
+        else:
+            grad = g @ self.ledger.oracle_matrix().detach()
+        if self.capture_next_backward:
+            self._captured.update(x=x.detach(), g=g.detach(), grad_x=grad.detach())
+        return grad
+
+    def theta_grad(self, x: Tensor, g: Tensor, y: Tensor) -> Tensor | None:
+        """∂L/∂θ from upstream G: the ZO estimate or the oracle VJP. A non-finite ZO estimate is
+        skipped (θ keeps no gradient this step) and counted in ``ledger.skipped['zo']``."""
+        if self.mode.startswith("zo"):
+            grad = self.zo.estimate(self.ledger, x, g, y)
+            if not torch.isfinite(grad).all():
+                self.ledger.skipped["zo"] += 1
+                return None
+        else:
+            grad = self.exact_theta_grad(x, g)
+        if self.capture_next_backward:
+            self._captured.update(x=x.detach(), g=g.detach(), grad_theta=grad.detach())
+        return grad
+
+    def exact_theta_grad(self, x: Tensor, g: Tensor) -> Tensor:
+        """The true VJP ∇_θ Σ_b ⟨A(θ) x_b, g_b⟩ by autograd through the simulator (oracle)."""
+        with torch.enable_grad():
+            theta = self.device.theta.detach().requires_grad_(True)
+            phi = (self.ledger.oracle_simulate(x, theta) * g).sum()
+            return torch.autograd.grad(phi, theta)[0]
+
+    # ----------------------------------------------------------------- after θ changed
+    def after_optimizer_step(self) -> None:
+        """Call once after each optimizer step on θ: advances drift, then updates the surrogate."""
+        self.theta_updates += 1
+        self.device.step_drift()
+        if self.uses_surrogate and bool(self.surrogate.initialized):
+            self.integrator.step(self.surrogate, self.ledger, self.theta_updates)
+
+    # ----------------------------------------------------------------- diagnostics (oracle)
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """Surrogate error vs the true matrix and, if a backward was captured, gradient cosines."""
+        out: dict[str, float] = {}
+        a = self.ledger.oracle_matrix().detach()
+        if self.uses_surrogate and bool(self.surrogate.initialized):
+            out["surrogate/rel_error"] = float((self.surrogate.matrix() - a).norm() / a.norm().clamp_min(1e-12))
+            out["surrogate/rel_error_best_rank_r"] = best_rank_error(a, self.surrogate.rank)
+        cap, self._captured = self._captured, {}
+        if "grad_x" in cap:
+            out["surrogate/grad_cosine"] = _cosine(cap["grad_x"], cap["g"] @ a)
+        if "grad_theta" in cap and self.mode.startswith("zo"):
+            out["zo/grad_cosine"] = _cosine(cap["grad_theta"], self.exact_theta_grad(cap["x"], cap["g"]))
+        return out
+
+    # ----------------------------------------------------------------- checkpoint state
+    def get_extra_state(self) -> dict:
+        return {
+            "ledger": self.ledger.state_dict(),
+            "device_generators": self.device.generator_states(),
+            "zo": self.zo.state_dict() if self.zo is not None else None,
+            "integrator": self.integrator.state_dict(),
+            "theta_updates": self.theta_updates,
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        self.ledger.load_state_dict(state["ledger"])
+        self.device.load_generator_states(state["device_generators"])
+        if self.zo is not None and state["zo"] is not None:
+            self.zo.load_state_dict(state["zo"])
+        self.integrator.load_state_dict(state["integrator"])
+        self.theta_updates = int(state["theta_updates"])

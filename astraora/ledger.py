@@ -1,0 +1,157 @@
+"""The query ledger: the one door to a physical device.
+
+Every access to a device goes through a :class:`QueryLedger`, which counts it by purpose:
+
+* ``forward``   rows sent by the forward pass (training and evaluation);
+* ``zo``        rows sent at perturbed settings by the zeroth-order estimator;
+* ``surrogate`` rows sent by the surrogate integrator (queries at θ₀ and θ₁, sketches);
+* ``readout``   rows sent to read the whole matrix out (initialisation, rebuilds).
+
+``oracle`` counts simulator evaluations (true matrix, exact gradients) used by oracle gradient
+modes and diagnostics; they are not hardware queries and never enter ``total``.
+
+A *reprogram* is counted whenever a query needs the hardware at a setting other than the one it
+holds: the ledger remembers the last programmed θ and compares. A batch of K perturbed settings
+costs K reprograms. Queries that raise or return non-finite values are retried up to
+``max_retries`` times (counted in ``retries``); when they keep failing :class:`DeviceFailure`
+is raised so the run can checkpoint and stop.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from astraora.devices.base import Device
+from astraora.errors import DeviceFailure, DeviceFault
+
+PURPOSES = ("forward", "zo", "surrogate", "readout")
+
+
+class QueryLedger:
+    """Counts queries and reprograms of one device by purpose, retries failed queries.
+
+    Args:
+        device: the black box.
+        max_retries: extra attempts for a query that raised, returned NaN/Inf or timed out.
+        timeout_s: a query slower than this counts as failed (None: no limit).
+    """
+
+    def __init__(self, device: Device, *, max_retries: int = 3, timeout_s: float | None = None):
+        self.device = device
+        self.max_retries = int(max_retries)
+        self.timeout_s = timeout_s
+        self.queries = {p: 0 for p in PURPOSES}
+        self.reprograms = {p: 0 for p in PURPOSES}
+        self.oracle = 0
+        self.retries = 0
+        self.skipped = {"zo": 0, "surrogate": 0}
+        self._programmed: Tensor | None = None  # the θ the hardware holds now
+
+    # ----------------------------------------------------------------- totals
+    @property
+    def total(self) -> int:
+        return sum(self.queries.values())
+
+    @property
+    def total_reprograms(self) -> int:
+        return sum(self.reprograms.values())
+
+    def counts(self) -> dict[str, int]:
+        """Flat counters, as logged: ``queries/<purpose>``, ``queries/total``, ``reprograms``..."""
+        out = {f"queries/{p}": n for p, n in self.queries.items()}
+        out["queries/total"] = self.total
+        out["queries/oracle"] = self.oracle
+        out["reprograms"] = self.total_reprograms
+        out["queries/retries"] = self.retries
+        out["skipped/zo"] = self.skipped["zo"]
+        out["skipped/surrogate"] = self.skipped["surrogate"]
+        return out
+
+    # ----------------------------------------------------------------- hardware access
+    def query(self, x: Tensor, purpose: str, theta: Tensor | None = None) -> Tensor:
+        """Program θ (the live parameter when None) if needed, send rows x (..., n), read (..., m)."""
+        self._check_purpose(purpose)
+        commanded = (self.device.theta if theta is None else theta).detach()
+        rows = x.reshape(-1, self.device.d_in)
+        if self._programmed is None or not torch.equal(commanded, self._programmed):
+            self.reprograms[purpose] += 1
+            self._programmed = commanded.clone()
+        y = self._send(rows, commanded, purpose)
+        self.queries[purpose] += rows.shape[0]
+        return y.reshape(*x.shape[:-1], self.device.d_out)
+
+    def query_settings(self, x: Tensor, thetas: Tensor, purpose: str) -> Tensor:
+        """Query K settings in turn (e.g. ZO perturbations): thetas (K, *theta_shape),
+        x (B, n) sent at every setting or (K, B, n) one batch per setting → (K, B, m).
+
+        Costs K reprograms and K·B queries; executed as one batched simulation."""
+        self._check_purpose(purpose)
+        k = thetas.shape[0]
+        rows_per_setting = x.shape[-2]
+        y = self._send(x, thetas.detach(), purpose)
+        self.reprograms[purpose] += k
+        self.queries[purpose] += k * rows_per_setting
+        self._programmed = thetas[-1].detach().clone()
+        return y
+
+    def _send(self, x: Tensor, theta: Tensor, purpose: str) -> Tensor:
+        last_error: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.retries += 1
+            start = time.monotonic()
+            try:
+                y = self.device.query(x, theta)
+            except DeviceFault as err:
+                last_error = err
+                continue
+            if self.timeout_s is not None and time.monotonic() - start > self.timeout_s:
+                last_error = DeviceFault(f"query took longer than timeout_s={self.timeout_s}")
+                continue
+            if not torch.isfinite(y).all():
+                last_error = DeviceFault("query returned non-finite values")
+                continue
+            return y
+        raise DeviceFailure(
+            f"device {self.device.name!r}: a {purpose} query failed {self.max_retries + 1} times "
+            f"(last error: {last_error}); stopping after a checkpoint."
+        )
+
+    # ----------------------------------------------------------------- oracle access
+    def oracle_matrix(self, theta: Tensor | None = None) -> Tensor:
+        """The true A(θ) (m, n) from the simulator; differentiable; counted as oracle."""
+        self.oracle += 1
+        return self.device.matrix(theta)
+
+    def oracle_simulate(self, x: Tensor, theta: Tensor | None = None) -> Tensor:
+        """The simulator's x A(θ)ᵀ (differentiable, noise-free); counted as oracle."""
+        self.oracle += 1
+        return self.device.simulate(x, theta)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "queries": dict(self.queries),
+            "reprograms": dict(self.reprograms),
+            "oracle": self.oracle,
+            "retries": self.retries,
+            "skipped": dict(self.skipped),
+            "programmed": None if self._programmed is None else self._programmed.cpu(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.queries = dict(state["queries"])
+        self.reprograms = dict(state["reprograms"])
+        self.oracle = int(state["oracle"])
+        self.retries = int(state["retries"])
+        self.skipped = dict(state["skipped"])
+        programmed = state["programmed"]
+        self._programmed = None if programmed is None else programmed.to(self.device.theta.device)
+
+    @staticmethod
+    def _check_purpose(purpose: str) -> None:
+        if purpose not in PURPOSES:
+            raise ValueError(f"unknown query purpose {purpose!r}; allowed: {PURPOSES}")

@@ -1,0 +1,1 @@
+"""Backbones per modality that place the physical layer(s) where configured."""

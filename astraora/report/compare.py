@@ -1,0 +1,571 @@
+"""Compare hybrid runs with their digital baselines: a markdown table per task, a CSV and plots.
+
+Works offline from what every run directory holds (docs/CONTRACTS.md): ``summary.json``,
+``metrics.csv`` (Lightning's CSVLogger: a sorted union of keys as header, one row per logging
+call, empty cells for metrics not logged in that row) and, when present, ``.hydra/config.yaml``.
+Runs that differ only in their seed share one row, with mean ± std over the seeds.
+
+Usage: ``python scripts/compare.py DIR... [--out OUTDIR] [--metric val/acc]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+
+SUMMARY = "summary.json"
+METRICS = "metrics.csv"
+MISSING = "—"
+DIGITAL = "digital"
+COMPLETED = "completed"
+MAIN_METRICS = ("val/acc", "val/ppl", "val/loss")
+HIGHER_IS_BETTER = ("acc", "accuracy", "f1")
+
+# What the plots tell apart; all but the device are hybrid-only (None for digital runs).
+SETTING_FIELDS = ("device", "mode", "integrator", "rank", "M", "M_sm")
+# What makes two runs one row of the table (the seed aside): a failed run is not averaged in.
+CONFIG_FIELDS = (*SETTING_FIELDS, "status")
+# Per-run numbers, averaged over seeds; the value is the format of the mean in the markdown table.
+NUMBER_FORMATS = {
+    "final_val": ".4g",
+    "best_val": ".4g",
+    "test": ".4g",
+    "gap": "+.3g",
+    "queries_total": ",.0f",
+    "queries_per_step": ".4g",
+    "surrogate_rel_error": ".3g",
+}
+CSV_COLUMNS = (
+    "task", "metric", "test_metric", *CONFIG_FIELDS, "seeds", "n_runs",
+    *(column for name in NUMBER_FORMATS for column in (name, f"{name}_std")),
+    "run_dirs",
+)
+
+
+@dataclass
+class Run:
+    """One run directory: its summary, its Hydra config (or None) and its logged history."""
+
+    path: Path
+    summary: dict
+    hydra_config: DictConfig | None
+    history: dict[str, tuple[np.ndarray, np.ndarray]]  # metric name -> (steps, values)
+
+    def setting(self, key: str, config_key: str | None = None):
+        """``key`` (dotted) from summary.json; else ``config_key`` (default ``key``) from the
+        summary's ``config`` subset, then from ``.hydra/config.yaml``; None when nowhere."""
+        config_key = config_key or key
+        for value in (_dig(self.summary, *key.split(".")),
+                      _dig(self.summary, "config", *config_key.split("."))):
+            if value is not None:
+                return _scalar(value)
+        if self.hydra_config is None:
+            return None
+        return _scalar(OmegaConf.select(self.hydra_config, config_key, default=None,
+                                        throw_on_resolution_failure=False))
+
+    @property
+    def task(self) -> str:
+        task = self.setting("task", "task.name")
+        return MISSING if task is None else str(task)
+
+    @property
+    def device(self):
+        return self.setting("device", "device.name")
+
+    @property
+    def is_digital(self) -> bool:
+        return self.device == DIGITAL
+
+    @property
+    def status(self):
+        return _scalar(self.summary.get("status"))
+
+    def summary_metric(self, name: str) -> float | None:
+        """A metric from the summary's ``metrics`` block."""
+        return _number(_dig(self.summary, "metrics", name))
+
+    def last(self, name: str) -> float | None:
+        """The last logged value of ``name`` in metrics.csv."""
+        if name not in self.history:
+            return None
+        return float(self.history[name][1][-1])
+
+    def best(self, name: str) -> float | None:
+        """The best logged value of ``name`` (max for accuracy-like metrics, min otherwise)."""
+        if name not in self.history:
+            return None
+        values = self.history[name][1]
+        if np.isnan(values).all():
+            return math.nan
+        return float(np.nanmax(values) if higher_is_better(name) else np.nanmin(values))
+
+    @property
+    def queries_total(self) -> float | None:
+        total = _number(_dig(self.summary, "queries", "total"))
+        return self.last("queries/total") if total is None else total
+
+    @property
+    def surrogate_rel_error(self) -> float | None:
+        error = _number(_dig(self.summary, "surrogate", "rel_error"))
+        return self.last("surrogate/rel_error") if error is None else error
+
+
+@dataclass
+class TaskComparison:
+    """All runs of one task: per-run records (with their runs) and the grouped table rows."""
+
+    task: str
+    metric: str
+    entries: list[tuple[Run, dict]]
+    rows: list[dict]
+
+    @property
+    def test_metric(self) -> str:
+        return test_metric_name(self.metric)
+
+
+# ---------------------------------------------------------------------------- reading runs
+
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Every directory under ``paths`` (run dirs or multirun dirs, searched recursively) that
+    holds a summary.json, without duplicates, in natural order (``2/`` before ``10/``); paths that
+    are not directories contribute nothing."""
+    found: dict[Path, Path] = {}
+    for root in map(Path, paths):
+        for summary in root.rglob(SUMMARY) if root.is_dir() else ():
+            if summary.is_file():
+                found.setdefault(summary.parent.resolve(), summary.parent)
+    return sorted(found.values(), key=_natural_key)
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read one run directory; raises OSError or ValueError when summary.json is unusable."""
+    summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
+    if not isinstance(summary, dict):
+        raise ValueError(f"{run_dir / SUMMARY} is not a JSON object")
+    metrics_csv = _find_metrics_csv(run_dir)
+    history = read_metrics_csv(metrics_csv) if metrics_csv else {}
+    return Run(run_dir, summary, _load_hydra_config(run_dir), history)
+
+
+def read_metrics_csv(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each metric of a CSVLogger file as (steps, values) in file order; empty cells are skipped.
+    A row without a usable ``step`` uses its row index."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    with path.open(newline="", encoding="utf-8") as file:
+        for index, row in enumerate(csv.DictReader(file)):
+            step = _number(row.get("step"))
+            for name, cell in row.items():
+                value = _number(cell)
+                if name in (None, "step", "epoch") or value is None:
+                    continue
+                points.setdefault(name, []).append((index if step is None else step, value))
+    return {name: tuple(np.array(column) for column in zip(*pairs)) for name, pairs in points.items()}
+
+
+def _find_metrics_csv(run_dir: Path) -> Path | None:
+    """``run_dir/metrics.csv``; else the last one below it (e.g. ``csv/version_0/``) that does not
+    belong to a nested run directory."""
+    direct = run_dir / METRICS
+    if direct.is_file():
+        return direct
+    own = [path for path in run_dir.rglob(METRICS) if not _in_nested_run(path, run_dir)]
+    return max(own, key=_natural_key) if own else None
+
+
+def _in_nested_run(path: Path, run_dir: Path) -> bool:
+    """Whether a folder between ``run_dir`` (excluded) and ``path`` holds its own summary.json."""
+    folder = path.parent.relative_to(run_dir)
+    return any((run_dir / part / SUMMARY).is_file() for part in [folder, *folder.parents][:-1])
+
+
+def _load_hydra_config(run_dir: Path) -> DictConfig | None:
+    """``.hydra/config.yaml`` unresolved (values are resolved one by one when looked up)."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        config = OmegaConf.load(path)
+    except (OSError, yaml.YAMLError) as error:
+        _warn(f"ignoring unreadable {path}: {error}")
+        return None
+    return config if isinstance(config, DictConfig) else None
+
+
+# ---------------------------------------------------------------------------- the comparison
+
+def higher_is_better(metric: str) -> bool:
+    """Accuracy-like metrics improve upwards; loss and perplexity downwards."""
+    return metric.rsplit("/", 1)[-1] in HIGHER_IS_BETTER
+
+
+def test_metric_name(metric: str) -> str:
+    """``val/acc`` -> ``test/acc``."""
+    return "test/" + metric.split("/", 1)[-1]
+
+
+def choose_metric(runs: list[Run], requested: str | None) -> str:
+    """``requested`` when any run of the task has it, else the first of val/acc, val/ppl, val/loss
+    that any run has (``acc`` is short for ``val/acc``)."""
+    if requested and "/" not in requested:
+        requested = f"val/{requested}"
+    candidates = ([requested] if requested else []) + list(MAIN_METRICS)
+    for metric in candidates:
+        if any(metric in run.history or run.summary_metric(metric) is not None
+               or run.summary_metric(test_metric_name(metric)) is not None for run in runs):
+            return metric
+    return candidates[0]
+
+
+def compare(runs: list[Run], metric: str | None = None) -> list[TaskComparison]:
+    """Group ``runs`` by task and build each task's table rows against its digital runs."""
+    by_task: dict[str, list[Run]] = {}
+    for run in runs:
+        by_task.setdefault(run.task, []).append(run)
+    comparisons = []
+    for task, task_runs in sorted(by_task.items()):
+        task_metric = choose_metric(task_runs, metric)
+        baseline = digital_baseline(task_runs, test_metric_name(task_metric))
+        entries = sorted(((run, run_record(run, task_metric, baseline)) for run in task_runs),
+                         key=lambda entry: (_config_order(entry[1]), _order(entry[1]["seed"])))
+        comparisons.append(TaskComparison(task, task_metric, entries, group_rows([r for _, r in entries])))
+    return comparisons
+
+
+def digital_baseline(runs: list[Run], test_metric: str) -> dict:
+    """seed -> the digital test metric (mean if several completed digital runs share the seed)."""
+    values: dict = {}
+    for run in runs:
+        value = run.summary_metric(test_metric)
+        if run.is_digital and run.status in (None, COMPLETED) and value is not None:
+            values.setdefault(run.setting("seed"), []).append(value)
+    return {seed: statistics.fmean(seed_values) for seed, seed_values in values.items()}
+
+
+def run_record(run: Run, metric: str, baseline: dict) -> dict:
+    """One run as a flat record: its configuration fields and its numbers (None = unknown).
+    ``gap`` is positive when the hybrid is worse than the digital run with the same seed."""
+    hybrid = not run.is_digital
+    seed = run.setting("seed")
+    test = run.summary_metric(test_metric_name(metric))
+    reference = baseline.get(seed) if hybrid else None
+    gap = None
+    if test is not None and reference is not None:
+        gap = reference - test if higher_is_better(metric) else test - reference
+    final = run.last(metric)
+    queries = run.queries_total
+    steps = _number(run.summary.get("steps"))
+    return {
+        "device": run.device,
+        "mode": run.setting("mode") if hybrid else None,
+        "integrator": run.setting("integrator", "integrator.name") if hybrid else None,
+        "rank": run.setting("surrogate.rank") if hybrid else None,
+        "M": run.setting("zo.samples") if hybrid else None,
+        "M_sm": run.setting("integrator.samples") if hybrid else None,
+        "status": run.status,
+        "seed": seed,
+        "run_dir": str(run.path),
+        "final_val": run.summary_metric(metric) if final is None else final,
+        "best_val": run.best(metric),
+        "test": test,
+        "gap": gap,
+        "queries_total": queries,
+        "queries_per_step": queries / steps if queries is not None and steps else None,
+        "surrogate_rel_error": run.surrogate_rel_error,
+    }
+
+
+def group_rows(records: list[dict]) -> list[dict]:
+    """One row per configuration, in the order of ``records``: seeds and run dirs listed, numbers
+    as (mean, std or None)."""
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault(tuple(record[name] for name in CONFIG_FIELDS), []).append(record)
+    rows = []
+    for members in groups.values():
+        row = {name: members[0][name] for name in CONFIG_FIELDS}
+        row["seeds"] = sorted({m["seed"] for m in members if m["seed"] is not None}, key=_order)
+        row["run_dirs"] = [m["run_dir"] for m in members]
+        row.update({name: _mean_std([m[name] for m in members]) for name in NUMBER_FORMATS})
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------- output
+
+def markdown_table(comparison: TaskComparison) -> str:
+    """The task's table, with a heading and footnotes that say what each number is."""
+    metric, test = comparison.metric, comparison.test_metric
+    best = "max" if higher_is_better(metric) else "min"
+    gap = "digital − hybrid" if higher_is_better(metric) else "hybrid − digital"
+    header = ["device", "mode", "integrator", "rank", "M", "M_sm", "seed(s)", "status",
+              f"final {metric}", f"best {metric}", test, f"gap {test} ¹", "queries",
+              "queries/step", "surrogate rel. error"]
+    lines = [f"## {comparison.task} (main metric {metric}, {len(comparison.entries)} runs)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in comparison.rows:
+        cells = [_cell(row[name]) for name in SETTING_FIELDS]
+        cells += [", ".join(map(str, row["seeds"])) or MISSING, _cell(row["status"])]
+        cells += [_format_number(row[name], spec) for name, spec in NUMBER_FORMATS.items()]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"final = last logged {metric} in metrics.csv (summary.json's value if none was logged); "
+        f"best = {best} over logged steps; {test} from summary.json; queries/step = total queries / steps.",
+        f"¹ gap = {gap} on {test}, against the digital run of the same task and seed "
+        "(mean over the seeds that have one): positive = hybrid worse.",
+        "Several seeds: mean ± sample std over seeds. — = not available or not applicable.",
+    ]
+    return "\n".join(lines)
+
+
+def write_csv(comparisons: list[TaskComparison], path: Path) -> None:
+    """All tables in one CSV: raw numbers, mean and std in separate columns, empty = unknown."""
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for comparison in comparisons:
+            for row in comparison.rows:
+                record = {"task": comparison.task, "metric": comparison.metric,
+                          "test_metric": comparison.test_metric, "n_runs": len(row["run_dirs"]),
+                          "seeds": ";".join(map(str, row["seeds"])), "run_dirs": ";".join(row["run_dirs"])}
+                record.update({name: _csv_value(row[name]) for name in CONFIG_FIELDS})
+                for name in NUMBER_FORMATS:
+                    mean, std = row[name] or (None, None)
+                    record[name], record[f"{name}_std"] = _csv_value(mean), _csv_value(std)
+                writer.writerow(record)
+
+
+def save_plots(comparison: TaskComparison, out_dir: Path) -> list[Path]:
+    """Write the task's PNGs (those it has data for) and return their paths."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", comparison.task)
+    plots = {
+        f"{stem}_metric_vs_step.png": plot_metric_vs_step,
+        f"{stem}_surrogate_rel_error.png": plot_surrogate_error,
+        f"{stem}_metric_vs_queries.png": plot_metric_vs_queries,
+    }
+    styles = _styles(comparison)
+    written = []
+    for name, plot in plots.items():
+        figure = plot(comparison, styles)
+        if figure is not None:
+            figure.savefig(out_dir / name, dpi=120)
+            written.append(out_dir / name)
+    return written
+
+
+def plot_metric_vs_step(comparison: TaskComparison, styles: dict) -> Figure | None:
+    """The main metric against the step, every hybrid configuration beside the digital run(s)."""
+    metric = comparison.metric
+    curves = [(run, record) for run, record in comparison.entries if metric in run.history]
+    if not curves:
+        return None
+    figure, axes = _figure(f"{comparison.task}: {metric}, hybrid vs digital", "step", metric)
+    for run, record in curves:
+        label, color = styles[_key(record)]
+        axes.plot(*run.history[metric], color=color, label=label, marker=".",
+                  linewidth=2.0 if record["device"] == DIGITAL else 1.2)
+    _legend(axes)
+    return figure
+
+
+def plot_surrogate_error(comparison: TaskComparison, styles: dict) -> Figure | None:
+    """Surrogate relative error against the step (log y); dotted: the best rank-r error."""
+    curves = [(run, record) for run, record in comparison.entries if "surrogate/rel_error" in run.history]
+    if not curves:
+        return None
+    figure, axes = _figure(f"{comparison.task}: surrogate relative error", "step", "‖Â − A‖_F / ‖A‖_F")
+    for run, record in curves:
+        label, color = styles[_key(record)]
+        for name, line, suffix in (("surrogate/rel_error", "-", ""),
+                                   ("surrogate/rel_error_best_rank_r", ":", " (best rank r)")):
+            if name in run.history:
+                steps, values = run.history[name]
+                positive = values > 0
+                axes.plot(steps[positive], values[positive], line, color=color, label=label + suffix)
+    axes.set_yscale("log")
+    _legend(axes)
+    return figure
+
+
+def plot_metric_vs_queries(comparison: TaskComparison, styles: dict) -> Figure | None:
+    """Final metric against total queries per hybrid run (log x); digital runs as a dashed line."""
+    metric = comparison.metric
+    points = [record for _, record in comparison.entries if record["device"] != DIGITAL
+              and record["final_val"] is not None and (record["queries_total"] or 0) > 0]
+    if not points:
+        return None
+    figure, axes = _figure(f"{comparison.task}: final {metric} vs device queries", "total queries",
+                           f"final {metric}")
+    for record in points:
+        label, color = styles[_key(record)]
+        axes.scatter(record["queries_total"], record["final_val"], color=color, label=label)
+    digital = [record["final_val"] for _, record in comparison.entries
+               if record["device"] == DIGITAL and record["final_val"] is not None]
+    if digital:
+        axes.axhline(statistics.fmean(digital), color="black", linestyle="--", label=DIGITAL)
+    axes.set_xscale("log")
+    _legend(axes)
+    return figure
+
+
+# ---------------------------------------------------------------------------- command line
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the tables, write comparison.csv and the plots; 2 when no run directory is found."""
+    parser = argparse.ArgumentParser(prog="compare.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or multirun directories")
+    parser.add_argument("--out", type=Path, help="output folder (default: DIR if one, else ./compare_out)")
+    parser.add_argument("--metric", help="main metric, e.g. val/acc (default: val/acc, val/ppl or "
+                                         "val/loss, whichever the task logged)")
+    args = parser.parse_args(argv)
+
+    runs = [run for run in map(_load_or_warn, find_run_dirs(args.dirs)) if run is not None]
+    if not runs:
+        print(f"compare: no run directories (with a {SUMMARY}) found under {' '.join(args.dirs)}",
+              file=sys.stderr)
+        return 2
+    not_dirs = [path for path in args.dirs if not Path(path).is_dir()]
+    if not_dirs:
+        _warn(f"not a directory, skipped: {' '.join(not_dirs)}")
+    out_dir = args.out or (Path(args.dirs[0]) if len(args.dirs) == 1 else Path("compare_out"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    comparisons = compare(runs, args.metric)
+    plots = []
+    for comparison in comparisons:
+        print(markdown_table(comparison), end="\n\n")
+        plots += save_plots(comparison, out_dir)
+    write_csv(comparisons, out_dir / "comparison.csv")
+    print(f"wrote comparison.csv and {len(plots)} plots to {out_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _load_or_warn(run_dir: Path) -> Run | None:
+    try:
+        return load_run(run_dir)
+    except (OSError, ValueError) as error:
+        _warn(f"skipped {run_dir}: {error}")
+        return None
+
+
+def _warn(message: str) -> None:
+    print(f"compare: {message}", file=sys.stderr)
+
+
+def _dig(mapping, *keys):
+    """``mapping[k1][k2]...``, or None when any level is missing."""
+    for key in keys:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+def _scalar(value):
+    """Config values as hashable scalars (containers become their string form)."""
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+
+def _number(value) -> float | None:
+    """``value`` as a float, or None when it is absent or not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _mean_std(values: list) -> tuple[float, float | None] | None:
+    """(mean, sample std) of the known values, std None for a single one; None when none known.
+    NaN is kept, so a diverged seed shows up as nan."""
+    known = [value for value in values if value is not None]
+    if not known:
+        return None
+    return statistics.fmean(known), statistics.stdev(known) if len(known) > 1 else None
+
+
+def _format_number(mean_std: tuple | None, spec: str) -> str:
+    if mean_std is None:
+        return MISSING
+    mean, std = mean_std
+    text = format(mean, spec)
+    return text if std is None else f"{text} ± {format(std, spec.lstrip('+'))}"
+
+
+def _cell(value) -> str:
+    return MISSING if value is None else str(value)
+
+
+def _csv_value(value):
+    return "" if value is None else value
+
+
+def _order(value) -> tuple:
+    """Sort key for mixed values: numbers by value, then strings, then None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, str(value)) if value is not None else (2, 0, "")
+
+
+def _config_order(record: dict) -> tuple:
+    """Digital first, then natural order of the configuration fields."""
+    return (record["device"] != DIGITAL, *(_order(record[name]) for name in CONFIG_FIELDS))
+
+
+def _natural_key(path: Path) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
+            for part in re.split(r"(\d+)", str(path)) if part]
+
+
+def _key(record: dict) -> tuple:
+    return tuple(record[name] for name in SETTING_FIELDS)
+
+
+def _styles(comparison: TaskComparison) -> dict:
+    """Configuration -> (legend label, colour): black for digital, tab10 for the rest. Labels name
+    the device and whichever fields vary between the task's hybrid configurations."""
+    keys = list(dict.fromkeys(_key(record) for _, record in comparison.entries))
+    hybrid = [key for key in keys if key[0] != DIGITAL]
+    varying = [index for index in range(1, len(SETTING_FIELDS)) if len({key[index] for key in hybrid}) > 1]
+    palette = colormaps["tab10"]
+    styles = {}
+    for number, key in enumerate(hybrid):
+        parts = [str(key[0])] + [f"{SETTING_FIELDS[i]}={key[i]}" for i in varying]
+        styles[key] = (" ".join(parts), palette(number % palette.N))
+    styles.update({key: (DIGITAL, "black") for key in keys if key[0] == DIGITAL})
+    return styles
+
+
+def _figure(title: str, xlabel: str, ylabel: str):
+    """A figure on the Agg canvas (no pyplot, no global backend change) and its axes."""
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axes.grid(alpha=0.3)
+    return figure, axes
+
+
+def _legend(axes) -> None:
+    """One legend entry per label (several seeds share a label)."""
+    handles, labels = axes.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes.legend(unique.values(), unique.keys(), fontsize="small")

@@ -1,0 +1,157 @@
+"""Integrators that move the surrogate from A(θ₀) to A(θ₁) after θ changes.
+
+* ``psi_implicit``: one first-order projector-splitting (KSL) step on the increment
+  ΔA = A(θ₁) − A(θ₀), using only forward queries (ALGORITHM.md §4): 2r + 2·M_sm queries,
+  two reprograms, no m×n matrix, no SVD.
+* ``rebuild``: a full readout + truncated SVD (n queries, counted as ``readout``).
+* ``exact``: oracle readout + SVD (debugging baseline; no hardware queries).
+* ``frozen``: never updated (ablation).
+
+Schedule: the update runs every ``every`` θ-updates; ``rebuild_every`` > 0 additionally replaces
+it by a full readout every that many θ-updates (combinable with ``psi_implicit``). θ₀ is always the
+θ the factors were last synchronised to, so skipped steps are caught up by the next update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from astraora.errors import ConfigError
+from astraora.ledger import QueryLedger
+from astraora.surrogate.lowrank import LowRankSurrogate, truncated_svd
+
+SKETCHES = ("gaussian", "orthogonal")
+
+
+class Integrator:
+    """Base: the schedule. Subclasses implement :meth:`update`."""
+
+    name = "base"
+
+    def __init__(self, every: int = 1, rebuild_every: int = 0):
+        if int(every) < 1:
+            raise ConfigError(f"integrator.every={every} must be >= 1.")
+        if int(rebuild_every) < 0:
+            raise ConfigError(f"integrator.rebuild_every={rebuild_every} must be >= 0 (0 = never).")
+        self.every, self.rebuild_every = int(every), int(rebuild_every)
+
+    def step(self, surrogate: LowRankSurrogate, ledger: QueryLedger, step: int) -> bool:
+        """Called after the ``step``-th θ-update (1-based). Returns True when the factors changed."""
+        if self.rebuild_every and step % self.rebuild_every == 0:
+            surrogate.readout(ledger)
+            return True
+        if step % self.every:
+            return False
+        return self.update(surrogate, ledger)
+
+    def update(self, surrogate: LowRankSurrogate, ledger: QueryLedger) -> bool:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class FrozenIntegrator(Integrator):
+    name = "frozen"
+
+    def update(self, surrogate, ledger) -> bool:
+        return False
+
+
+class RebuildIntegrator(Integrator):
+    name = "rebuild"
+
+    def update(self, surrogate, ledger) -> bool:
+        surrogate.readout(ledger)
+        return True
+
+
+class ExactIntegrator(Integrator):
+    name = "exact"
+
+    @torch.no_grad()
+    def update(self, surrogate, ledger) -> bool:
+        theta = ledger.device.theta.detach()
+        surrogate.set_factors(*truncated_svd(ledger.oracle_matrix(), surrogate.rank), theta)
+        return True
+
+
+class PsiImplicitIntegrator(Integrator):
+    """The implicit projector-splitting integrator.
+
+    Args:
+        samples: M_sm, rows of the sketch Z used for the L-step.
+        sketch: ``gaussian`` (i.i.d. N(0, 1), the paper) or ``orthogonal`` (rows √n times
+            orthonormal, so ZᵀZ/M_sm = I exactly when M_sm = n; a variance-reduced option).
+        generator: draws the sketches.
+    """
+
+    name = "psi_implicit"
+
+    def __init__(self, samples: int = 100, sketch: str = "gaussian", *, generator: torch.Generator, every: int = 1, rebuild_every: int = 0):
+        super().__init__(every, rebuild_every)
+        if int(samples) < 1:
+            raise ConfigError(f"integrator.samples={samples} must be >= 1.")
+        if sketch not in SKETCHES:
+            raise ConfigError(f"integrator.sketch={sketch!r} is not allowed; choose one of {SKETCHES}.")
+        self.samples, self.sketch, self.generator = int(samples), sketch, generator
+
+    def draw_sketch(self, n: int, dtype: torch.dtype) -> Tensor:
+        """Z (M_sm, n) with E[zzᵀ] = I."""
+        if self.sketch == "gaussian":
+            return torch.randn(self.samples, n, generator=self.generator, dtype=dtype)
+        blocks = []
+        for _ in range(math.ceil(self.samples / n)):
+            q, _ = torch.linalg.qr(torch.randn(n, n, generator=self.generator, dtype=torch.float64))
+            blocks.append(q.T * math.sqrt(n))
+        return torch.cat(blocks)[: self.samples].to(dtype)
+
+    @torch.no_grad()
+    def update(self, surrogate: LowRankSurrogate, ledger: QueryLedger) -> bool:
+        U, S, V = surrogate.U, surrogate.S, surrogate.V
+        r, m_sm = surrogate.rank, self.samples
+        theta0, theta1 = surrogate.theta_ref.clone(), ledger.device.theta.detach()
+        Z = self.draw_sketch(V.shape[0], V.dtype).to(V.device)
+        probes = torch.cat([V.T, Z])  # (r + M_sm, n): Vᵀ for the K-step, Z for the L-step
+        Y0 = ledger.query(probes, "surrogate", theta=theta0)
+        Y1 = ledger.query(probes, "surrogate", theta=theta1)  # last, so the hardware stays at θ₁
+        D = Y1 - Y0
+        P1 = D[:r].T  # ΔA V, (m, r)
+        # K-step
+        U1, S_hat = torch.linalg.qr(U @ S + P1)
+        # S-step, backwards in time
+        S_tilde = S_hat - U1.T @ P1
+        # L-step, implicitly: P2 = Zᵀ (D U₁) / M_sm ≈ ΔAᵀ U₁
+        P2 = Z.T @ (D[r:] @ U1) / m_sm
+        V1, S1_T = torch.linalg.qr(V @ S_tilde.T + P2)
+        S1 = S1_T.T
+        if not (torch.isfinite(U1).all() and torch.isfinite(S1).all() and torch.isfinite(V1).all()):
+            ledger.skipped["surrogate"] += 1
+            return False
+        surrogate.set_factors(U1, S1, V1, theta1)
+        return True
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+INTEGRATORS = {"psi_implicit": PsiImplicitIntegrator, "exact": ExactIntegrator, "rebuild": RebuildIntegrator, "frozen": FrozenIntegrator}
+
+
+def make_integrator(name: str, *, generator: torch.Generator, every: int = 1, rebuild_every: int = 0, samples: int = 100,
+                    sketch: str = "gaussian") -> Integrator:
+    """Build an integrator from its config values; ``generator`` draws psi_implicit's sketches."""
+    if name not in INTEGRATORS:
+        raise ConfigError(f"integrator.name={name!r} is not allowed; choose one of {sorted(INTEGRATORS)}.")
+    if name == "psi_implicit":
+        return PsiImplicitIntegrator(samples, sketch, generator=generator, every=every, rebuild_every=rebuild_every)
+    return INTEGRATORS[name](every, rebuild_every)

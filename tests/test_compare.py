@@ -1,0 +1,213 @@
+"""scripts/compare.py and astraora.report.compare on fake run directories built in tmp_path."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from astraora.report.compare import compare, find_run_dirs, load_run, main, markdown_table, read_metrics_csv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_metrics_csv(path: Path, logged: list[dict]) -> None:
+    """As Lightning's CSVLogger writes it: the sorted union of keys as header, one row per logging
+    call, empty cells for the metrics that call did not log."""
+    header = sorted(set().union(*logged))
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(logged)
+
+
+def classification_log(val_acc: list[float], queries_per_step: int, steps_per_epoch: int = 10) -> list[dict]:
+    """Train rows (loss, cumulative queries, surrogate error) and separate val rows, per epoch."""
+    logged = []
+    for epoch, acc in enumerate(val_acc):
+        for step in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
+            row = {"step": step, "epoch": epoch, "train/loss": 2.0 / (step + 1)}
+            if queries_per_step:
+                row.update({"queries/total": (step + 1) * queries_per_step,
+                            "queries/per_step": queries_per_step,
+                            "surrogate/rel_error": 0.5 / (step + 1),
+                            "surrogate/rel_error_best_rank_r": 0.1 / (step + 1)})
+            logged.append(row)
+        logged.append({"step": (epoch + 1) * steps_per_epoch - 1, "epoch": epoch, "val/acc": acc,
+                       "val/loss": 1.0 - acc})
+    return logged
+
+
+def write_run(run_dir: Path, *, task="digits", device="mzi", seed=0, test=None, val=(0.5, 0.9, 0.8),
+              queries_per_step=100, status="completed", rank=10, samples=100, with_config=True, **extra):
+    """A run directory as astraora leaves it: summary.json, metrics.csv and .hydra/config.yaml."""
+    run_dir.mkdir(parents=True)
+    digital = device == "digital"
+    steps = 10 * len(val)
+    metric = "ppl" if task == "tinyshakespeare" else "acc"
+    summary = {
+        "task": task, "device": device, "mode": "zo+sm", "seed": seed,
+        "metrics": {f"val/{metric}": val[-1], f"test/{metric}": test, "val/loss": 0.1},
+        "queries": {"forward": 0, "zo": 0, "surrogate": 0, "readout": 0,
+                    "total": 0 if digital else steps * queries_per_step},
+        "reprograms": 0,
+        "surrogate": None if digital else {"rank": rank, "rel_error": 0.02, "rel_error_best_rank_r": 0.01},
+        "steps": steps, "epochs": len(val), "wall_seconds": 1.0, "status": status, "run_dir": str(run_dir),
+        **extra,
+    }
+    if with_config:
+        summary["config"] = {"surrogate": {"rank": rank}, "zo": {"samples": samples},
+                             "integrator": {"name": "psi_implicit", "samples": samples}}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    if metric == "acc":
+        write_metrics_csv(run_dir / "metrics.csv", classification_log(list(val), 0 if digital else queries_per_step))
+    else:
+        write_metrics_csv(run_dir / "metrics.csv", [
+            {"step": 9, "epoch": 0, "val/loss": 2.0, "val/ppl": val[0]},
+            {"step": 9, "epoch": 0, "train/loss": 2.1},
+            {"step": 19, "epoch": 1, "val/loss": 1.5, "val/ppl": val[1]},
+        ])
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text(
+        f"task:\n  name: {task}\ndevice:\n  name: {device}\nsurrogate:\n  rank: {rank}\n"
+        f"zo:\n  samples: {samples}\nintegrator:\n  name: psi_implicit\n  samples: ${{zo.samples}}\n"
+        f"seed: {seed}\nmode: zo+sm\npaths:\n  output_dir: ${{hydra:runtime.output_dir}}\n")
+
+
+@pytest.fixture
+def runs_root(tmp_path: Path) -> Path:
+    """Digits: a digital and two hybrid runs (seed 0); tiny Shakespeare: a digital and a hybrid run."""
+    root = tmp_path / "runs"
+    write_run(root / "digits_digital", device="digital", test=0.96, val=(0.6, 0.97, 0.95))
+    write_run(root / "digits_mzi", device="mzi", test=0.90, val=(0.5, 0.92, 0.91))
+    write_run(root / "digits_mrr", device="mrr", test=0.93, val=(0.5, 0.94, 0.93), queries_per_step=250)
+    write_run(root / "lm_digital", task="tinyshakespeare", device="digital", test=5.0, val=(7.0, 5.2))
+    write_run(root / "lm_mzi", task="tinyshakespeare", device="mzi", test=6.0, val=(8.0, 6.1))
+    return root
+
+
+def load_all(*paths):
+    return compare([load_run(path) for path in find_run_dirs(paths)])
+
+
+def rows_by_device(comparison) -> dict:
+    return {row["device"]: row for row in comparison.rows}
+
+
+def test_read_metrics_csv_keeps_only_logged_cells(tmp_path):
+    write_metrics_csv(tmp_path / "metrics.csv", [
+        {"step": 0, "epoch": 0, "train/loss": 1.0}, {"step": 0, "epoch": 0, "val/acc": 0.5},
+        {"step": 1, "epoch": 0, "train/loss": 0.5}])
+    history = read_metrics_csv(tmp_path / "metrics.csv")
+    assert set(history) == {"train/loss", "val/acc"}
+    assert history["train/loss"][0].tolist() == [0, 1] and history["train/loss"][1].tolist() == [1.0, 0.5]
+    assert history["val/acc"][1].tolist() == [0.5]
+
+
+def test_classification_rows_and_gap(runs_root):
+    digits = {comparison.task: comparison for comparison in load_all(runs_root)}["digits"]
+    assert digits.metric == "val/acc" and digits.test_metric == "test/acc"
+    assert [row["device"] for row in digits.rows][0] == "digital"
+    rows = rows_by_device(digits)
+    assert rows["digital"]["gap"] is None and rows["digital"]["rank"] is None and rows["digital"]["M"] is None
+    mzi = rows["mzi"]
+    assert mzi["final_val"] == (0.91, None)  # last logged val/acc, not the best
+    assert mzi["best_val"] == (0.92, None)
+    assert mzi["test"] == (0.90, None)
+    assert mzi["gap"][0] == pytest.approx(0.06)  # digital 0.96 − hybrid 0.90: positive = hybrid worse
+    assert rows["mrr"]["gap"][0] == pytest.approx(0.03)
+    assert mzi["queries_total"] == (3000.0, None) and mzi["queries_per_step"] == (100.0, None)
+    assert rows["mrr"]["queries_per_step"] == (250.0, None)
+    assert mzi["surrogate_rel_error"] == (0.02, None)
+    assert (mzi["rank"], mzi["M"], mzi["M_sm"], mzi["integrator"]) == (10, 100, 100, "psi_implicit")
+    table = markdown_table(digits)
+    assert "| mzi | zo+sm | psi_implicit | 10 | 100 | 100 | 0 | completed | 0.91 | 0.92 | 0.9 | +0.06 |" in table
+    assert "positive = hybrid worse" in table
+
+
+def test_language_model_gap_sign_and_best(runs_root):
+    lm = {comparison.task: comparison for comparison in load_all(runs_root)}["tinyshakespeare"]
+    assert lm.metric == "val/ppl"
+    mzi = rows_by_device(lm)["mzi"]
+    assert mzi["gap"][0] == pytest.approx(1.0)  # hybrid 6.0 − digital 5.0: lower ppl is better
+    assert mzi["best_val"] == (6.1, None)  # min over steps
+    assert "hybrid − digital" in markdown_table(lm)
+
+
+def test_multirun_layout_groups_seeds(tmp_path):
+    sweep = tmp_path / "multirun" / "2024-05-01" / "12-00-00"
+    jobs = [("digital", 0, 0.96), ("digital", 1, 0.94), ("mzi", 0, 0.90), ("mzi", 1, 0.86), ("mzi", 2, 0.80)]
+    jobs += [("digital", 2, 0.90)] * 6  # repeated baselines: job numbers past 9 check the natural order
+    for job, (device, seed, test) in enumerate(jobs):
+        write_run(sweep / str(job) / "nested", device=device, seed=seed, test=test, rank=5, samples=10,
+                  with_config=False)  # settings come from .hydra/config.yaml only
+    run_dirs = find_run_dirs([tmp_path / "multirun"])
+    assert [path.parent.name for path in run_dirs] == [str(job) for job in range(11)]  # natural order
+    (digits,) = compare([load_run(path) for path in run_dirs])
+    assert len(digits.rows) == 2
+    mzi = rows_by_device(digits)["mzi"]
+    assert mzi["seeds"] == [0, 1, 2] and len(mzi["run_dirs"]) == 3
+    assert (mzi["rank"], mzi["M"], mzi["M_sm"]) == (5, 10, 10)  # M_sm through ${zo.samples}
+    gap, std = mzi["gap"]
+    assert gap == pytest.approx((0.06 + 0.08 + 0.10) / 3) and std == pytest.approx(0.02)
+    assert "0, 1, 2" in markdown_table(digits) and " ± " in markdown_table(digits)
+
+
+def test_missing_keys_and_unfinished_runs(tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "summary.json").write_text(json.dumps({"task": "digits", "device": "mzi", "surrogate": None}))
+    write_run(tmp_path / "failed", device="slm", test=None, status="failed", with_config=False)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "summary.json").write_text("{not json")
+    assert main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "skipped" in err and "broken" in err
+    assert "| mzi | — | — | — | — | — | — | — | — | — | — | — | — | — | — |" in out
+    assert "| slm | zo+sm | psi_implicit | 10 | 100 | 100 | 0 | failed |" in out
+    with open(tmp_path / "comparison.csv", newline="") as file:
+        statuses = {row["device"]: row["status"] for row in csv.DictReader(file)}
+    assert statuses == {"mzi": "", "slm": "failed"}
+
+
+def test_metric_option_selects_loss(runs_root, tmp_path, capsys):
+    assert main([str(runs_root), "--metric", "loss", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "## digits (main metric val/loss" in out and "best val/loss" in out
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "compare.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_writes_tables_csv_and_plots(runs_root, tmp_path):
+    result = run_cli(str(runs_root), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "## digits" in result.stdout and "## tinyshakespeare" in result.stdout
+    with open(runs_root / "comparison.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["task"], row["device"]) for row in rows] == [
+        ("digits", "digital"), ("digits", "mrr"), ("digits", "mzi"),
+        ("tinyshakespeare", "digital"), ("tinyshakespeare", "mzi")]
+    assert float(rows[2]["gap"]) == pytest.approx(0.06) and rows[2]["gap_std"] == ""
+    for name in ["digits_metric_vs_step", "digits_surrogate_rel_error", "digits_metric_vs_queries",
+                 "tinyshakespeare_metric_vs_step"]:
+        assert (runs_root / f"{name}.png").stat().st_size > 0
+
+
+def test_cli_several_dirs_default_out(runs_root, tmp_path):
+    result = run_cli(str(runs_root / "digits_digital"), str(runs_root / "digits_mzi"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "compare_out" / "comparison.csv").is_file()
+
+
+def test_cli_without_runs_exits_2(tmp_path):
+    result = run_cli(str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
+    assert "no run directories" in result.stderr
