@@ -22,8 +22,8 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from astraora.data.common import missing_dataset, seeded_split
-from astraora.data.vision import (ClassificationDataModule, Item, class_files, fetch, locate_root, log,
-                                  split_class_tree, three_way_fractions)
+from astraora.data.vision import (ClassificationDataModule, Item, class_files, fetch, locate_root, split_class_tree,
+                                  three_way_fractions, warn_skipped)
 from astraora.errors import DataFileError
 from astraora.rng import make_generator
 
@@ -77,6 +77,7 @@ class Frontend(nn.Module):
         self.augment = nn.Sequential(T.FrequencyMasking(freq_mask), T.TimeMasking(time_mask))
 
     def fit_length(self, wave: Tensor, train: bool) -> Tensor:
+        """``(any samples,) → (samples,)``: zero-padded at the end or cropped."""
         excess = wave.numel() - self.samples
         if excess <= 0:
             return F.pad(wave, (0, -excess))
@@ -185,9 +186,9 @@ class SpeechCommandsDataModule(AudioDataModule):
         self.classes = sorted(p.name for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith("_"))
         skipped: list[Path] = []
         items = class_files(self.folder, self.classes, (".wav",), audio_is_readable, skipped)
-        if skipped:
-            log.warning("speechcommands: skipped %d unreadable file(s): %s", len(skipped), ", ".join(map(str, skipped)))
-        listed = {split: set((self.folder / f"{split}_list.txt").read_text().split()) for split in ("validation", "testing")}
+        warn_skipped("speechcommands", skipped)
+        listed = {split: set((self.folder / f"{split}_list.txt").read_text().split())
+                  for split in ("validation", "testing")}
         splits = {"train": [], "val": [], "test": []}
         for path, label in items:
             name = path.relative_to(self.folder).as_posix()
@@ -214,7 +215,8 @@ class UrbanSound8KDataModule(AudioDataModule):
                  train_folds=(1, 2, 3, 4, 5, 6, 7, 8), val_folds=(9,), test_folds=(10,),
                  num_workers: int | None = None):
         super().__init__(data_dir, seed, batch_size, num_workers, sample_rate, duration, n_mels, freq_mask, time_mask)
-        self.root = self.data_dir / "UrbanSound8K" if root is None else locate_root(root, self.data_dir, "task.root", "")
+        self.root = (self.data_dir / "UrbanSound8K" if root is None
+                     else locate_root(root, self.data_dir, "task.root", "DIR/audio/fold<k>/"))
         self.folds = {"train": set(train_folds), "val": set(val_folds), "test": set(test_folds)}
 
     def _rows(self) -> list[dict]:
@@ -242,8 +244,7 @@ class UrbanSound8KDataModule(AudioDataModule):
                 splits[split].append((path, int(row["classID"])))
             else:
                 skipped.append(path)
-        if skipped:
-            log.warning("urbansound8k: skipped %d missing or unreadable file(s): %s", len(skipped), ", ".join(map(str, skipped)))
+        warn_skipped("urbansound8k", skipped)
         return self.file_sets(splits)
 
 
@@ -303,7 +304,10 @@ class SyntheticAudioDataModule(AudioDataModule):
 
     def build_splits(self):
         self.classes = [f"class{k}" for k in range(self.num_classes)]
+        gen = make_generator(self.seed, "synthetic_audio")
         waves, labels = synthetic_clips(self.num_classes, self.clips_per_class, self.frontend.samples,
-                                        self.frontend.sample_rate, self.noise, make_generator(self.seed, "synthetic_audio"))
-        parts = seeded_split(len(labels), self.fractions, self.seed)
-        return tuple(AudioTensors(waves[part], labels[part], self.frontend, train=k == 0) for k, part in enumerate(parts))
+                                        self.frontend.sample_rate, self.noise, gen)
+        train, val, test = seeded_split(len(labels), self.fractions, self.seed)
+        return (AudioTensors(waves[train], labels[train], self.frontend, train=True),
+                AudioTensors(waves[val], labels[val], self.frontend, train=False),
+                AudioTensors(waves[test], labels[test], self.frontend, train=False))

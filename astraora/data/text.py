@@ -34,6 +34,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from hydra.utils import to_absolute_path
+from pydoc_data.topics import topics
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -298,8 +300,6 @@ class PydocTextDataModule(TextDataModule):
         self.splits = check_fractions(splits, "task.datamodule.splits")
 
     def load(self) -> tuple[CharTokenizer, dict[str, Tensor]]:
-        from pydoc_data.topics import topics
-
         text = "\n\n".join(topics[key].strip() for key in sorted(topics))
         tokenizer = CharTokenizer.from_text(text)
         return tokenizer, split_by_position(tokenizer.encode_corpus(text), self.splits)
@@ -339,30 +339,31 @@ class TinyShakespeareDataModule(TextDataModule):
     def prepare_data(self) -> None:
         if self.path.exists() or not self.download:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".part")
         try:
             with urllib.request.urlopen(self.url, timeout=60) as response:
-                partial.write_bytes(response.read())
+                data = response.read()
         except OSError as err:  # URLError, timeouts and connection resets are all OSErrors
-            partial.unlink(missing_ok=True)
             raise self._missing() from err
-        self._verify(partial.read_bytes(), partial)
+        self._check_digest(data, f"the file downloaded from {self.url}", "it was not saved")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".part")
+        partial.write_bytes(data)
         partial.replace(self.path)
 
-    def _verify(self, data: bytes, path: Path) -> None:
+    def _check_digest(self, data: bytes, source: str, remedy: str) -> None:
+        """Raise DataFileError when the SHA-256 of ``data`` is not the expected one (warn if none is set)."""
         digest = hashlib.sha256(data).hexdigest()
         if self.sha256 is None:
-            warnings.warn(f"{path} has SHA-256 {digest}; no expected digest is configured, so it was not checked.",
-                          stacklevel=2)
+            warnings.warn(f"{source} has SHA-256 {digest}; task.datamodule.sha256 is null, so it was not checked.",
+                          stacklevel=3)
         elif digest != self.sha256.lower():
-            raise DataFileError(f"{path} has SHA-256 {digest}, expected {self.sha256}; delete it to download it again.")
+            raise DataFileError(f"{source} has SHA-256 {digest}, expected {self.sha256}; {remedy}.")
 
     def load(self) -> tuple[CharTokenizer, dict[str, Tensor]]:
         if not self.path.exists():
             raise self._missing()
         data = self.path.read_bytes()
-        self._verify(data, self.path)
+        self._check_digest(data, str(self.path), "delete it to download it again")
         text = data.decode("utf-8")
         tokenizer = CharTokenizer.from_text(text)
         return tokenizer, split_by_position(tokenizer.encode_corpus(text), self.splits)
@@ -400,7 +401,7 @@ class WikiText2DataModule(TextDataModule):
     def prepare_data(self) -> None:
         if self._present() or not self.download:
             return
-        import datasets
+        import datasets  # imported here: it is slow to import and only needed for this download
 
         try:
             dataset = datasets.load_dataset(*self.HUB_DATASET, cache_dir=str(self.root / "wikitext2" / "hf_cache"))
@@ -411,7 +412,9 @@ class WikiText2DataModule(TextDataModule):
             # Each row is one line of the original file; blank lines are stored as "".
             lines = dataset[self.HUB_SPLITS[split]]["text"]
             text = "".join(line if line.endswith("\n") else line + "\n" for line in lines)
-            (self.dir / file).write_text(text, encoding="utf-8")
+            partial = (self.dir / file).with_suffix(".part")
+            partial.write_text(text, encoding="utf-8")
+            partial.replace(self.dir / file)
 
     def load(self) -> tuple[ByteTokenizer, dict[str, Tensor]]:
         if not self._present():
@@ -448,13 +451,11 @@ class TextFileDataModule(TextDataModule):
             raise ConfigError(f"task.tokenizer={tokenizer!r} must be one of 'char', 'byte'.")
         self.paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
         self.tokenizer_kind = tokenizer
-        self.splits = check_fractions(splits, "task.splits")
+        self.splits = check_fractions(splits, "task.datamodule.splits")
         self.chunk_size = int(chunk_size)
 
     def files(self) -> list[Path]:
         """The files to read, in order; a missing path raises DatasetNotFoundError."""
-        from hydra.utils import to_absolute_path
-
         files = []
         for entry in self.paths:
             path = Path(to_absolute_path(str(entry))).expanduser()
@@ -474,7 +475,7 @@ class TextFileDataModule(TextDataModule):
     def _read(self, path: Path) -> bytes:
         data = path.read_bytes()
         if not data.strip():
-            raise DataFileError(f"text file {path} is empty.")
+            raise DataFileError(f"text file {path} is empty (or only whitespace).")
         if self.tokenizer_kind == "char":
             try:
                 data.decode("utf-8")

@@ -115,6 +115,7 @@ def to_float(mean: Sequence[float], std: Sequence[float]) -> list:
 
 
 def three_way_fractions(val_fraction: float, test_fraction: float) -> tuple[float, float, float]:
+    """(train, val, test) fractions, checked."""
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise ConfigError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 "
                           "and sum to less than 1.")
@@ -167,7 +168,7 @@ def read_idx(path: Path) -> Tensor:
     shape = [int.from_bytes(data[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim)]
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != math.prod(shape):
-        raise DataFileError(f"{path} is truncated: expected {math.prod(shape)} values of shape {shape}, found {body.size}.")
+        raise DataFileError(f"{path} is truncated: {body.size} values where shape {shape} needs {math.prod(shape)}.")
     return torch.from_numpy(body.reshape(shape).copy())
 
 
@@ -183,7 +184,7 @@ class MNISTDataModule(ClassificationDataModule):
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
     MEAN, STD = (0.1307,), (0.3081,)
 
-    def __init__(self, data_dir=None, seed: int = 0, batch_size: int = 128, val_fraction: float = 1 / 12,
+    def __init__(self, data_dir=None, seed: int = 0, batch_size: int = 128, val_fraction: float = 0.1,
                  download: bool = True, num_workers: int | None = None):
         super().__init__(data_dir, seed, batch_size, num_workers)
         self.val_fraction = float(val_fraction)
@@ -200,9 +201,11 @@ class MNISTDataModule(ClassificationDataModule):
     def _fetch(self, download: bool) -> None:
         import torchvision
 
-        fetch("mnist", self._present,
-              (lambda: torchvision.datasets.MNIST(self.data_dir, train=True, download=True)) if download else None,
-              self.raw, "download the four *-ubyte.gz files from https://ossci-datasets.s3.amazonaws.com/mnist/ "
+        def download_files():
+            torchvision.datasets.MNIST(self.data_dir, train=True, download=True)
+
+        fetch("mnist", self._present, download_files if download else None, self.raw,
+              "download the four *-ubyte.gz files from https://ossci-datasets.s3.amazonaws.com/mnist/ "
               "into that directory, or run once online with task.datamodule.download=true.")
 
     def prepare_data(self) -> None:
@@ -274,9 +277,11 @@ class CIFAR10DataModule(ClassificationDataModule):
     def _fetch(self, download: bool) -> None:
         from torchvision.datasets.utils import download_and_extract_archive
 
-        fetch("cifar10", self._present,
-              (lambda: download_and_extract_archive(self.URL, self.data_dir, md5=self.ARCHIVE_MD5)) if download else None,
-              self.folder, f"download {self.URL} and extract it into {self.data_dir}, "
+        def download_archive():
+            download_and_extract_archive(self.URL, self.data_dir, md5=self.ARCHIVE_MD5)
+
+        fetch("cifar10", self._present, download_archive if download else None, self.folder,
+              f"download {self.URL} and extract it into {self.data_dir}, "
               "or run once online with task.datamodule.download=true.")
 
     def prepare_data(self) -> None:
@@ -305,6 +310,14 @@ class CIFAR10DataModule(ClassificationDataModule):
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 
 
+def warn_skipped(name: str, skipped: Sequence[Path], shown: int = 20) -> None:
+    """One counted warning naming the skipped files (the first ``shown`` of them)."""
+    if skipped:
+        more = f" (and {len(skipped) - shown} more)" if len(skipped) > shown else ""
+        log.warning("%s: skipped %d unreadable file(s): %s%s", name, len(skipped),
+                    ", ".join(map(str, skipped[:shown])), more)
+
+
 def locate_root(root, data_dir: Path, key: str, layout: str) -> Path:
     """The user's folder from ``task.root``: absolute, or relative to the working directory or to
     ``paths.data_dir``."""
@@ -331,13 +344,14 @@ def class_files(folder: Path, classes: Sequence[str], extensions: Sequence[str],
         good = [p for p in found if readable(p)]
         skipped.extend(sorted(set(found) - set(good)))
         if not good:
-            raise DataFileError(f"class folder {class_dir} has no readable files with extensions {', '.join(extensions)}.")
+            raise DataFileError(f"class folder {class_dir} has no readable files ({', '.join(extensions)}).")
         items.extend((p, label) for p in good)
     return items
 
 
 def split_class_tree(root: Path, extensions: Sequence[str], readable: Callable[[Path], bool], seed: int,
-                     val_fraction: float, test_fraction: float, name: str) -> tuple[list[str], dict[str, list[Item]]]:
+                     val_fraction: float, test_fraction: float,
+                     name: str) -> tuple[list[str], dict[str, list[Item]]]:
     """Class names and ``{"train"|"val"|"test": [(file, label)]}`` of a ``root/<class>/<file>`` tree.
 
     With ``root/train/`` (and optionally ``val/`` and ``test/``) those folders are the splits and a
@@ -346,7 +360,8 @@ def split_class_tree(root: Path, extensions: Sequence[str], readable: Callable[[
     """
     layout = f"{root}/<class>/<file> (optionally under train/, val/, test/)"
     if not root.is_dir():
-        raise missing_dataset(name, root, f"lay it out as {layout}.")
+        raise DatasetNotFoundError(f"dataset {name!r}: {root} is not a folder; "
+                                   f"set task.root to one laid out as {layout}.")
     given = {split: next((root / f for f in folders if (root / f).is_dir()), None)
              for split, folders in SPLIT_FOLDERS.items()}
     pool_dir = given["train"] or root
@@ -357,7 +372,8 @@ def split_class_tree(root: Path, extensions: Sequence[str], readable: Callable[[
     pool = class_files(pool_dir, classes, extensions, readable, skipped)
     carve = [split for split in ("val", "test") if given[split] is None]
     fractions = {"val": val_fraction, "test": test_fraction}
-    kept, *carved = seeded_split(len(pool), (1 - sum(fractions[s] for s in carve), *(fractions[s] for s in carve)), seed)
+    carved_fractions = [fractions[s] for s in carve]
+    kept, *carved = seeded_split(len(pool), (1 - sum(carved_fractions), *carved_fractions), seed)
     splits = {"train": [pool[i] for i in kept]} | {s: [pool[i] for i in part] for s, part in zip(carve, carved)}
     for split in ("val", "test"):
         if given[split] is not None:
@@ -365,8 +381,7 @@ def split_class_tree(root: Path, extensions: Sequence[str], readable: Callable[[
             if unknown:
                 raise DataFileError(f"{given[split]} has class folders {unknown} that {pool_dir} does not have.")
             splits[split] = class_files(given[split], classes, extensions, readable, skipped)
-    if skipped:
-        log.warning("%s: skipped %d unreadable file(s): %s", name, len(skipped), ", ".join(map(str, skipped)))
+    warn_skipped(name, skipped)
     return classes, splits
 
 

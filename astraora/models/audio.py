@@ -23,11 +23,15 @@ def tdnn(c_in: int, c_out: int, kernel_size: int = 1, dilation: int = 1) -> nn.S
 
 
 class SEResBlock(nn.Module):
-    """1×1 TDNN → dilated 3-tap TDNN → 1×1 TDNN → squeeze-excitation, plus the input: ``(B, C, T) → (B, C, T)``."""
+    """1×1 TDNN → dilated 3-tap TDNN → 1×1 TDNN → squeeze-excitation, plus the input.
+
+    ``(B, C, T) → (B, C, T)``.
+    """
 
     def __init__(self, channels: int, dilation: int, se_channels: int = 128):
         super().__init__()
-        self.body = nn.Sequential(tdnn(channels, channels), tdnn(channels, channels, 3, dilation), tdnn(channels, channels))
+        self.body = nn.Sequential(tdnn(channels, channels), tdnn(channels, channels, 3, dilation),
+                                  tdnn(channels, channels))
         self.excite = nn.Sequential(nn.AdaptiveAvgPool1d(1), nn.Conv1d(channels, se_channels, 1), nn.ReLU(),
                                     nn.Conv1d(se_channels, channels, 1), nn.Sigmoid())
 

@@ -41,7 +41,10 @@ class MLP(nn.Module):
 
 
 def conv_group(c_in: int, c_out: int) -> nn.Sequential:
-    """Conv3×3 → MaxPool2 → BN → ReLU → Conv3×3 → BN → ReLU: ``(B, c_in, H, W) → (B, c_out, H/2, W/2)``."""
+    """Conv3×3 → MaxPool2 → BN → ReLU → Conv3×3 → BN → ReLU.
+
+    ``(B, c_in, H, W) → (B, c_out, H/2, W/2)``.
+    """
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(c_out), nn.ReLU(),
         nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),

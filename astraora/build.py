@@ -1,0 +1,93 @@
+"""From a composed config to the objects of a run: layer factory, backbone, optimizers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from astraora.errors import AstraoraError, ConfigError
+from astraora.hybrid import HybridLayer
+from astraora.rng import make_generator
+from astraora.zo import ZOEstimator
+
+LayerFactory = Callable[[int, int, str], nn.Module]
+
+
+def instantiate(config, **kwargs):
+    """Hydra's instantiate, but our own one-line errors come out unwrapped."""
+    try:
+        return hydra_instantiate(config, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, AstraoraError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def make_layer_factory(cfg: DictConfig) -> LayerFactory:
+    """``factory(d_in, d_out, name)``: a HybridLayer on the configured device, or a Linear for
+    ``device=digital``. ``name`` seeds that layer's generators (ZO directions, sketches, noise)."""
+    if cfg.device.family == "digital":
+        return lambda d_in, d_out, name: nn.Linear(d_in, d_out)
+    device_cfg = OmegaConf.to_container(cfg.device, resolve=True)
+    device_cfg.pop("family")
+    driver = device_cfg.pop("driver")
+    zo_cfg = OmegaConf.to_container(cfg.zo, resolve=True)
+    integrator_cfg = OmegaConf.to_container(cfg.integrator, resolve=True)
+
+    def factory(d_in: int, d_out: int, name: str) -> nn.Module:
+        device = instantiate(device_cfg, d_in=d_in, d_out=d_out, seed=cfg.seed, name=name, _convert_="all")
+        zo = ZOEstimator(**zo_cfg, generator=make_generator(cfg.seed, name, "zo")) if cfg.mode.startswith("zo") else None
+        return HybridLayer(
+            device, mode=cfg.mode, rank=cfg.surrogate.rank, zo=zo, integrator=dict(integrator_cfg),
+            output_scale=cfg.surrogate.output_scale, health_threshold=cfg.surrogate.health_threshold,
+            max_retries=driver["max_retries"], timeout_s=driver["timeout_s"], seed=cfg.seed, name=name,
+        )
+
+    return factory
+
+
+def build_model(cfg: DictConfig, model_kwargs: dict) -> nn.Module:
+    """The task's backbone with its physical layer(s) placed by the factory."""
+    model = instantiate(cfg.task.model, layer_factory=make_layer_factory(cfg), **model_kwargs)
+    if cfg.device.family != "digital" and not hybrid_layers(model):
+        raise ConfigError(f"task.model={cfg.task.model._target_} placed no physical layer.")
+    return model
+
+
+def hybrid_layers(model: nn.Module) -> dict[str, HybridLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, HybridLayer)}
+
+
+def make_optimizer(params, spec: DictConfig | dict) -> torch.optim.Optimizer:
+    name, lr, wd = spec["name"], float(spec["lr"]), float(spec.get("weight_decay", 0.0))
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(spec.get("momentum", 0.9)))
+    raise ConfigError(f"optimizer name={name!r} is not allowed; choose one of ['adam', 'adamw', 'sgd'].")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, spec: DictConfig | dict, total_steps: int):
+    """Per-step schedule: linear warm-up, then cosine decay to 0 over ``total_steps`` (or constant)."""
+    warmup = int(spec.get("warmup_steps", 0))
+    total = max(int(total_steps), 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if spec["name"] == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 0.5 * (1.0 + torch.cos(torch.tensor(torch.pi * progress)).item())
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,92 @@
+"""Early validation of a composed config: one clear line naming the key, before any data loads."""
+
+from __future__ import annotations
+
+import importlib
+from numbers import Integral, Real
+
+from omegaconf import DictConfig, OmegaConf
+
+from astraora.errors import ConfigError
+from astraora.hybrid import MODES
+from astraora.surrogate.integrators import INTEGRATORS, SKETCHES
+from astraora.zo import DIRECTIONS
+
+TASK_KINDS = ("classification", "language_model")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("cosine", "constant")
+
+
+def _get(cfg: DictConfig, key: str):
+    value = OmegaConf.select(cfg, key, throw_on_missing=False, default="__absent__")
+    if value == "__absent__":
+        raise ConfigError(f"config key {key} is missing.")
+    return value
+
+
+def _check_int(cfg, key: str, low: int, high: int | None = None) -> None:
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ConfigError(f"{key}={value!r} must be an integer.")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"between {low} and {high}"
+        raise ConfigError(f"{key}={value} is not allowed; it must be {bound}.")
+
+
+def _check_real(cfg, key: str, positive: bool = True, allow_none: bool = False) -> None:
+    value = _get(cfg, key)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ConfigError(f"{key}={value!r} must be a number.")
+    if positive and not value > 0:
+        raise ConfigError(f"{key}={value} must be > 0.")
+
+
+def _check_choice(cfg, key: str, allowed) -> None:
+    value = _get(cfg, key)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}.")
+
+
+def _check_target(cfg, key: str) -> None:
+    target = _get(cfg, key)
+    module, _, name = str(target).rpartition(".")
+    try:
+        getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"{key}={target!r} does not name an importable class.") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first bad value found in ``cfg``."""
+    _check_int(cfg, "seed", 0)
+    _check_choice(cfg, "task.kind", TASK_KINDS)
+    _check_target(cfg, "task.datamodule._target_")
+    _check_target(cfg, "task.model._target_")
+    _check_choice(cfg, "task.optimizer.name", OPTIMIZERS)
+    _check_real(cfg, "task.optimizer.lr")
+    _check_choice(cfg, "scheduler.name", SCHEDULERS)
+    _check_int(cfg, "scheduler.warmup_steps", 0)
+    _check_int(cfg, "trainer.max_epochs", -1)
+    if _get(cfg, "device.family") == "digital":
+        return
+    _check_target(cfg, "device._target_")
+    _check_choice(cfg, "mode", MODES)
+    _check_choice(cfg, "physical_optimizer.name", OPTIMIZERS)
+    _check_real(cfg, "physical_optimizer.lr")
+    _check_int(cfg, "surrogate.rank", 1)
+    _check_real(cfg, "surrogate.health_threshold", allow_none=True)
+    _check_int(cfg, "device.driver.max_retries", 0)
+    _check_real(cfg, "device.driver.timeout_s", allow_none=True)
+    if str(_get(cfg, "mode")).startswith("zo"):
+        _check_int(cfg, "zo.samples", 1)
+        _check_real(cfg, "zo.mu")
+        _check_choice(cfg, "zo.direction", DIRECTIONS)
+        _check_int(cfg, "zo.chunk_size", 1)
+    _check_choice(cfg, "integrator.name", list(INTEGRATORS))
+    _check_int(cfg, "integrator.every", 1)
+    _check_int(cfg, "integrator.rebuild_every", 0)
+    if _get(cfg, "integrator.name") == "psi_implicit":
+        _check_int(cfg, "integrator.samples", 1)
+        _check_choice(cfg, "integrator.sketch", SKETCHES)

@@ -1,0 +1,203 @@
+"""LightningModules for hybrid networks: manual optimisation of digital and physical parameters.
+
+One training step:
+
+1. forward (the physical layers query their devices through their ledgers);
+2. backward: the digital gradients by autograd, θ's ``.grad`` filled by the ZO estimator (or the
+   oracle, in the oracle modes), the input gradients carried by the surrogates;
+3. the digital optimizer steps (a LightningOptimizer, so ``global_step`` counts once per batch),
+   the physical optimizer steps θ;
+4. every HybridLayer's ``after_optimizer_step()``: drift, then the surrogate follows θ₀ → θ₁;
+5. both schedulers step; metrics are logged (queries by purpose, surrogate health, θ change, and
+   at an interval the oracle diagnostics).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import Tensor, nn
+
+from astraora.build import hybrid_layers, make_optimizer, make_scheduler
+
+PURPOSES = ("forward", "zo", "surrogate", "readout")
+
+
+class HybridModule(L.LightningModule):
+    """What every task kind shares. Subclasses implement :meth:`loss_and_update_metrics`.
+
+    Args:
+        model: the backbone with its physical layer(s).
+        optimizer: spec of the digital parameters' optimizer ({name, lr, weight_decay}).
+        physical_optimizer: spec of θ's optimizer (paper: Adam, lr 1e-2).
+        scheduler: {name: cosine|constant, warmup_steps}, applied per step to both.
+        diagnostics_every: run the oracle diagnostics every that many steps (0: never).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: dict, physical_optimizer: dict, scheduler: dict,
+                 diagnostics_every: int = 50):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = model
+        self.optimizer_spec, self.physical_optimizer_spec, self.scheduler_spec = optimizer, physical_optimizer, scheduler
+        self.diagnostics_every = int(diagnostics_every)
+        self.physical = hybrid_layers(model)
+        self._last_total = 0
+
+    # ----------------------------------------------------------------- optimizers
+    def theta_parameters(self) -> list[nn.Parameter]:
+        return [layer.theta for layer in self.physical.values()]
+
+    def configure_optimizers(self):
+        theta_ids = {id(p) for p in self.theta_parameters()}
+        digital = [p for p in self.parameters() if id(p) not in theta_ids]
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        optimizers = [make_optimizer(digital, self.optimizer_spec)]
+        if self.physical:
+            optimizers.append(make_optimizer(self.theta_parameters(), self.physical_optimizer_spec))
+        schedulers = [make_scheduler(opt, self.scheduler_spec, total) for opt in optimizers]
+        return optimizers, schedulers
+
+    # ----------------------------------------------------------------- training
+    def loss_and_update_metrics(self, batch, stage: str) -> Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        schedulers = self.lr_schedulers()
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        diagnose = self.diagnostics_every > 0 and self.global_step % self.diagnostics_every == 0
+        for layer in self.physical.values():
+            layer.capture_next_backward = diagnose
+        theta_before = [t.detach().clone() for t in self.theta_parameters()]
+
+        for opt in optimizers:
+            opt.zero_grad()
+        loss = self.loss_and_update_metrics(batch, "train")
+        self.manual_backward(loss)
+        diagnostics = self.diagnostics() if diagnose else {}  # before θ moves: grads and Â belong to this θ
+        optimizers[0].step()  # LightningOptimizer: advances global_step once per batch
+        if len(optimizers) > 1:
+            optimizers[1].optimizer.step()  # θ: the raw torch optimizer, not counted as a second step
+            for layer in self.physical.values():
+                layer.after_optimizer_step()
+        for scheduler in schedulers:
+            scheduler.step()
+
+        for layer in self.physical.values():
+            layer.capture_next_backward = False
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        self._log_physical(theta_before, diagnostics)
+        return loss.detach()
+
+    def _log_physical(self, theta_before: list[Tensor], diagnostics: dict[str, float]) -> None:
+        if not self.physical:
+            return
+        totals = self.query_totals()
+        self.log_dict({f"queries/{p}": float(totals[p]) for p in (*PURPOSES, "total")}, prog_bar=False)
+        self.log("queries/per_step", float(totals["total"] - self._last_total))
+        self._last_total = totals["total"]
+        self.log("queries", float(totals["total"]), prog_bar=True, logger=False)
+        self.log("reprograms", float(totals["reprograms"]))
+        self.log("queries/retries", float(totals["retries"]))
+        self.log("skipped/zo", float(totals["skipped_zo"]))
+        self.log("skipped/surrogate", float(totals["skipped_surrogate"]))
+        delta = sum(float((t.detach() - b).norm() ** 2) for t, b in zip(self.theta_parameters(), theta_before))
+        norm = sum(float(b.norm() ** 2) for b in theta_before)
+        self.log("device/theta_delta", math.sqrt(delta / max(norm, 1e-30)))
+        residuals = [layer.last_residual for layer in self.physical.values() if layer.last_residual is not None]
+        if residuals:
+            self.log("surrogate/residual", float(sum(residuals) / len(residuals)))
+        if diagnostics:
+            self.log_dict(diagnostics)
+
+    # ----------------------------------------------------------------- evaluation
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.loss_and_update_metrics(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.loss_and_update_metrics(batch, "test")
+
+    # ----------------------------------------------------------------- physical-layer readouts
+    def query_totals(self) -> dict[str, int]:
+        """Ledger counters summed over the physical layers."""
+        out = {p: 0 for p in (*PURPOSES, "total", "reprograms", "retries", "skipped_zo", "skipped_surrogate")}
+        for layer in self.physical.values():
+            led = layer.ledger
+            for p in PURPOSES:
+                out[p] += led.queries[p]
+            out["total"] += led.total
+            out["reprograms"] += led.total_reprograms
+            out["retries"] += led.retries
+            out["skipped_zo"] += led.skipped["zo"]
+            out["skipped_surrogate"] += led.skipped["surrogate"]
+        return out
+
+    def diagnostics(self) -> dict[str, float]:
+        """Oracle diagnostics averaged over the physical layers."""
+        collected: dict[str, list[float]] = {}
+        for layer in self.physical.values():
+            for key, value in layer.diagnostics().items():
+                collected.setdefault(key, []).append(value)
+        return {key: sum(v) / len(v) for key, v in collected.items()}
+
+
+class ClassificationModule(HybridModule):
+    """Cross-entropy classification; logs ``<stage>/loss`` and ``<stage>/acc``."""
+
+    def __init__(self, model: nn.Module, num_classes: int, **kwargs):
+        super().__init__(model, **kwargs)
+        self.acc = nn.ModuleDict({f"{s}_acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for s in ("train", "val", "test")})
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def loss_and_update_metrics(self, batch, stage: str) -> Tensor:
+        x, y = batch
+        logits = self.model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        acc = self.acc[f"{stage}_acc"]
+        acc(logits.detach(), y)
+        self.log(f"{stage}/acc", acc, prog_bar=True, on_step=stage == "train", on_epoch=True)
+        if stage != "train":
+            self.log(f"{stage}/loss", loss, prog_bar=stage == "val", on_epoch=True)
+        return loss
+
+
+class LanguageModelModule(HybridModule):
+    """Next-token prediction; logs ``<stage>/loss``, ``<stage>/ppl`` and, for character-level
+    data, ``<stage>/bpc`` (bits per character)."""
+
+    def __init__(self, model: nn.Module, char_level: bool = False, **kwargs):
+        super().__init__(model, **kwargs)
+        self.char_level = bool(char_level)
+        self.mean_loss = nn.ModuleDict({f"{s}_loss": torchmetrics.MeanMetric() for s in ("val", "test")})
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.model(idx)
+
+    def loss_and_update_metrics(self, batch, stage: str) -> Tensor:
+        idx, targets = batch
+        logits = self.model(idx)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        if stage != "train":
+            self.mean_loss[f"{stage}_loss"].update(loss.detach(), weight=targets.numel())
+        return loss
+
+    def _log_eval(self, stage: str) -> None:
+        loss = self.mean_loss[f"{stage}_loss"].compute()
+        self.mean_loss[f"{stage}_loss"].reset()
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        self.log(f"{stage}/ppl", torch.exp(loss), prog_bar=stage == "val")
+        if self.char_level:
+            self.log(f"{stage}/bpc", loss / math.log(2))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")

@@ -1,0 +1,250 @@
+"""Entry point: ``python train.py [overrides]`` (Hydra) around a plain :func:`run` that tests call.
+
+``run(cfg)`` validates the config, builds data, model and trainer, trains, tests, and always
+writes ``summary.json`` into the run directory, also when the run stops early.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from astraora.build import build_model, hybrid_layers, instantiate
+from astraora.config import validate
+from astraora.errors import AstraoraError, DeviceFailure
+from astraora.lit import ClassificationModule, LanguageModelModule
+
+log = logging.getLogger("astraora")
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repository's conf/ (editable install)
+
+
+class RandomStateCallback(L.Callback):
+    """Saves and restores the global RNG states (dropout, augmentation) with every checkpoint."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            np.random.set_state(states["numpy"])
+            random.setstate(states["python"])
+
+
+def find_checkpoint(resume: str | os.PathLike) -> Path:
+    """A .ckpt file, or a run directory (its checkpoints/last.ckpt)."""
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise AstraoraError(f"resume={resume} has no checkpoint (looked for {path}).")
+    return path
+
+
+def make_loggers(cfg: DictConfig, output_dir: Path, wandb_id: str | None):
+    loggers = [L.pytorch.loggers.CSVLogger(save_dir=str(output_dir), name="", version="")]
+    if cfg.logger.get("wandb"):
+        from lightning.pytorch.loggers import WandbLogger
+
+        spec = cfg.logger.wandb
+        tags = [f"device:{cfg.device.family}", f"mode:{cfg.mode}", f"task:{cfg.task.name}", *spec.tags]
+        loggers.append(WandbLogger(
+            project=spec.project, entity=spec.entity, group=spec.group, tags=tags, save_dir=str(output_dir),
+            offline=spec.mode != "online", mode=spec.mode if spec.mode == "disabled" else None, id=wandb_id,
+            resume="allow" if wandb_id else None, log_model=spec.log_model,
+            name=f"{cfg.task.name}-{cfg.device.family}-{cfg.mode}-s{cfg.seed}",
+        ))
+    return loggers
+
+
+def make_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
+    callbacks: list[L.Callback] = [RandomStateCallback()]
+    ckpt = cfg.callbacks.get("checkpoint")
+    if ckpt:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        dirpath = output_dir / "checkpoints"
+        # one callback saves every N steps, one at every epoch end; both refresh the same last.ckpt
+        common = dict(dirpath=dirpath, auto_insert_metric_name=False, save_top_k=1, save_last=ckpt.save_last,
+                      enable_version_counter=False)
+        callbacks.append(ModelCheckpoint(filename="step{step}", every_n_train_steps=ckpt.every_n_train_steps, **common))
+        callbacks.append(ModelCheckpoint(filename="epoch{epoch}", every_n_epochs=1, save_on_train_epoch_end=True, **common))
+    stop = cfg.callbacks.get("early_stopping")
+    if stop:
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        callbacks.append(EarlyStopping(**stop))
+    return callbacks
+
+
+def reached_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """The latest val/ and test/ scalars the trainer holds."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items()
+            if k.startswith(("val/", "test/")) and torch.as_tensor(v).numel() == 1}
+
+
+def summarize(cfg: DictConfig, module, trainer, metrics: dict, status: str, started: float, output_dir: Path) -> dict:
+    """The summary.json contract of DESIGN.md, from what the run reached."""
+    queries = {p: 0 for p in ("forward", "zo", "surrogate", "readout", "total")}
+    reprograms, surrogate = 0, None
+    layers = hybrid_layers(module.model) if module is not None else {}
+    if layers:
+        totals = module.query_totals()
+        queries = {p: totals[p] for p in queries}
+        reprograms = totals["reprograms"]
+        diag = module.diagnostics() if cfg.mode.endswith("+sm") else {}
+        surrogate = {
+            "rank": int(cfg.surrogate.rank),
+            "rel_error": diag.get("surrogate/rel_error"),
+            "rel_error_best_rank_r": diag.get("surrogate/rel_error_best_rank_r"),
+        }
+    return {
+        "task": cfg.task.name, "device": cfg.device.family, "mode": cfg.mode if layers else "digital",
+        "seed": int(cfg.seed), "metrics": metrics, "queries": queries, "reprograms": reprograms,
+        "surrogate": surrogate,
+        "steps": int(trainer.global_step) if trainer is not None else 0,
+        "epochs": int(trainer.current_epoch) if trainer is not None else 0,
+        "wall_seconds": round(time.time() - started, 3), "status": status, "run_dir": str(output_dir),
+        "config": {
+            "surrogate": {"rank": int(cfg.surrogate.rank)},
+            "zo": {"samples": int(cfg.zo.samples), "direction": cfg.zo.direction, "two_sided": bool(cfg.zo.two_sided)},
+            "integrator": {"name": cfg.integrator.name, "samples": cfg.integrator.get("samples")},
+        },
+    }
+
+
+def write_language_sample(cfg: DictConfig, module, dm, output_dir: Path) -> None:
+    spec = cfg.task.get("generate")
+    if not spec:
+        return
+    model = module.model.eval()
+    prompt = torch.tensor([dm.encode(spec.prompt)], dtype=torch.long, device=module.device)
+    gen = torch.Generator(device=module.device).manual_seed(int(cfg.seed))
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=int(spec.max_new_tokens), temperature=float(spec.temperature), generator=gen)
+    (output_dir / "samples.txt").write_text(dm.decode(out[0].tolist()) + "\n", encoding="utf-8")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train and test one configuration; returns the summary (also written to summary.json)."""
+    validate(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    ckpt_path = find_checkpoint(cfg.resume) if cfg.resume else None
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    dm = instantiate(cfg.task.datamodule, _convert_="all")
+    dm.prepare_data()
+    dm.setup("fit")
+    model = build_model(cfg, dm.model_kwargs())
+    common = dict(
+        optimizer=OmegaConf.to_container(cfg.task.optimizer, resolve=True),
+        physical_optimizer=OmegaConf.to_container(cfg.physical_optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        diagnostics_every=cfg.callbacks.diagnostics.every_n_steps,
+    )
+    if cfg.task.kind == "classification":
+        module = ClassificationModule(model, num_classes=dm.model_kwargs()["num_classes"], **common)
+    else:
+        module = LanguageModelModule(model, char_level=dm.char_level, **common)
+
+    wandb_id_file = output_dir / "wandb_id.txt"
+    wandb_id = wandb_id_file.read_text().strip() if wandb_id_file.exists() else None
+    loggers = make_loggers(cfg, output_dir, wandb_id)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer = L.Trainer(**trainer_kwargs, logger=loggers, callbacks=make_callbacks(cfg, output_dir),
+                        default_root_dir=str(output_dir), enable_checkpointing=bool(cfg.callbacks.get("checkpoint")))
+    for lg in loggers[1:]:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        wandb_id_file.write_text(lg.experiment.id)
+
+    status, metrics = "failed", {}
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        metrics = reached_metrics(trainer)  # trainer.test replaces the val/ metrics
+        if trainer.interrupted:
+            status = "interrupted"
+        else:
+            trainer.test(module, datamodule=dm, verbose=False)
+            if cfg.task.kind == "language_model":
+                write_language_sample(cfg, module, dm, output_dir)
+            status = "completed"
+    except DeviceFailure:
+        trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
+        status = "device_failure"
+        raise
+    finally:
+        metrics.update(reached_metrics(trainer))
+        summary = summarize(cfg, module, trainer, metrics, status, started, output_dir)
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if cfg.logger.get("wandb"):
+            import wandb
+
+            wandb.finish()
+    return summary
+
+
+def report(summary: dict) -> str:
+    metrics = summary["metrics"]
+    main = next((k for k in ("test/acc", "test/ppl", "test/loss") if k in metrics), None)
+    shown = f"{main} = {metrics[main]:.4f}" if main else "no test metric"
+    return (f"{summary['task']} / {summary['device']} ({summary['mode']}): {shown}; "
+            f"hardware queries: {summary['queries']['total']:,}; outputs: {summary['run_dir']}")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        summary = run(cfg)
+    except AstraoraError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2 if not isinstance(err, DeviceFailure) else 3)
+    print(report(summary))
+    metric = cfg.get("optimized_metric")
+    return summary["metrics"].get(metric) if metric else None
+
+
+def check_group_overrides(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
+    """Reject ``group=option`` overrides naming an option that does not exist, in one line and with
+    exit code 2, before Hydra composes anything (Hydra's own message spans several lines)."""
+    root = Path(config_dir)
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        group = root / key
+        if not sep or not group.is_dir() or not value or value == "null":
+            continue
+        allowed = sorted(p.stem for p in group.glob("*.yaml"))
+        for option in value.split(","):
+            if option not in allowed:
+                print(f"error: {key}={option} is not allowed; choose one of {allowed}.", file=sys.stderr)
+                sys.exit(2)
+
+
+def main() -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") != "1":
+        check_group_overrides(sys.argv[1:])
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

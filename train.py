@@ -1,0 +1,3 @@
+from astraora.train import main
+
+main()
