@@ -6,6 +6,7 @@ writes ``summary.json`` into the run directory, also when the run stops early.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -30,22 +31,50 @@ log = logging.getLogger("astraora")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repository's conf/ (editable install)
 
 
-class RandomStateCallback(L.Callback):
-    """Saves and restores the global RNG states (dropout, augmentation) with every checkpoint."""
+class ResumeStateCallback(L.Callback):
+    """What a checkpoint needs beyond Lightning's own state, so a resumed run continues exactly.
+
+    * the global RNG states (dropout, augmentation), stored as plain tensors and lists so that
+      checkpoints load with ``weights_only=True``;
+    * the CSV log is flushed whenever a checkpoint is written, so metrics.csv holds every row up to
+      the checkpoint (rows after it are dropped on resume and logged again).
+    """
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         }
+        for lg in trainer.loggers:
+            lg.save()
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         states = checkpoint.get("rng_states")
-        if states:
-            torch.set_rng_state(states["torch"])
-            np.random.set_state(states["numpy"])
-            random.setstate(states["python"])
+        if not states:
+            return
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, internal, gauss_next = states["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+
+
+def truncate_metrics(metrics_csv: Path, last_step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
+    if not metrics_csv.exists():
+        return
+    with open(metrics_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames, [r for r in reader if r["step"] == "" or int(r["step"]) <= last_step]
+    with open(metrics_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def find_checkpoint(resume: str | os.PathLike) -> Path:
@@ -58,8 +87,20 @@ def find_checkpoint(resume: str | os.PathLike) -> Path:
     return path
 
 
+def csv_logger(output_dir: Path) -> L.pytorch.loggers.CSVLogger:
+    """metrics.csv in the run directory; rows already there (a resumed run) are kept and continued."""
+    metrics_csv = output_dir / "metrics.csv"
+    previous = metrics_csv.read_text() if metrics_csv.exists() else None
+    logger = L.pytorch.loggers.CSVLogger(save_dir=str(output_dir), name="", version="")
+    writer = logger.experiment  # Lightning's writer removes an existing metrics.csv here
+    if previous:
+        metrics_csv.write_text(previous)
+        writer.metrics_keys = sorted(next(csv.reader(previous.splitlines())))
+    return logger
+
+
 def make_loggers(cfg: DictConfig, output_dir: Path, wandb_id: str | None):
-    loggers = [L.pytorch.loggers.CSVLogger(save_dir=str(output_dir), name="", version="")]
+    loggers = [csv_logger(output_dir)]
     if cfg.logger.get("wandb"):
         from lightning.pytorch.loggers import WandbLogger
 
@@ -75,7 +116,7 @@ def make_loggers(cfg: DictConfig, output_dir: Path, wandb_id: str | None):
 
 
 def make_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
-    callbacks: list[L.Callback] = [RandomStateCallback()]
+    callbacks: list[L.Callback] = [ResumeStateCallback()]
     ckpt = cfg.callbacks.get("checkpoint")
     if ckpt:
         from lightning.pytorch.callbacks import ModelCheckpoint
@@ -142,13 +183,23 @@ def write_language_sample(cfg: DictConfig, module, dm, output_dir: Path) -> None
     (output_dir / "samples.txt").write_text(dm.decode(out[0].tolist()) + "\n", encoding="utf-8")
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train and test one configuration; returns the summary (also written to summary.json)."""
+def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
+    """Train and test one configuration; returns the summary (also written to summary.json).
+
+    With ``resume`` set, training continues from that checkpoint in the original run directory
+    (the one holding ``checkpoints/``), with its W&B run id and its metrics.csv.
+    """
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     ckpt_path = find_checkpoint(cfg.resume) if cfg.resume else None
+    if ckpt_path is not None:
+        if ckpt_path.parent.name == "checkpoints":
+            output_dir = ckpt_path.parent.parent
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        truncate_metrics(output_dir / "metrics.csv", int(state["global_step"]))
+        log.info("resuming from %s (step %d) in %s", ckpt_path, state["global_step"], output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     dm = instantiate(cfg.task.datamodule, _convert_="all")
@@ -170,7 +221,7 @@ def run(cfg: DictConfig) -> dict:
     wandb_id = wandb_id_file.read_text().strip() if wandb_id_file.exists() else None
     loggers = make_loggers(cfg, output_dir, wandb_id)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer = L.Trainer(**trainer_kwargs, logger=loggers, callbacks=make_callbacks(cfg, output_dir),
+    trainer = L.Trainer(**trainer_kwargs, logger=loggers, callbacks=[*make_callbacks(cfg, output_dir), *callbacks],
                         default_root_dir=str(output_dir), enable_checkpointing=bool(cfg.callbacks.get("checkpoint")))
     for lg in loggers[1:]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -178,7 +229,7 @@ def run(cfg: DictConfig) -> dict:
 
     status, metrics = "failed", {}
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
         metrics = reached_metrics(trainer)  # trainer.test replaces the val/ metrics
         if trainer.interrupted:
             status = "interrupted"

@@ -28,7 +28,7 @@ import math
 import os
 import urllib.request
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -37,9 +37,9 @@ import torch
 from hydra.utils import to_absolute_path
 from pydoc_data.topics import topics
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from astraora.data.common import default_num_workers, missing_dataset, resolve_data_dir, seeded_split
+from astraora.data.common import ResumableLoader, ResumableSampler, default_num_workers, missing_dataset, resolve_data_dir, seeded_split
 from astraora.errors import ConfigError, DataFileError, DatasetNotFoundError
 from astraora.rng import make_generator
 
@@ -160,26 +160,6 @@ class RandomWindows(Dataset):
         return window[:-1], window[1:]
 
 
-class EpochSampler(Sampler[int]):
-    """Indices 0..n-1 in order; ``set_epoch`` is passed on to the dataset so its offsets change.
-
-    Lightning calls ``set_epoch`` on a DataLoader's sampler at the start of every epoch; with
-    ``num_workers > 0`` the workers are created afterwards, so they see the new offsets.
-    """
-
-    def __init__(self, dataset: RandomWindows):
-        self.dataset = dataset
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(len(self.dataset)))
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-
 class ContiguousWindows(Dataset):
     """The non-overlapping windows ``tokens[iT : iT + T + 1]``, i = 0, 1, ..., in order."""
 
@@ -265,13 +245,15 @@ class TextDataModule(L.LightningDataModule):
 
     # Loaders -----------------------------------------------------------------------------------
 
-    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=default_num_workers(),
+    def _loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=default_num_workers(),
                           pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
         windows = RandomWindows(self.tokens["train"], self.block_size, self.samples_per_epoch, self.seed)
-        return self._loader(windows, sampler=EpochSampler(windows))
+        sampler = ResumableSampler(len(windows), self.seed, shuffle=False, on_epoch=windows.set_epoch)
+        return ResumableLoader(windows, sampler, self, batch_size=self.batch_size, num_workers=default_num_workers(),
+                               pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(ContiguousWindows(self.tokens["val"], self.block_size))

@@ -45,7 +45,6 @@ class HybridModule(L.LightningModule):
         self.optimizer_spec, self.physical_optimizer_spec, self.scheduler_spec = optimizer, physical_optimizer, scheduler
         self.diagnostics_every = int(diagnostics_every)
         self.physical = hybrid_layers(model)
-        self._last_total = 0
 
     # ----------------------------------------------------------------- optimizers
     def theta_parameters(self) -> list[nn.Parameter]:
@@ -74,6 +73,7 @@ class HybridModule(L.LightningModule):
         for layer in self.physical.values():
             layer.capture_next_backward = diagnose
         theta_before = [t.detach().clone() for t in self.theta_parameters()]
+        total_before = self.query_totals()["total"]
 
         for opt in optimizers:
             opt.zero_grad()
@@ -91,16 +91,15 @@ class HybridModule(L.LightningModule):
         for layer in self.physical.values():
             layer.capture_next_backward = False
         self.log("train/loss", loss.detach(), prog_bar=True)
-        self._log_physical(theta_before, diagnostics)
+        self._log_physical(theta_before, total_before, diagnostics)
         return loss.detach()
 
-    def _log_physical(self, theta_before: list[Tensor], diagnostics: dict[str, float]) -> None:
+    def _log_physical(self, theta_before: list[Tensor], total_before: int, diagnostics: dict[str, float]) -> None:
         if not self.physical:
             return
         totals = self.query_totals()
         self.log_dict({f"queries/{p}": float(totals[p]) for p in (*PURPOSES, "total")}, prog_bar=False)
-        self.log("queries/per_step", float(totals["total"] - self._last_total))
-        self._last_total = totals["total"]
+        self.log("queries/per_step", float(totals["total"] - total_before))
         self.log("queries", float(totals["total"]), prog_bar=True, logger=False)
         self.log("reprograms", float(totals["reprograms"]))
         self.log("queries/retries", float(totals["retries"]))

@@ -1,0 +1,87 @@
+"""Checkpoint and resume: a crashed or killed run continues exactly where its checkpoint was taken."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from astraora.train import run
+from conftest import REPO
+
+RUN = ["trainer.max_epochs=3", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
+       "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+       "trainer.deterministic=true", "callbacks.checkpoint.every_n_train_steps=3",
+       "callbacks.diagnostics.every_n_steps=2", "zo.samples=8", "integrator.samples=8", "task.model.hidden=16",
+       "surrogate.rank=4"]
+
+
+class Crash(L.Callback):
+    """Stops the process's training abruptly after the given step (no checkpoint is written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def comparable(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in ("wall_seconds", "run_dir")}
+
+
+def test_resume_after_crash_equals_uninterrupted(make_cfg):
+    reference = run(make_cfg(*RUN, out="reference"))
+    crashed_cfg = make_cfg(*RUN, out="crashed")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crashed_cfg, callbacks=[Crash(step=7)])
+    crashed = Path(crashed_cfg.paths.output_dir)
+    assert json.loads((crashed / "summary.json").read_text())["status"] == "failed"
+    resumed = run(make_cfg(*RUN, f"resume={crashed}", out="elsewhere"))
+    assert resumed["run_dir"] == str(crashed)  # the run keeps its output directory
+    assert comparable(resumed) == comparable(reference)
+    ref_rows = (Path(reference["run_dir"]) / "metrics.csv").read_text()
+    assert (crashed / "metrics.csv").read_text() == ref_rows
+
+
+def test_resume_from_epoch_checkpoint_file(make_cfg):
+    reference = run(make_cfg(*RUN, out="reference"))
+    crashed_cfg = make_cfg(*RUN, out="crashed")
+    with pytest.raises(RuntimeError):
+        run(crashed_cfg, callbacks=[Crash(step=9)])
+    ckpt = Path(crashed_cfg.paths.output_dir) / "checkpoints" / "epoch1.ckpt"
+    assert ckpt.is_file()
+    resumed = run(make_cfg(*RUN, f"resume={ckpt}", out="elsewhere"))
+    assert comparable(resumed) == comparable(reference)
+
+
+def test_sigkill_mid_epoch_then_resume(tmp_path):
+    args = [*RUN, "trainer.max_epochs=6", "trainer.limit_train_batches=6"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    train = [sys.executable, str(REPO / "train.py")]
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run([*train, *args, f"hydra.run.dir={ref_dir}"], env=env, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen([*train, *args, f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((run_dir / "checkpoints").glob("step9.ckpt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run_dir / "summary.json").exists()
+    resumed = subprocess.run([*train, *args, f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'new'}"], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ref, got = (json.loads((d / "summary.json").read_text()) for d in (ref_dir, run_dir))
+    assert got["status"] == "completed"
+    assert comparable(got) | {"run_dir": None} == comparable(ref) | {"run_dir": None}
+    assert (run_dir / "metrics.csv").read_text() == (ref_dir / "metrics.csv").read_text()
