@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -65,12 +66,15 @@ class ResumeStateCallback(L.Callback):
 
 
 def truncate_metrics(metrics_csv: Path, last_step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
+    """Drop rows logged after the checkpoint we resume from (they will be logged again).
+
+    Lightning logs a batch's metrics at the step count before that batch, so the first batch
+    after a checkpoint taken at ``global_step`` = k logs at step k: rows with step >= k go."""
     if not metrics_csv.exists():
         return
     with open(metrics_csv, newline="") as f:
         reader = csv.DictReader(f)
-        header, rows = reader.fieldnames, [r for r in reader if r["step"] == "" or int(r["step"]) <= last_step]
+        header, rows = reader.fieldnames, [r for r in reader if r["step"] == "" or int(r["step"]) < last_step]
     with open(metrics_csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()
@@ -92,7 +96,9 @@ def csv_logger(output_dir: Path) -> L.pytorch.loggers.CSVLogger:
     metrics_csv = output_dir / "metrics.csv"
     previous = metrics_csv.read_text() if metrics_csv.exists() else None
     logger = L.pytorch.loggers.CSVLogger(save_dir=str(output_dir), name="", version="")
-    writer = logger.experiment  # Lightning's writer removes an existing metrics.csv here
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Experiment logs directory")
+        writer = logger.experiment  # Lightning's writer removes an existing metrics.csv here
     if previous:
         metrics_csv.write_text(previous)
         writer.metrics_keys = sorted(next(csv.reader(previous.splitlines())))
@@ -241,6 +247,9 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     except DeviceFailure:
         trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
         status = "device_failure"
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        status = "interrupted"
         raise
     finally:
         metrics.update(reached_metrics(trainer))

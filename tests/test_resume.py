@@ -18,7 +18,7 @@ from conftest import REPO
 
 RUN = ["trainer.max_epochs=3", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
        "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-       "trainer.deterministic=true", "callbacks.checkpoint.every_n_train_steps=3",
+       "trainer.deterministic=true", "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=3",
        "callbacks.diagnostics.every_n_steps=2", "zo.samples=8", "integrator.samples=8", "task.model.hidden=16",
        "surrogate.rank=4"]
 
@@ -64,7 +64,7 @@ def test_resume_from_epoch_checkpoint_file(make_cfg):
 
 
 def test_sigkill_mid_epoch_then_resume(tmp_path):
-    args = [*RUN, "trainer.max_epochs=6", "trainer.limit_train_batches=6"]
+    args = [*RUN, "trainer.max_epochs=10", "trainer.limit_train_batches=6"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
     train = [sys.executable, str(REPO / "train.py")]
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
@@ -72,8 +72,11 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     proc = subprocess.Popen([*train, *args, f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list((run_dir / "checkpoints").glob("step9.ckpt")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    def saved_steps():
+        return [int(p.stem[4:]) for p in (run_dir / "checkpoints").glob("step*.ckpt")]
+
+    while not any(step >= 9 for step in saved_steps()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

@@ -22,9 +22,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from astraora.data.common import default_num_workers, missing_dataset, resolve_data_dir, seeded_split
+from astraora.data.common import ResumableLoader, ResumableSampler, default_num_workers, missing_dataset, resolve_data_dir, seeded_split
 from astraora.errors import ConfigError, DataFileError, DatasetNotFoundError
-from astraora.rng import make_generator
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +67,18 @@ class ClassificationDataModule(L.LightningDataModule):
         return self._loader(self.test_set, train=False)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
+        settings = dict(
             batch_size=self.batch_size,
-            shuffle=train,
-            generator=make_generator(self.seed, "data", "shuffle") if train else None,
-            # a last training batch of one sample would break BatchNorm
-            drop_last=train and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
+        if not train:
+            return DataLoader(dataset, **settings)
+        # the epoch's order depends on (seed, epoch) only and survives a mid-epoch resume;
+        # a last training batch of one sample would break BatchNorm
+        return ResumableLoader(dataset, ResumableSampler(len(dataset), self.seed), self,
+                               drop_last=len(dataset) > self.batch_size, **settings)
 
 
 def fetch(name: str, present: Callable[[], bool], download: Callable[[], object] | None,

@@ -53,12 +53,27 @@ class HybridModule(L.LightningModule):
     def configure_optimizers(self):
         theta_ids = {id(p) for p in self.theta_parameters()}
         digital = [p for p in self.parameters() if id(p) not in theta_ids]
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        total = self.total_training_steps()
         optimizers = [make_optimizer(digital, self.optimizer_spec)]
         if self.physical:
             optimizers.append(make_optimizer(self.theta_parameters(), self.physical_optimizer_spec))
         schedulers = [make_scheduler(opt, self.scheduler_spec, total) for opt in optimizers]
         return optimizers, schedulers
+
+    def total_training_steps(self) -> int:
+        """Steps the schedule spans. Computed here rather than with Lightning's
+        ``estimated_stepping_batches``, which builds the train loader before a checkpoint's loader
+        state is restored and so breaks an exact mid-epoch resume."""
+        if self._trainer is None:
+            return 1
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        batches = len(trainer.datamodule.train_dataloader())
+        limit = trainer.limit_train_batches
+        batches = int(batches * limit) if isinstance(limit, float) else min(batches, int(limit))
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1000
+        return max(1, batches * epochs)
 
     # ----------------------------------------------------------------- training
     def loss_and_update_metrics(self, batch, stage: str) -> Tensor:
@@ -79,7 +94,8 @@ class HybridModule(L.LightningModule):
             opt.zero_grad()
         loss = self.loss_and_update_metrics(batch, "train")
         self.manual_backward(loss)
-        diagnostics = self.diagnostics() if diagnose else {}  # before θ moves: grads and Â belong to this θ
+        if diagnose:  # before θ moves: the captured gradients and Â belong to this θ
+            self.log_diagnostics(self.diagnostics())
         optimizers[0].step()  # LightningOptimizer: advances global_step once per batch
         if len(optimizers) > 1:
             optimizers[1].optimizer.step()  # θ: the raw torch optimizer, not counted as a second step
@@ -91,10 +107,16 @@ class HybridModule(L.LightningModule):
         for layer in self.physical.values():
             layer.capture_next_backward = False
         self.log("train/loss", loss.detach(), prog_bar=True)
-        self._log_physical(theta_before, total_before, diagnostics)
+        self._log_physical(theta_before, total_before)
         return loss.detach()
 
-    def _log_physical(self, theta_before: list[Tensor], total_before: int, diagnostics: dict[str, float]) -> None:
+    def log_diagnostics(self, diagnostics: dict[str, float]) -> None:
+        """Written straight to the loggers at this step only (``self.log`` would repeat the last
+        value on every later logged step, as if it had been measured there)."""
+        for logger in self.loggers:
+            logger.log_metrics(diagnostics, step=self.global_step)
+
+    def _log_physical(self, theta_before: list[Tensor], total_before: int) -> None:
         if not self.physical:
             return
         totals = self.query_totals()
@@ -111,8 +133,6 @@ class HybridModule(L.LightningModule):
         residuals = [layer.last_residual for layer in self.physical.values() if layer.last_residual is not None]
         if residuals:
             self.log("surrogate/residual", float(sum(residuals) / len(residuals)))
-        if diagnostics:
-            self.log_dict(diagnostics)
 
     # ----------------------------------------------------------------- evaluation
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -151,9 +171,22 @@ class ClassificationModule(HybridModule):
     def __init__(self, model: nn.Module, num_classes: int, **kwargs):
         super().__init__(model, **kwargs)
         self.acc = nn.ModuleDict({f"{s}_acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for s in ("train", "val", "test")})
+        for metric in self.acc.values():
+            metric.persistent(True)  # a mid-epoch checkpoint carries the epoch's running accuracy
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        self._resumed_mid_epoch = not progress.get("is_last_batch", True)
+
+    def on_train_epoch_start(self) -> None:
+        # the running training accuracy restarts with each epoch, except in the epoch a mid-epoch
+        # checkpoint is resumed into (its state came with the checkpoint)
+        if not getattr(self, "_resumed_mid_epoch", False):
+            self.acc["train_acc"].reset()
+        self._resumed_mid_epoch = False
 
     def loss_and_update_metrics(self, batch, stage: str) -> Tensor:
         x, y = batch

@@ -1,0 +1,34 @@
+"""Smoke test of scripts/benchmark_core.py at --quick sizes: it runs, prints the table, and the
+ledger's queries per training step match ALGORITHM.md §5."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_core_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # One thread: on a shared CPU, oversubscribed OpenMP threads make this 10x slower.
+    cmd = [sys.executable, str(REPO / "scripts" / "benchmark_core.py"), "--quick", "--repeats", "1",
+           "--devices", "slm,mzi", "--threads", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| device") and "queries/step" in table[0] and "formula" in table[0]
+    rows = {line.split("|")[1].strip(): line for line in table[2:]}
+    assert set(rows) == {"slm", "mzi"}
+    assert all("| yes " in row for row in rows.values())
+
+    result = json.loads(out.read_text())
+    q = min(32, 128)
+    expected = 32 + 100 * q + 2 * 10 + 2 * 100  # B + M·min(B,m) + 2r + 2·M_sm
+    for family in ("slm", "mzi"):
+        step = result["devices"][family]["step"]
+        assert step["match"] and step["total"] == step["expected_total"] == expected
+        assert step["measured"] == {"forward": 32, "zo": 100 * q, "surrogate": 220, "readout": 0}
