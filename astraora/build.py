@@ -31,24 +31,30 @@ def instantiate(config, **kwargs):
         raise
 
 
+def make_device(device_cfg: DictConfig | dict, d_in: int, d_out: int, seed: int, name: str):
+    """A device from its ``conf/device`` entry; ``family`` and ``driver`` are not constructor arguments."""
+    spec = OmegaConf.to_container(device_cfg, resolve=True) if isinstance(device_cfg, DictConfig) else dict(device_cfg)
+    spec.pop("family", None)
+    spec.pop("driver", None)
+    return instantiate(spec, d_in=d_in, d_out=d_out, seed=seed, name=name, _convert_="all")
+
+
 def make_layer_factory(cfg: DictConfig) -> LayerFactory:
     """``factory(d_in, d_out, name)``: a HybridLayer on the configured device, or a Linear for
     ``device=digital``. ``name`` seeds that layer's generators (ZO directions, sketches, noise)."""
     if cfg.device.family == "digital":
         return lambda d_in, d_out, name: nn.Linear(d_in, d_out)
-    device_cfg = OmegaConf.to_container(cfg.device, resolve=True)
-    device_cfg.pop("family")
-    driver = device_cfg.pop("driver")
+    driver = cfg.device.driver
     zo_cfg = OmegaConf.to_container(cfg.zo, resolve=True)
     integrator_cfg = OmegaConf.to_container(cfg.integrator, resolve=True)
 
     def factory(d_in: int, d_out: int, name: str) -> nn.Module:
-        device = instantiate(device_cfg, d_in=d_in, d_out=d_out, seed=cfg.seed, name=name, _convert_="all")
+        device = make_device(cfg.device, d_in, d_out, cfg.seed, name)
         zo = ZOEstimator(**zo_cfg, generator=make_generator(cfg.seed, name, "zo")) if cfg.mode.startswith("zo") else None
         return HybridLayer(
             device, mode=cfg.mode, rank=cfg.surrogate.rank, zo=zo, integrator=dict(integrator_cfg),
             output_scale=cfg.surrogate.output_scale, health_threshold=cfg.surrogate.health_threshold,
-            max_retries=driver["max_retries"], timeout_s=driver["timeout_s"], seed=cfg.seed, name=name,
+            max_retries=driver.max_retries, timeout_s=driver.timeout_s, seed=cfg.seed, name=name,
         )
 
     return factory

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from astraora.build import make_device
 from astraora.devices import SLM, Device, MatVec, Monarch, MRRBank, MZIClassical, MZIMesh
 from astraora.devices.base import wrap_phase
 from astraora.errors import ConfigError, DeviceFault
@@ -93,8 +93,8 @@ def mrr_t(phi: float, a: float = 0.8, r: float = 0.9) -> float:
 @pytest.mark.parametrize("family", sorted(CONF_FILES))
 def test_yaml_instantiates(family):
     cfg = OmegaConf.load(CONF_DIR / f"{family}.yaml")
-    assert "name" not in cfg
-    device = instantiate(cfg, d_in=6, d_out=4, seed=0, name="t")
+    assert "name" not in cfg and cfg.family == family
+    device = make_device(cfg, d_in=6, d_out=4, seed=0, name="t")
     assert type(device) is CONF_FILES[family]
     assert device.query(torch.randn(3, 6)).shape == (3, 4)
 
