@@ -61,6 +61,8 @@ def _check_target(cfg, key: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first bad value found in ``cfg``."""
     _check_int(cfg, "seed", 0)
+    if _get(cfg, "cpu_threads") is not None:
+        _check_int(cfg, "cpu_threads", 1)
     _check_choice(cfg, "task.kind", TASK_KINDS)
     _check_target(cfg, "task.datamodule._target_")
     _check_target(cfg, "task.model._target_")

@@ -105,6 +105,16 @@ def csv_logger(output_dir: Path) -> L.pytorch.loggers.CSVLogger:
     return logger
 
 
+def wandb_group(group: str) -> str:
+    """The configured group; jobs of one multirun also share the sweep's directory name."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"{group}/{Path(HydraConfig.get().sweep.dir).name}"
+    return group
+
+
 def make_loggers(cfg: DictConfig, output_dir: Path, wandb_id: str | None):
     loggers = [csv_logger(output_dir)]
     if cfg.logger.get("wandb"):
@@ -113,7 +123,7 @@ def make_loggers(cfg: DictConfig, output_dir: Path, wandb_id: str | None):
         spec = cfg.logger.wandb
         tags = [f"device:{cfg.device.family}", f"mode:{cfg.mode}", f"task:{cfg.task.name}", *spec.tags]
         loggers.append(WandbLogger(
-            project=spec.project, entity=spec.entity, group=spec.group, tags=tags, save_dir=str(output_dir),
+            project=spec.project, entity=spec.entity, group=wandb_group(spec.group), tags=tags, save_dir=str(output_dir),
             offline=spec.mode != "online", mode=spec.mode if spec.mode == "disabled" else None, id=wandb_id,
             resume="allow" if wandb_id else None, log_model=spec.log_model,
             name=f"{cfg.task.name}-{cfg.device.family}-{cfg.mode}-s{cfg.seed}",
@@ -189,6 +199,21 @@ def write_language_sample(cfg: DictConfig, module, dm, output_dir: Path) -> None
     (output_dir / "samples.txt").write_text(dm.decode(out[0].tolist()) + "\n", encoding="utf-8")
 
 
+def build_module(cfg: DictConfig, dm: L.LightningDataModule) -> ClassificationModule | LanguageModelModule:
+    """The task's backbone with its physical layer(s), inside the LightningModule of its kind.
+    ``dm`` must be set up: it supplies what only the data knows (classes, vocabulary)."""
+    model = build_model(cfg, dm.model_kwargs())
+    common = dict(
+        optimizer=OmegaConf.to_container(cfg.task.optimizer, resolve=True),
+        physical_optimizer=OmegaConf.to_container(cfg.physical_optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        diagnostics_every=cfg.callbacks.diagnostics.every_n_steps,
+    )
+    if cfg.task.kind == "classification":
+        return ClassificationModule(model, num_classes=dm.model_kwargs()["num_classes"], **common)
+    return LanguageModelModule(model, char_level=dm.char_level, **common)
+
+
 def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     """Train and test one configuration; returns the summary (also written to summary.json).
 
@@ -207,21 +232,13 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
         log.info("resuming from %s (step %d) in %s", ckpt_path, state["global_step"], output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    if cfg.get("cpu_threads") and cfg.trainer.accelerator == "cpu":
+        torch.set_num_threads(int(cfg.cpu_threads))
 
     dm = instantiate(cfg.task.datamodule, _convert_="all")
     dm.prepare_data()
     dm.setup("fit")
-    model = build_model(cfg, dm.model_kwargs())
-    common = dict(
-        optimizer=OmegaConf.to_container(cfg.task.optimizer, resolve=True),
-        physical_optimizer=OmegaConf.to_container(cfg.physical_optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-        diagnostics_every=cfg.callbacks.diagnostics.every_n_steps,
-    )
-    if cfg.task.kind == "classification":
-        module = ClassificationModule(model, num_classes=dm.model_kwargs()["num_classes"], **common)
-    else:
-        module = LanguageModelModule(model, char_level=dm.char_level, **common)
+    module = build_module(cfg, dm)
 
     wandb_id_file = output_dir / "wandb_id.txt"
     wandb_id = wandb_id_file.read_text().strip() if wandb_id_file.exists() else None

@@ -15,9 +15,17 @@ from astraora.train import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests use tiny tensors: one intra-op thread is faster than several spinning on 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def compose_config(overrides: list[str], output_dir: Path | None = None):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
 from PIL import Image
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -152,3 +153,25 @@ def compose_task(name: str, data_dir: Path, overrides: dict | None = None):
                           {"task": overrides or {}})
     OmegaConf.resolve(cfg)
     return cfg
+
+
+# ------------------------------------------------------------------------- shared checks
+
+
+def linear_factory(d_in, d_out, name):
+    """A digital stand-in for the physical layer."""
+    return torch.nn.Linear(d_in, d_out)
+
+
+def check_forward_backward(model: torch.nn.Module, x: torch.Tensor, num_classes: int) -> None:
+    logits = model(x)
+    assert logits.shape == (len(x), num_classes)
+    torch.nn.functional.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long)).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def first_batch(loader):
+    """The first (x, y) of a loader, checked to be a float batch with int64 labels."""
+    x, y = next(iter(loader))
+    assert y.dtype == torch.int64 and y.ndim == 1 and len(x) == len(y) and x.dtype == torch.float32
+    return x, y

@@ -12,38 +12,12 @@ from astraora.data.audio import (AudioFolderDataModule, Frontend, SpeechCommands
                                  UrbanSound8KDataModule, read_audio)
 from astraora.errors import ConfigError, DataFileError, DatasetNotFoundError
 from astraora.models.audio import EcapaTDNN
-from fixtures_vision_audio import (URBAN_CLASSES, compose_task, write_audio_tree, write_speech_commands,
-                                   write_urbansound8k)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than several spinning on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def linear_factory(d_in, d_out, name):
-    return torch.nn.Linear(d_in, d_out)
+from fixtures_vision_audio import (URBAN_CLASSES, check_forward_backward, compose_task, first_batch, linear_factory,
+                                   write_audio_tree, write_speech_commands, write_urbansound8k)
 
 
 def tiny_model(**model_kwargs) -> EcapaTDNN:
     return EcapaTDNN(linear_factory, channels=8, embedding_dim=6, attention_channels=4, **model_kwargs)
-
-
-def check_forward_backward(model: torch.nn.Module, x: torch.Tensor, num_classes: int) -> None:
-    logits = model(x)
-    assert logits.shape == (len(x), num_classes)
-    torch.nn.functional.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long)).backward()
-    assert all(p.grad is not None for p in model.parameters())
-
-
-def first_batch(loader):
-    x, y = next(iter(loader))
-    assert y.dtype == torch.int64 and y.ndim == 1 and len(x) == len(y) and x.dtype == torch.float32
-    return x, y
 
 
 def paths(dataset) -> list[str]:

@@ -12,33 +12,8 @@ from astraora.data.vision import (CIFAR10DataModule, DigitsDataModule, ImageFold
                                   read_cifar_batch)
 from astraora.errors import ConfigError, DataFileError, DatasetNotFoundError
 from astraora.models.vision import MLP, CompactCNN
-from fixtures_vision_audio import compose_task, write_cifar10, write_image_tree, write_mnist
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than several spinning on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def linear_factory(d_in, d_out, name):
-    return torch.nn.Linear(d_in, d_out)
-
-
-def check_forward_backward(model: torch.nn.Module, x: torch.Tensor, num_classes: int) -> None:
-    logits = model(x)
-    assert logits.shape == (len(x), num_classes)
-    torch.nn.functional.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long)).backward()
-    assert all(p.grad is not None for p in model.parameters())
-
-
-def first_batch(loader):
-    x, y = next(iter(loader))
-    assert y.dtype == torch.int64 and y.ndim == 1 and len(x) == len(y)
-    return x, y
+from fixtures_vision_audio import (check_forward_backward, compose_task, first_batch, linear_factory, write_cifar10,
+                                   write_image_tree, write_mnist)
 
 
 # ---------------------------------------------------------------------------------------- digits

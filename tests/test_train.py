@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 from astraora.build import build_model, hybrid_layers
 from astraora.config import validate
@@ -140,3 +141,28 @@ def test_wandb_offline_leaves_a_run_directory(make_cfg, monkeypatch):
     out = Path(cfg.paths.output_dir)
     assert list((out / "wandb").glob("offline-run-*"))
     assert (out / "metrics.csv").is_file()
+
+
+def test_experiment_presets_compose_and_validate():
+    for preset in sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")):
+        validate(compose_config([f"experiment={preset}"]))
+
+
+def test_optuna_search_and_joblib_launcher_run(tmp_path):
+    sweep = tmp_path / "optuna"
+    result = run_cli(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *FAST, "device=slm",
+                      "task.model.hidden=24", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)  # ranks up to 20
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(sweep.glob("*/summary.json"))) == 2
+    assert "best_value" in (sweep / "optimization_results.yaml").read_text()
+    sweep = tmp_path / "joblib"
+    result = run_cli(["-m", "launcher=joblib", *FAST, "device=digital,slm", "task.model.hidden=8", "surrogate.rank=4",
+                      f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(sweep.glob("*/summary.json"))) == 2
+
+
+def test_slurm_launcher_preset_composes():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["launcher=slurm"], return_hydra_config=True)
+    assert "submitit" in cfg.hydra.launcher._target_ and cfg.trainer.accelerator == "gpu"
