@@ -28,6 +28,8 @@ from astraora.errors import AstraoraError, DeviceFailure
 from astraora.lit import ClassificationModule, LanguageModelModule
 
 log = logging.getLogger("astraora")
+# A step checkpoint holds the state after that step's update, which is what resuming needs.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repository's conf/ (editable install)
 
