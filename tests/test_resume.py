@@ -88,3 +88,17 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     assert got["status"] == "completed"
     assert comparable(got) | {"run_dir": None} == comparable(ref) | {"run_dir": None}
     assert (run_dir / "metrics.csv").read_text() == (ref_dir / "metrics.csv").read_text()
+
+
+def test_resume_keeps_the_wandb_run_id(make_cfg, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = [*RUN, "logger=wandb", "trainer.max_epochs=2"]
+    crashed_cfg = make_cfg(*args, out="crashed")
+    with pytest.raises(RuntimeError):
+        run(crashed_cfg, callbacks=[Crash(step=5)])
+    out = Path(crashed_cfg.paths.output_dir)
+    run_id = (out / "wandb_id.txt").read_text().strip()
+    summary = run(make_cfg(*args, f"resume={out}", out="elsewhere"))
+    assert summary["status"] == "completed"
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
