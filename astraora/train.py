@@ -293,6 +293,9 @@ def report(summary: dict) -> str:
 def hydra_main(cfg: DictConfig) -> float | None:
     try:
         summary = run(cfg)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM: summary.json says "interrupted"
+        print("interrupted: the last checkpoint and summary.json are in the run directory", file=sys.stderr)
+        sys.exit(130)
     except AstraoraError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -102,3 +102,18 @@ def test_resume_keeps_the_wandb_run_id(make_cfg, monkeypatch):
     assert summary["status"] == "completed"
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_still_writes_summary(tmp_path, sig):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *RUN, "trainer.max_epochs=50",
+                             f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((run_dir / "checkpoints").glob("step*.ckpt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) != 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] >= 3
