@@ -85,7 +85,8 @@ def validate(cfg: DictConfig) -> None:
         _check_int(cfg, "zo.samples", 1)
         _check_real(cfg, "zo.mu")
         _check_choice(cfg, "zo.direction", DIRECTIONS)
-        _check_int(cfg, "zo.chunk_size", 1)
+        if _get(cfg, "zo.chunk_size") != "auto":
+            _check_int(cfg, "zo.chunk_size", 1)
     _check_choice(cfg, "integrator.name", list(INTEGRATORS))
     _check_int(cfg, "integrator.every", 1)
     _check_int(cfg, "integrator.rebuild_every", 0)

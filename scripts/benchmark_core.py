@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str | None]:
     parser.add_argument("--samples", "-M", type=int, default=100, help="ZO samples M")
     parser.add_argument("--sketch", "--m-sm", type=int, default=100, help="psi_implicit sketch rows M_sm")
     parser.add_argument("--rank", "-r", type=int, default=10, help="surrogate rank r")
-    parser.add_argument("--chunk", type=int, default=16, help="perturbed settings per batched call in the vectorised ZO")
+    parser.add_argument("--chunk", type=int, default=4, help="perturbed settings per batched call in the vectorised ZO")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     parser.add_argument("--budget", type=float, default=60.0,
                         help="seconds of timed runs per measurement before repeating stops / sampling is subset")

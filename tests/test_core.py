@@ -260,6 +260,15 @@ def test_zo_bad_config():
         zo_estimator(0)
     with pytest.raises(ConfigError, match="zo.direction"):
         zo_estimator(5, direction="cauchy")
+    with pytest.raises(ConfigError, match="zo.chunk_size"):
+        zo_estimator(5, chunk_size="big")
+
+
+def test_zo_auto_chunk_fits_the_work_budget():
+    zo = zo_estimator(100)
+    assert zo.chunk_for(p=4032, rows=64, d_in=64, d_out=64) == 100  # the default 64 × 64 mesh: one call
+    assert zo.chunk_for(p=512 * 1024, rows=256, d_in=512, d_out=1024) == 4
+    assert zo_estimator(100, chunk_size=7).chunk_for(p=10, rows=1, d_in=1, d_out=1) == 7
 
 
 # --------------------------------------------------------------------------- HybridLayer
