@@ -201,10 +201,13 @@ def write_language_sample(cfg: DictConfig, module, dm, output_dir: Path) -> None
     (output_dir / "samples.txt").write_text(dm.decode(out[0].tolist()) + "\n", encoding="utf-8")
 
 
-def build_module(cfg: DictConfig, dm: L.LightningDataModule) -> ClassificationModule | LanguageModelModule:
+def build_module(cfg: DictConfig, dm: L.LightningDataModule, model_kwargs: dict | None = None
+                 ) -> ClassificationModule | LanguageModelModule:
     """The task's backbone with its physical layer(s), inside the LightningModule of its kind.
-    ``dm`` must be set up: it supplies what only the data knows (classes, vocabulary)."""
-    model = build_model(cfg, dm.model_kwargs())
+    ``dm`` must be set up: it supplies what only the data knows (classes, vocabulary), unless
+    ``model_kwargs`` is given."""
+    model_kwargs = dm.model_kwargs() if model_kwargs is None else model_kwargs
+    model = build_model(cfg, model_kwargs)
     common = dict(
         optimizer=OmegaConf.to_container(cfg.task.optimizer, resolve=True),
         physical_optimizer=OmegaConf.to_container(cfg.physical_optimizer, resolve=True),
@@ -212,7 +215,7 @@ def build_module(cfg: DictConfig, dm: L.LightningDataModule) -> ClassificationMo
         diagnostics_every=cfg.callbacks.diagnostics.every_n_steps,
     )
     if cfg.task.kind == "classification":
-        return ClassificationModule(model, num_classes=dm.model_kwargs()["num_classes"], **common)
+        return ClassificationModule(model, num_classes=model_kwargs["num_classes"], **common)
     return LanguageModelModule(model, char_level=dm.char_level, **common)
 
 
