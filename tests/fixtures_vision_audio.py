@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from hydra.utils import instantiate
 from PIL import Image
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -175,3 +176,17 @@ def first_batch(loader):
     x, y = next(iter(loader))
     assert y.dtype == torch.int64 and y.ndim == 1 and len(x) == len(y) and x.dtype == torch.float32
     return x, y
+
+
+def check_classification_task(cfg, name: str, data_dir: Path) -> None:
+    """A composed classification task: its keys, its DataModule on ``data_dir`` and a forward/backward
+    of its backbone on the first training batch."""
+    assert cfg.task.name == name and cfg.task.kind == "classification" and cfg.task.max_epochs > 0
+    assert {"name", "lr", "weight_decay"} <= set(cfg.task.optimizer)
+    dm = instantiate(cfg.task.datamodule)
+    assert dm.seed == 0 and str(dm.data_dir) == str(data_dir)
+    dm.prepare_data()
+    dm.setup("fit")
+    model = instantiate(cfg.task.model, layer_factory=linear_factory, **dm.model_kwargs())
+    x, _ = first_batch(dm.train_dataloader())
+    check_forward_backward(model, x, dm.model_kwargs()["num_classes"])

@@ -6,13 +6,12 @@ import logging
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from astraora.data.audio import (AudioFolderDataModule, Frontend, SpeechCommandsDataModule, SyntheticAudioDataModule,
                                  UrbanSound8KDataModule, read_audio)
 from astraora.errors import ConfigError, DataFileError, DatasetNotFoundError
 from astraora.models.audio import EcapaTDNN
-from fixtures_vision_audio import (URBAN_CLASSES, check_forward_backward, compose_task, first_batch, linear_factory,
+from fixtures_vision_audio import (check_classification_task, URBAN_CLASSES, check_forward_backward, compose_task, first_batch, linear_factory,
                                    write_audio_tree, write_speech_commands, write_urbansound8k)
 
 
@@ -169,15 +168,7 @@ def test_task_yaml_builds_datamodule_and_model(tmp_path, name):
     if name == "audio_folder":
         overrides["root"] = str(tmp_path / "sounds")
     cfg = compose_task(name, tmp_path, overrides)
-    assert cfg.task.name == name and cfg.task.kind == "classification" and cfg.task.max_epochs > 0
-    assert {"name", "lr", "weight_decay"} <= set(cfg.task.optimizer)
-    dm = instantiate(cfg.task.datamodule)
-    assert dm.seed == 0 and str(dm.data_dir) == str(tmp_path)
-    dm.prepare_data()
-    dm.setup("fit")
-    model = instantiate(cfg.task.model, layer_factory=linear_factory, **dm.model_kwargs())
-    x, _ = first_batch(dm.train_dataloader())
-    check_forward_backward(model, x, dm.model_kwargs()["num_classes"])
+    check_classification_task(cfg, name, tmp_path)
 
 
 def test_synthetic_audio_is_learnable():

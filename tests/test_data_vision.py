@@ -6,13 +6,12 @@ import logging
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from astraora.data.vision import (CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule, MNISTDataModule,
                                   read_cifar_batch)
 from astraora.errors import ConfigError, DataFileError, DatasetNotFoundError
 from astraora.models.vision import MLP, CompactCNN
-from fixtures_vision_audio import (check_forward_backward, compose_task, first_batch, linear_factory, write_cifar10,
+from fixtures_vision_audio import (check_classification_task, check_forward_backward, compose_task, first_batch, linear_factory, write_cifar10,
                                    write_image_tree, write_mnist)
 
 
@@ -194,12 +193,4 @@ def test_task_yaml_builds_datamodule_and_model(tmp_path, name):
     write_image_tree(tmp_path / "pets", per_class=3)
     overrides = {"root": str(tmp_path / "pets"), "datamodule": {"batch_size": 2}}
     cfg = compose_task(name, tmp_path, overrides if name == "image_folder" else {"datamodule": {"batch_size": 2}})
-    assert cfg.task.name == name and cfg.task.kind == "classification" and cfg.task.max_epochs > 0
-    assert {"name", "lr", "weight_decay"} <= set(cfg.task.optimizer)
-    dm = instantiate(cfg.task.datamodule)
-    assert dm.seed == 0 and str(dm.data_dir) == str(tmp_path)
-    dm.prepare_data()
-    dm.setup("fit")
-    model = instantiate(cfg.task.model, layer_factory=linear_factory, **dm.model_kwargs())
-    x, _ = first_batch(dm.train_dataloader())
-    check_forward_backward(model, x, dm.model_kwargs()["num_classes"])
+    check_classification_task(cfg, name, tmp_path)
