@@ -166,7 +166,7 @@ def summarize(cfg: DictConfig, module, trainer, metrics: dict, status: str, star
     layers = hybrid_layers(module.model) if module is not None else {}
     if layers:
         totals = module.query_totals()
-        queries = {p: totals[p] for p in queries}
+        queries = {p: totals[f"queries/{p}"] for p in queries}
         reprograms = totals["reprograms"]
         diag = module.diagnostics() if cfg.mode.endswith("+sm") else {}
         surrogate = {

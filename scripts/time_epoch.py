@@ -65,7 +65,7 @@ from torch.utils.data import Dataset, TensorDataset
 from astraora.build import hybrid_layers, instantiate
 from astraora.config import validate
 from astraora.errors import AstraoraError
-from astraora.lit.module import PURPOSES
+from astraora.ledger import PURPOSES
 from astraora.train import CONFIG_DIR, build_module, check_group_overrides
 
 #: training examples per epoch when --train-size is not given (language models: samples_per_epoch)
@@ -301,7 +301,7 @@ class StepTimer(L.Callback):
     @staticmethod
     def _queries(pl_module) -> dict[str, int]:
         totals = pl_module.query_totals()
-        return {p: totals[p] for p in (*PURPOSES, "total")}
+        return {p: totals[f"queries/{p}"] for p in (*PURPOSES, "total")}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = (pl_module.global_step, self.diagnostics.seconds, self.readout.seconds, self._queries(pl_module))

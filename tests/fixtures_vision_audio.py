@@ -190,3 +190,14 @@ def check_classification_task(cfg, name: str, data_dir: Path) -> None:
     model = instantiate(cfg.task.model, layer_factory=linear_factory, **dm.model_kwargs())
     x, _ = first_batch(dm.train_dataloader())
     check_forward_backward(model, x, dm.model_kwargs()["num_classes"])
+
+
+def train_for(model: torch.nn.Module, dm, epochs: int, lr: float) -> torch.nn.Module:
+    """Plain Adam + cross-entropy over ``dm``'s training loader; returns the model in eval mode."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        for x, y in dm.train_dataloader():
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return model.eval()

@@ -11,8 +11,9 @@ from astraora.data.audio import (AudioFolderDataModule, Frontend, SpeechCommands
                                  UrbanSound8KDataModule, read_audio)
 from astraora.errors import ConfigError, DataFileError, DatasetNotFoundError
 from astraora.models.audio import EcapaTDNN
-from fixtures_vision_audio import (check_classification_task, URBAN_CLASSES, check_forward_backward, compose_task, first_batch, linear_factory,
-                                   write_audio_tree, write_speech_commands, write_urbansound8k)
+from fixtures_vision_audio import (URBAN_CLASSES, check_classification_task, check_forward_backward, compose_task,
+                                   first_batch, linear_factory, train_for, write_audio_tree, write_speech_commands,
+                                   write_urbansound8k)
 
 
 def tiny_model(**model_kwargs) -> EcapaTDNN:
@@ -176,13 +177,7 @@ def test_synthetic_audio_is_learnable():
     dm = SyntheticAudioDataModule(seed=0)
     dm.setup("fit")
     model = EcapaTDNN(linear_factory, channels=32, embedding_dim=32, attention_channels=32, **dm.model_kwargs())
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(3):
-        for x, y in dm.train_dataloader():
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    model.eval()
+    train_for(model, dm, epochs=3, lr=1e-3)
     with torch.no_grad():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in dm.val_dataloader())
     assert correct / len(dm.val_set) > 0.8

@@ -11,8 +11,8 @@ from astraora.data.vision import (CIFAR10DataModule, DigitsDataModule, ImageFold
                                   read_cifar_batch)
 from astraora.errors import ConfigError, DataFileError, DatasetNotFoundError
 from astraora.models.vision import MLP, CompactCNN
-from fixtures_vision_audio import (check_classification_task, check_forward_backward, compose_task, first_batch, linear_factory, write_cifar10,
-                                   write_image_tree, write_mnist)
+from fixtures_vision_audio import (check_classification_task, check_forward_backward, compose_task, first_batch,
+                                   linear_factory, train_for, write_cifar10, write_image_tree, write_mnist)
 
 
 # ---------------------------------------------------------------------------------------- digits
@@ -41,13 +41,7 @@ def test_digits_mlp_learns_with_a_linear_physical_layer():
     names = []
     model = MLP(lambda a, b, name: names.append(name) or linear_factory(a, b, name), **dm.model_kwargs())
     assert names == ["head.physical"] and isinstance(model.get_submodule("head.physical"), torch.nn.Linear)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(4):
-        for x, y in dm.train_dataloader():
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    model.eval()
+    train_for(model, dm, epochs=4, lr=3e-3)
     x, y = dm.val_set.tensors
     assert (model(x).argmax(1) == y).float().mean() > 0.9
 

@@ -23,8 +23,6 @@ from torch import Tensor, nn
 
 from astraora.build import hybrid_layers, make_optimizer, make_scheduler
 
-PURPOSES = ("forward", "zo", "surrogate", "readout")
-
 
 class HybridModule(L.LightningModule):
     """What every task kind shares. Subclasses implement :meth:`loss_and_update_metrics`.
@@ -88,7 +86,7 @@ class HybridModule(L.LightningModule):
         for layer in self.physical.values():
             layer.capture_next_backward = diagnose
         theta_before = [t.detach().clone() for t in self.theta_parameters()]
-        total_before = self.query_totals()["total"]
+        total_before = self.query_totals().get("queries/total", 0)
 
         for opt in optimizers:
             opt.zero_grad()
@@ -120,13 +118,9 @@ class HybridModule(L.LightningModule):
         if not self.physical:
             return
         totals = self.query_totals()
-        self.log_dict({f"queries/{p}": float(totals[p]) for p in (*PURPOSES, "total")}, prog_bar=False)
-        self.log("queries/per_step", float(totals["total"] - total_before))
-        self.log("queries", float(totals["total"]), prog_bar=True, logger=False)
-        self.log("reprograms", float(totals["reprograms"]))
-        self.log("queries/retries", float(totals["retries"]))
-        self.log("skipped/zo", float(totals["skipped_zo"]))
-        self.log("skipped/surrogate", float(totals["skipped_surrogate"]))
+        self.log_dict({key: float(n) for key, n in totals.items() if key != "queries/oracle"})
+        self.log("queries/per_step", float(totals["queries/total"] - total_before))
+        self.log("queries", float(totals["queries/total"]), prog_bar=True, logger=False)
         delta = sum(float((t.detach() - b).norm() ** 2) for t, b in zip(self.theta_parameters(), theta_before))
         norm = sum(float(b.norm() ** 2) for b in theta_before)
         self.log("device/theta_delta", math.sqrt(delta / max(norm, 1e-30)))
@@ -143,18 +137,12 @@ class HybridModule(L.LightningModule):
 
     # ----------------------------------------------------------------- physical-layer readouts
     def query_totals(self) -> dict[str, int]:
-        """Ledger counters summed over the physical layers."""
-        out = {p: 0 for p in (*PURPOSES, "total", "reprograms", "retries", "skipped_zo", "skipped_surrogate")}
+        """The ledgers' counters (:meth:`QueryLedger.counts`) summed over the physical layers."""
+        totals: dict[str, int] = {}
         for layer in self.physical.values():
-            led = layer.ledger
-            for p in PURPOSES:
-                out[p] += led.queries[p]
-            out["total"] += led.total
-            out["reprograms"] += led.total_reprograms
-            out["retries"] += led.retries
-            out["skipped_zo"] += led.skipped["zo"]
-            out["skipped_surrogate"] += led.skipped["surrogate"]
-        return out
+            for key, n in layer.ledger.counts().items():
+                totals[key] = totals.get(key, 0) + n
+        return totals
 
     def diagnostics(self) -> dict[str, float]:
         """Oracle diagnostics averaged over the physical layers."""
