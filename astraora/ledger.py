@@ -15,6 +15,11 @@ holds: the ledger remembers the last programmed θ and compares. A batch of K pe
 costs K reprograms. Queries that raise or return non-finite values are retried up to
 ``max_retries`` times (counted in ``retries``); when they keep failing :class:`DeviceFailure`
 is raised so the run can checkpoint and stop.
+
+``wait_seconds`` is the wall time spent inside the device's ``query`` (all attempts): what a slow
+chip or a network hop costs. It is always checkpointed, but logged only for devices served over
+the network (``device.is_remote``): in-process it is compute time, and logging it would make the
+logs of two otherwise identical runs differ.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class QueryLedger:
         self.oracle = 0
         self.retries = 0
         self.skipped = {"zo": 0, "surrogate": 0}
+        self.wait_seconds = 0.0
         self._programmed: Tensor | None = None  # the θ the hardware holds now
 
     # ----------------------------------------------------------------- totals
@@ -59,7 +65,7 @@ class QueryLedger:
     def total_reprograms(self) -> int:
         return sum(self.reprograms.values())
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, int | float]:
         """Flat counters, as logged: ``queries/<purpose>``, ``queries/total``, ``reprograms``..."""
         out = {f"queries/{p}": n for p, n in self.queries.items()}
         out["queries/total"] = self.total
@@ -68,6 +74,8 @@ class QueryLedger:
         out["queries/retries"] = self.retries
         out["skipped/zo"] = self.skipped["zo"]
         out["skipped/surrogate"] = self.skipped["surrogate"]
+        if getattr(self.device, "is_remote", False):
+            out["device/wait_seconds"] = self.wait_seconds
         return out
 
     # ----------------------------------------------------------------- hardware access
@@ -108,6 +116,8 @@ class QueryLedger:
             except DeviceFault as err:
                 last_error = err
                 continue
+            finally:
+                self.wait_seconds += time.monotonic() - start
             if self.timeout_s is not None and time.monotonic() - start > self.timeout_s:
                 last_error = DeviceFault(f"query took longer than timeout_s={self.timeout_s}")
                 continue
@@ -139,6 +149,7 @@ class QueryLedger:
             "oracle": self.oracle,
             "retries": self.retries,
             "skipped": dict(self.skipped),
+            "wait_seconds": self.wait_seconds,
             "programmed": None if self._programmed is None else self._programmed.cpu(),
         }
 
@@ -148,6 +159,7 @@ class QueryLedger:
         self.oracle = int(state["oracle"])
         self.retries = int(state["retries"])
         self.skipped = dict(state["skipped"])
+        self.wait_seconds = float(state.get("wait_seconds", 0.0))  # absent in older checkpoints
         programmed = state["programmed"]
         self._programmed = None if programmed is None else programmed.to(self.device.theta.device)
 
