@@ -42,14 +42,15 @@ def classification_log(val_acc: list[float], queries_per_step: int, steps_per_ep
 
 
 def write_run(run_dir: Path, *, task="digits", device="mzi", seed=0, test=None, val=(0.5, 0.9, 0.8),
-              queries_per_step=100, status="completed", rank=10, samples=100, with_config=True, **extra):
+              queries_per_step=100, status="completed", rank=10, samples=100, with_config=True, mode="zo+sm",
+              max_epochs=30, **extra):
     """A run directory as astraora leaves it: summary.json, metrics.csv and .hydra/config.yaml."""
     run_dir.mkdir(parents=True)
     digital = device == "digital"
     steps = 10 * len(val)
     metric = "ppl" if task == "tinyshakespeare" else "acc"
     summary = {
-        "task": task, "device": device, "mode": "zo+sm", "seed": seed,
+        "task": task, "device": device, "mode": "digital" if digital else mode, "seed": seed,
         "metrics": {f"val/{metric}": val[-1], f"test/{metric}": test, "val/loss": 0.1},
         "queries": {"forward": 0, "zo": 0, "surrogate": 0, "readout": 0,
                     "total": 0 if digital else steps * queries_per_step},
@@ -72,9 +73,11 @@ def write_run(run_dir: Path, *, task="digits", device="mzi", seed=0, test=None, 
         ])
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "config.yaml").write_text(
-        f"task:\n  name: {task}\ndevice:\n  name: {device}\nsurrogate:\n  rank: {rank}\n"
+        f"device:\n  name: {device}\nsurrogate:\n  rank: {rank}\n"
         f"zo:\n  samples: {samples}\nintegrator:\n  name: psi_implicit\n  samples: ${{zo.samples}}\n"
-        f"seed: {seed}\nmode: zo+sm\npaths:\n  output_dir: ${{hydra:runtime.output_dir}}\n")
+        f"seed: {seed}\nmode: {mode}\npaths:\n  output_dir: ${{hydra:runtime.output_dir}}\n"
+        f"trainer:\n  max_epochs: ${{task.max_epochs}}\n  enable_progress_bar: {seed % 2 == 0}\n"
+        f"task:\n  name: {task}\n  max_epochs: {max_epochs}\n  datamodule:\n    seed: ${{seed}}\n")
 
 
 @pytest.fixture
@@ -211,3 +214,62 @@ def test_cli_without_runs_exits_2(tmp_path):
     assert result.returncode == 2
     assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
     assert "no run directories" in result.stderr
+
+
+def test_runs_with_different_budgets_or_configs_are_not_pooled(tmp_path):
+    """Four digits/mzi runs of 30, 4, 4 and 1 epochs: three rows, the two 4-epoch runs (seeds 0, 1)
+    pooled, each row naming the key it differs in; the seed and per-run keys do not split rows."""
+    for name, epochs, seed, test in [("a", 30, 0, 0.97), ("b", 4, 0, 0.90), ("c", 4, 1, 0.88), ("d", 1, 0, 0.5)]:
+        write_run(tmp_path / name, seed=seed, test=test, max_epochs=epochs)
+    (digits,) = load_all(tmp_path)
+    rows = {row["differs"]: row for row in digits.rows}
+    assert set(rows) == {"task.max_epochs=30 trainer.max_epochs=30", "task.max_epochs=4 trainer.max_epochs=4",
+                         "task.max_epochs=1 trainer.max_epochs=1"}
+    four = rows["task.max_epochs=4 trainer.max_epochs=4"]
+    assert four["seeds"] == [0, 1] and four["test"] == (pytest.approx(0.89), pytest.approx(0.01414, rel=1e-3))
+    assert rows["task.max_epochs=30 trainer.max_epochs=30"]["test"] == (0.97, None)
+    table = markdown_table(digits)
+    assert "config differs in" in table and "| trainer.max_epochs" not in table
+
+
+def test_rows_show_only_what_the_mode_uses(tmp_path):
+    write_run(tmp_path / "exact", mode="exact", test=0.9)
+    write_run(tmp_path / "zo_exact", mode="zo+exact", test=0.9)
+    write_run(tmp_path / "exact_sm", mode="exact+sm", test=0.9)
+    rows = {row["mode"]: row for row in load_all(tmp_path)[0].rows}
+    assert [rows["exact"][k] for k in ("integrator", "rank", "M", "M_sm")] == [None] * 4
+    assert [rows["zo+exact"][k] for k in ("integrator", "rank", "M", "M_sm")] == [None, None, 100, None]
+    assert [rows["exact+sm"][k] for k in ("integrator", "rank", "M", "M_sm")] == ["psi_implicit", 10, None, 100]
+
+
+def test_one_seed_and_no_digital_run_say_so(tmp_path):
+    from astraora.report.compare import _styles, plot_metric_vs_step
+
+    write_run(tmp_path / "mzi", test=0.9)
+    (digits,) = load_all(tmp_path)
+    table = markdown_table(digits)
+    assert "±" not in table and "sample std" not in table and "no digital run" in table
+    figure = plot_metric_vs_step(digits, _styles(digits))
+    assert figure.axes[0].get_title() == "digits: val/acc"
+    write_run(tmp_path / "digital", device="digital", test=0.95)
+    (digits,) = load_all(tmp_path)
+    assert plot_metric_vs_step(digits, _styles(digits)).axes[0].get_title() == "digits: val/acc, hybrid vs digital"
+
+
+def test_surrogate_error_plot_of_short_runs_shows_points_and_distinct_ticks(tmp_path):
+    """Runs that logged the surrogate error once or twice, all within a few per cent of each other."""
+    from astraora.report.compare import _styles, plot_surrogate_error
+
+    for name, errors in (("one", [0.61]), ("two", [0.62, 0.63])):
+        write_run(tmp_path / name, test=0.9, max_epochs=len(errors))
+        write_metrics_csv(tmp_path / name / "metrics.csv", [
+            {"step": step, "epoch": 0, "surrogate/rel_error": value, "val/acc": 0.5}
+            for step, value in enumerate(errors)])
+    (digits,) = load_all(tmp_path)
+    figure = plot_surrogate_error(digits, _styles(digits))
+    axes = figure.axes[0]
+    assert axes.get_yscale() == "linear"
+    assert all(line.get_marker() == "." for line in axes.get_lines()) and len(axes.get_lines()) == 2
+    figure.canvas.draw()
+    labels = [label.get_text() for label in axes.get_yticklabels() if label.get_text()]
+    assert len(labels) >= 2 and len(set(labels)) == len(labels)

@@ -3,7 +3,10 @@
 Works offline from what every run directory holds (docs/CONTRACTS.md): ``summary.json``,
 ``metrics.csv`` (Lightning's CSVLogger: a sorted union of keys as header, one row per logging
 call, empty cells for metrics not logged in that row) and, when present, ``.hydra/config.yaml``.
-Runs that differ only in their seed share one row, with mean ± std over the seeds.
+Runs share one row only when their whole resolved config is the same but for the seed (and for
+keys that do not change what is trained: output paths, logger, resume, thread count, progress bar);
+the row then shows mean ± std over them. Rows that look alike but differ elsewhere in their config
+(e.g. ``trainer.max_epochs``) name the keys they differ in.
 
 Usage: ``python scripts/compare.py DIR... [--out OUTDIR] [--metric val/acc]``.
 """
@@ -38,8 +41,15 @@ HIGHER_IS_BETTER = ("acc", "accuracy", "f1")
 
 # What the plots tell apart; all but the device are hybrid-only (None for digital runs).
 SETTING_FIELDS = ("device", "mode", "integrator", "rank", "M", "M_sm")
-# What makes two runs one row of the table (the seed aside): a failed run is not averaged in.
+# What makes two runs one row of the table (the seed aside): a failed run is not averaged in, and
+# runs whose configs differ anywhere else (config_id) are not either.
 CONFIG_FIELDS = (*SETTING_FIELDS, "status")
+GROUP_FIELDS = (*CONFIG_FIELDS, "config_id")
+# Config keys that do not change what a run trains: left out when runs are grouped.
+UNGROUPED_KEYS = ("seed", "resume", "paths", "hydra", "logger", "cpu_threads", "optimized_metric",
+                  "trainer.enable_progress_bar", "trainer.enable_model_summary")
+# Interpolations into these resolve to per-run values (the seed, the run directory, the clock).
+PER_RUN_REFERENCES = re.compile(r"\$\{(seed|paths\.|hydra:|now:)")
 # Per-run numbers, averaged over seeds; the value is the format of the mean in the markdown table.
 NUMBER_FORMATS = {
     "final_val": ".4g",
@@ -51,7 +61,7 @@ NUMBER_FORMATS = {
     "surrogate_rel_error": ".3g",
 }
 CSV_COLUMNS = (
-    "task", "metric", "test_metric", *CONFIG_FIELDS, "seeds", "n_runs",
+    "task", "metric", "test_metric", *CONFIG_FIELDS, "differs", "seeds", "n_runs",
     *(column for name in NUMBER_FORMATS for column in (name, f"{name}_std")),
     "run_dirs",
 )
@@ -114,6 +124,20 @@ class Run:
         if np.isnan(values).all():
             return math.nan
         return float(np.nanmax(values) if higher_is_better(name) else np.nanmin(values))
+
+    def grouping_config(self) -> dict:
+        """The run's config as flat ``key: value`` pairs (resolved), without the seed and the keys
+        of :data:`UNGROUPED_KEYS`; from ``.hydra/config.yaml``, else the summary's config subset."""
+        if self.hydra_config is None:
+            return {f"config.{key}": value for key, value in _flatten(self.summary.get("config") or {}).items()}
+        flat = {}
+        for key, raw in _flatten(OmegaConf.to_container(self.hydra_config, resolve=False)).items():
+            if _ungrouped(key) or (isinstance(raw, str) and PER_RUN_REFERENCES.search(raw)):
+                continue
+            flat[key] = (_scalar(OmegaConf.select(self.hydra_config, key, default=None,
+                                                  throw_on_resolution_failure=False))
+                         if isinstance(raw, str) and "${" in raw else raw)
+        return flat
 
     @property
     def queries_total(self) -> float | None:
@@ -271,14 +295,21 @@ def run_record(run: Run, metric: str, baseline: dict) -> dict:
     final = run.last(metric)
     queries = run.queries_total
     steps = _number(run.summary.get("steps"))
+    mode = run.setting("mode") if hybrid else None
+    # what the mode uses: ZO samples M for zo+…, a surrogate (rank, integrator) for …+sm
+    uses_zo, uses_surrogate = str(mode).startswith("zo"), str(mode).endswith("+sm")
+    integrator = run.setting("integrator", "integrator.name") if uses_surrogate else None
+    config = run.grouping_config()
     return {
         "device": run.device,
-        "mode": run.setting("mode") if hybrid else None,
-        "integrator": run.setting("integrator", "integrator.name") if hybrid else None,
-        "rank": run.setting("surrogate.rank") if hybrid else None,
-        "M": run.setting("zo.samples") if hybrid else None,
-        "M_sm": run.setting("integrator.samples") if hybrid else None,
+        "mode": mode,
+        "integrator": integrator,
+        "rank": run.setting("surrogate.rank") if uses_surrogate else None,
+        "M": run.setting("zo.samples") if uses_zo else None,
+        "M_sm": run.setting("integrator.samples") if integrator == "psi_implicit" else None,
         "status": run.status,
+        "config": config,
+        "config_id": repr(sorted(config.items(), key=lambda item: item[0])),
         "seed": seed,
         "run_dir": str(run.path),
         "final_val": run.summary_metric(metric) if final is None else final,
@@ -296,15 +327,29 @@ def group_rows(records: list[dict]) -> list[dict]:
     as (mean, std or None)."""
     groups: dict[tuple, list[dict]] = {}
     for record in records:
-        groups.setdefault(tuple(record[name] for name in CONFIG_FIELDS), []).append(record)
+        groups.setdefault(tuple(record[name] for name in GROUP_FIELDS), []).append(record)
     rows = []
     for members in groups.values():
-        row = {name: members[0][name] for name in CONFIG_FIELDS}
-        row["seeds"] = sorted({m["seed"] for m in members if m["seed"] is not None}, key=_order)
+        row = {name: members[0][name] for name in (*GROUP_FIELDS, "config")}
+        row["seeds"] = sorted((m["seed"] for m in members if m["seed"] is not None), key=_order)
         row["run_dirs"] = [m["run_dir"] for m in members]
         row.update({name: _mean_std([m[name] for m in members]) for name in NUMBER_FORMATS})
         rows.append(row)
+    for row in rows:
+        row["differs"] = _differences(row, rows)
     return rows
+
+
+def _differences(row: dict, rows: list[dict]) -> str:
+    """``key=value`` for the config keys in which ``row`` differs from the rows that show the same
+    device, mode, rank, M, M_sm and status (and would otherwise look like it); '' when none does."""
+    alike = [other for other in rows if other is not row
+             and all(other[name] == row[name] for name in CONFIG_FIELDS)]
+    if not alike:
+        return ""
+    keys = sorted({key for other in alike for key in set(row["config"]) | set(other["config"])
+                   if row["config"].get(key, MISSING) != other["config"].get(key, MISSING)})
+    return " ".join(f"{key}={row['config'].get(key, MISSING)}" for key in keys)
 
 
 # ---------------------------------------------------------------------------- output
@@ -314,13 +359,15 @@ def markdown_table(comparison: TaskComparison) -> str:
     metric, test = comparison.metric, comparison.test_metric
     best = "max" if higher_is_better(metric) else "min"
     gap = "digital − hybrid" if higher_is_better(metric) else "hybrid − digital"
-    header = ["device", "mode", "integrator", "rank", "M", "M_sm", "seed(s)", "status",
-              f"final {metric}", f"best {metric}", test, f"gap {test} ¹", "queries",
+    differs = any(row["differs"] for row in comparison.rows)
+    header = ["device", "mode", "integrator", "rank", "M", "M_sm", *(["config differs in"] if differs else []),
+              "seed(s)", "status", f"final {metric}", f"best {metric}", test, f"gap {test} ¹", "queries",
               "queries/step", "surrogate rel. error"]
     lines = [f"## {comparison.task} (main metric {metric}, {len(comparison.entries)} runs)", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in comparison.rows:
         cells = [_cell(row[name]) for name in SETTING_FIELDS]
+        cells += [row["differs"] or MISSING] if differs else []
         cells += [", ".join(map(str, row["seeds"])) or MISSING, _cell(row["status"])]
         cells += [_format_number(row[name], spec) for name, spec in NUMBER_FORMATS.items()]
         lines.append("| " + " | ".join(cells) + " |")
@@ -328,10 +375,17 @@ def markdown_table(comparison: TaskComparison) -> str:
         "",
         f"final = last logged {metric} in metrics.csv (summary.json's value if none was logged); "
         f"best = {best} over logged steps; {test} from summary.json; queries/step = total queries / steps.",
-        f"¹ gap = {gap} on {test}, against the digital run of the same task and seed "
-        "(mean over the seeds that have one): positive = hybrid worse.",
-        "Several seeds: mean ± sample std over seeds. — = not available or not applicable.",
     ]
+    if any(row["device"] == DIGITAL for row in comparison.rows):
+        lines.append(f"¹ gap = {gap} on {test}, against the digital run of the same task and seed "
+                     "(mean over the seeds that have one): positive = hybrid worse.")
+    else:
+        lines.append("¹ gap: no digital run of this task to compare with (run it with device=digital).")
+    if any(len(row["run_dirs"]) > 1 for row in comparison.rows):
+        lines.append("Rows of several runs (same config, different seeds): mean ± sample std over the runs.")
+    if differs:
+        lines.append("config differs in: the keys in which rows that look alike differ (they are not pooled).")
+    lines.append("— = not available or not applicable to the row's mode.")
     return "\n".join(lines)
 
 
@@ -344,7 +398,8 @@ def write_csv(comparisons: list[TaskComparison], path: Path) -> None:
             for row in comparison.rows:
                 record = {"task": comparison.task, "metric": comparison.metric,
                           "test_metric": comparison.test_metric, "n_runs": len(row["run_dirs"]),
-                          "seeds": ";".join(map(str, row["seeds"])), "run_dirs": ";".join(row["run_dirs"])}
+                          "seeds": ";".join(map(str, row["seeds"])), "run_dirs": ";".join(row["run_dirs"]),
+                          "differs": row["differs"]}
                 record.update({name: _csv_value(row[name]) for name in CONFIG_FIELDS})
                 for name in NUMBER_FORMATS:
                     mean, std = row[name] or (None, None)
@@ -376,7 +431,9 @@ def plot_metric_vs_step(comparison: TaskComparison, styles: dict) -> Figure | No
     curves = [(run, record) for run, record in comparison.entries if metric in run.history]
     if not curves:
         return None
-    figure, axes = _figure(f"{comparison.task}: {metric}, hybrid vs digital", "step", metric)
+    has_digital = any(record["device"] == DIGITAL for _, record in curves)
+    title = f"{comparison.task}: {metric}" + (", hybrid vs digital" if has_digital else "")
+    figure, axes = _figure(title, "step", metric)
     for run, record in curves:
         label, color = styles[_key(record)]
         axes.plot(*run.history[metric], color=color, label=label, marker=".",
@@ -386,20 +443,26 @@ def plot_metric_vs_step(comparison: TaskComparison, styles: dict) -> Figure | No
 
 
 def plot_surrogate_error(comparison: TaskComparison, styles: dict) -> Figure | None:
-    """Surrogate relative error against the step (log y); dotted: the best rank-r error."""
-    curves = [(run, record) for run, record in comparison.entries if "surrogate/rel_error" in run.history]
-    if not curves:
-        return None
-    figure, axes = _figure(f"{comparison.task}: surrogate relative error", "step", "‖Â − A‖_F / ‖A‖_F")
-    for run, record in curves:
-        label, color = styles[_key(record)]
-        for name, line, suffix in (("surrogate/rel_error", "-", ""),
-                                   ("surrogate/rel_error_best_rank_r", ":", " (best rank r)")):
+    """Surrogate relative error against the step; dotted: the best rank-r error. Every point is
+    marked (short runs log it at one or two steps); log y only when the values span a decade."""
+    lines = []
+    for run, record in comparison.entries:
+        for name, style, suffix in (("surrogate/rel_error", ".-", ""),
+                                    ("surrogate/rel_error_best_rank_r", ".:", " (best rank r)")):
             if name in run.history:
                 steps, values = run.history[name]
-                positive = values > 0
-                axes.plot(steps[positive], values[positive], line, color=color, label=label + suffix)
-    axes.set_yscale("log")
+                keep = np.isfinite(values) & (values > 0)
+                if keep.any():
+                    lines.append((record, steps[keep], values[keep], style, suffix))
+    if not lines:
+        return None
+    figure, axes = _figure(f"{comparison.task}: surrogate relative error", "step", "‖Â − A‖_F / ‖A‖_F")
+    for record, steps, values, style, suffix in lines:
+        label, color = styles[_key(record)]
+        axes.plot(steps, values, style, color=color, label=label + suffix)
+    every = np.concatenate([values for _, _, values, _, _ in lines])
+    if every.max() > 10 * every.min():
+        axes.set_yscale("log")
     _legend(axes)
     return figure
 
@@ -480,6 +543,22 @@ def _dig(mapping, *keys):
     return mapping
 
 
+def _flatten(tree, prefix: str = "") -> dict:
+    """Nested dicts as ``{"a.b.c": leaf}``; lists are leaves (their string form)."""
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = _scalar(value)
+    return flat
+
+
+def _ungrouped(key: str) -> bool:
+    return any(key == name or key.startswith(name + ".") for name in UNGROUPED_KEYS)
+
+
 def _scalar(value):
     """Config values as hashable scalars (containers become their string form)."""
     return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
@@ -527,7 +606,7 @@ def _order(value) -> tuple:
 
 def _config_order(record: dict) -> tuple:
     """Digital first, then natural order of the configuration fields."""
-    return (record["device"] != DIGITAL, *(_order(record[name]) for name in CONFIG_FIELDS))
+    return (record["device"] != DIGITAL, *(_order(record[name]) for name in GROUP_FIELDS))
 
 
 def _natural_key(path: Path) -> list:
