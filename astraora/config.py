@@ -7,6 +7,7 @@ from numbers import Integral, Real
 
 from omegaconf import DictConfig, OmegaConf
 
+from astraora.devices.base import zo_step_problem
 from astraora.errors import ConfigError
 from astraora.hybrid import MODES
 from astraora.surrogate.integrators import INTEGRATORS, SKETCHES
@@ -87,6 +88,10 @@ def validate(cfg: DictConfig) -> None:
         _check_choice(cfg, "zo.direction", DIRECTIONS)
         if _get(cfg, "zo.chunk_size") != "auto":
             _check_int(cfg, "zo.chunk_size", 1)
+        problem = zo_step_problem(OmegaConf.select(cfg, "device.nonideal.phase_bits", default=0),
+                                  OmegaConf.select(cfg, "device.nonideal.queries", default="all"), _get(cfg, "zo.mu"))
+        if problem:
+            raise ConfigError(problem)
     _check_choice(cfg, "integrator.name", list(INTEGRATORS))
     _check_int(cfg, "integrator.every", 1)
     _check_int(cfg, "integrator.rebuild_every", 0)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from astraora.devices.base import Device
+from astraora.devices.base import Device, zo_step_problem
 from astraora.errors import ConfigError
 from astraora.ledger import QueryLedger
 from astraora.rng import make_generator
@@ -83,6 +83,10 @@ class HybridLayer(nn.Module):
             raise ConfigError(f"mode={mode!r} needs the true device matrix, but {type(device).__name__} has no simulator; use mode=zo+sm.")
         if mode.startswith("zo") and zo is None:
             raise ConfigError(f"mode={mode!r} needs a ZO estimator (the zo config group).")
+        if mode.startswith("zo"):
+            problem = zo_step_problem(device.nonideal.phase_bits, device.nonideal.queries, zo.mu)
+            if problem:
+                raise ConfigError(problem)
         self.device, self.mode, self.name = device, mode, name
         self.ledger = QueryLedger(device, max_retries=max_retries, timeout_s=timeout_s)
         self.zo = zo

@@ -112,7 +112,7 @@ class QueryLedger:
                 self.retries += 1
             start = time.monotonic()
             try:
-                y = self.device.query(x, theta)
+                y = self.device.query(x, theta, purpose=purpose)
             except DeviceFault as err:
                 last_error = err
                 continue

@@ -11,6 +11,24 @@ function ``transfer(theta, x)``. This base class adds what real hardware does on
 * thermal crosstalk: an effective θ' = θ + c·(sum of neighbouring phase shifters);
 * fault injection: a query that raises, returns NaN/Inf, or is slow.
 
+Which queries see the non-idealities is ``nonideal.queries``:
+
+* ``all``: every query (forward, ZO, surrogate, readout), as real hardware does. A ZO step μ
+  below half the phase resolution 2π/2^bits then measures nothing (every θ + μu rounds back to
+  θ), so such a configuration is refused (:func:`zo_step_problem`).
+* ``forward``: the paper's simulation. The forward pass sees noise, quantization, drift,
+  crosstalk and input quantization; every other query sees the ideal device (no output noise,
+  no input quantization) at the quantized setting:
+
+  - ``zo`` queries at θ' are answered at ``effective_theta(θ) + (θ' − θ)``, θ the live
+    parameter: the perturbation μu is added continuously to the setting the forward pass used
+    (drift, crosstalk and quantization of θ included), i.e. a straight-through ZO estimate of the
+    ideal device's gradient at the forward's operating point;
+  - ``surrogate`` and ``readout`` queries at θ' are answered at ``effective_theta(θ')`` (the
+    quantized setting, noise-free), so the surrogate tracks the matrix the forward pass applies.
+
+  Fault injection (a driver property, not a non-ideality) applies to every query in both modes.
+
 Two access paths exist and they are kept apart on purpose:
 
 * :meth:`query` is the hardware: no gradient, noise and faults applied, batched over several
@@ -32,6 +50,29 @@ from astraora.errors import ConfigError, DeviceFault
 from astraora.rng import make_generator
 
 
+QUERY_SCOPES = ("all", "forward")
+
+
+def phase_resolution(bits: int) -> float:
+    """The phase step 2π / 2^bits of a ``bits``-bit phase shifter (radians)."""
+    return 2 * math.pi / 2**bits
+
+
+def zo_step_problem(phase_bits: int, queries: str, mu: float) -> str | None:
+    """The one-line reason a ZO step μ cannot work on this device, or None when it can.
+
+    With ``queries=all`` every perturbed setting θ + μu is quantized like any other; a step below
+    half the resolution rounds (almost) every entry back to θ and the estimate is noise."""
+    if isinstance(phase_bits, bool) or not isinstance(phase_bits, int) or phase_bits < 2 or queries != "all":
+        return None  # no quantization (or an invalid bit count, which the device itself refuses)
+    half = phase_resolution(phase_bits) / 2
+    if mu >= half:
+        return None
+    return (f"zo.mu={mu:g} is below half the phase resolution 2π/2^{phase_bits} = {2 * half:.4g} rad of "
+            f"device.nonideal.phase_bits={phase_bits} with device.nonideal.queries=all, so every perturbation "
+            f"rounds away; use zo.mu >= {half:.4g} or device.nonideal.queries=forward.")
+
+
 @dataclass
 class NonIdealities:
     """Physical imperfections; all off by default."""
@@ -41,8 +82,11 @@ class NonIdealities:
     input_bits: int = 0  # 0 = continuous inputs
     drift_std: float = 0.0  # std of the per-step random walk of θ (radians)
     crosstalk: float = 0.0  # c in θ' = θ + c·(neighbours)
+    queries: str = "all"  # which queries see the above: "all" (hardware) or "forward" (the paper's simulation)
 
     def __post_init__(self) -> None:
+        if self.queries not in QUERY_SCOPES:
+            raise ConfigError(f"device.nonideal.queries={self.queries!r} is not allowed; choose one of {list(QUERY_SCOPES)}.")
         for key in ("output_noise", "drift_std"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"device.nonideal.{key}={getattr(self, key)} must be >= 0.")
@@ -203,19 +247,47 @@ class Device(nn.Module):
         eye = torch.eye(self.d_in, dtype=self.theta.dtype, device=self.theta.device)
         return self.simulate(eye, theta).transpose(-1, -2)
 
+    def sees_nonidealities(self, purpose: str) -> bool:
+        """Whether a query made for ``purpose`` (a ledger purpose) sees the non-idealities."""
+        return self.nonideal.queries == "all" or purpose == "forward"
+
+    def forward_output_gives_phi(self, compressed: bool) -> bool:
+        """Whether φ(θ) = Σ_b ⟨y_b, g_b⟩ from the forward output is exactly what the ZO queries
+        at θ would measure, so that re-querying it can be skipped.
+
+        Not when the ZO queries see another device than the forward pass (``queries=forward``
+        with output noise or input quantization), nor when they send other rows through a
+        nonlinear or noisy read (the compressed batch C = GᵀX instead of X, with output noise or
+        input quantization: C is quantized with its own range, its noise differs from X's)."""
+        if not (self.nonideal.output_noise or self.nonideal.input_bits):
+            return True
+        return self.nonideal.queries == "all" and not compressed
+
+    def settings_for(self, theta: Tensor, purpose: str) -> Tensor:
+        """The effective settings (K, *theta_shape) a query for ``purpose`` is answered at."""
+        if self.sees_nonidealities(purpose) or purpose != "zo":
+            return self.effective_theta(theta)
+        live = self.theta.detach()
+        return self.effective_theta(live.unsqueeze(0)) + (theta - live)
+
     @torch.no_grad()
-    def query(self, x: Tensor, theta: Tensor | None = None) -> Tensor:
+    def query(self, x: Tensor, theta: Tensor | None = None, *, purpose: str = "forward") -> Tensor:
         """The hardware: send rows x (B, n), read x A(θ)ᵀ (B, m) with noise and faults.
 
         ``theta`` may hold K settings (K, *theta_shape); the result is then (K, B, m).
-        Do not call this directly from training code: go through the ledger.
+        ``purpose`` (the ledger's) decides which non-idealities the query sees
+        (``nonideal.queries``, module docstring). Do not call this directly from training code:
+        go through the ledger.
         """
         if self.faults.active:
             self._inject_delay_or_raise()
-        if self.nonideal.input_bits:
+        noisy = self.sees_nonidealities(purpose)
+        if noisy and self.nonideal.input_bits:
             x = quantize_input(x, self.nonideal.input_bits)
-        y = self.simulate(x, theta)
-        if self.nonideal.output_noise:
+        thetas, single = self._settings(theta)
+        y = self.transfer(self.settings_for(thetas, purpose), x)
+        y = y[0] if single else y
+        if noisy and self.nonideal.output_noise:
             noise = torch.randn(y.shape, generator=self.noise_gen, dtype=y.dtype, device="cpu").to(y.device)
             y = y + self.nonideal.output_noise * y.abs() * noise
         if self.faults.nonfinite_prob and self._draw() < self.faults.nonfinite_prob:

@@ -32,7 +32,9 @@ class ZOEstimator:
             sphere of radius √p); all satisfy E[u uᵀ] = I.
         two_sided: central differences (2M settings) instead of one-sided (M settings).
         reuse_forward: take φ(θ) from the forward pass output instead of re-querying it
-            (one-sided only; False reproduces the paper's query count).
+            (one-sided only; False reproduces the paper's query count). Only where that output is
+            exactly what the ZO queries at θ measure (:meth:`phi0_from_forward`); otherwise φ(θ)
+            is re-queried and counted.
         chunk_size: perturbed settings simulated per batched call, or ``"auto"``: as many as fit
             in about ``AUTO_CHUNK_FLOATS`` numbers of work memory (θ copies and outputs). Big
             chunks pay for small layers and on GPUs; for layers of 512 × 1024 on a CPU, chunks of
@@ -72,11 +74,21 @@ class ZOEstimator:
             u = u / u.norm(dim=1, keepdim=True) * math.sqrt(p)
         return u
 
-    def queries_per_step(self, batch: int, d_out: int) -> int:
-        """ZO queries for one estimate, as in ALGORITHM.md §5."""
+    def phi0_from_forward(self, device, batch: int, d_out: int, forward_output: bool) -> bool:
+        """Whether φ(θ) is taken from the forward output: one-sided, ``reuse_forward``, a forward
+        output given, and that output exactly what the ZO queries at θ measure
+        (:meth:`Device.forward_output_gives_phi`; ``device`` None: an ideal device)."""
+        if self.two_sided or not self.reuse_forward or not forward_output:
+            return False
+        return device is None or device.forward_output_gives_phi(batch > d_out)
+
+    def queries_per_step(self, batch: int, d_out: int, device=None, forward_output: bool = True) -> int:
+        """ZO queries for one estimate, as in ALGORITHM.md §5 (``forward_output``: whether the
+        forward output y is passed to :meth:`estimate`)."""
         q = min(batch, d_out)
         settings = 2 * self.samples if self.two_sided else self.samples
-        return q * (settings + (0 if self.two_sided or self.reuse_forward else 1))
+        requery = not self.two_sided and not self.phi0_from_forward(device, batch, d_out, forward_output)
+        return q * (settings + int(requery))
 
     @torch.no_grad()
     def estimate(self, ledger: QueryLedger, x: Tensor, g: Tensor, y: Tensor | None = None) -> Tensor:
@@ -93,7 +105,7 @@ class ZOEstimator:
             return (outputs * g).sum((-2, -1))
 
         if not self.two_sided:
-            if self.reuse_forward and y is not None:
+            if self.phi0_from_forward(ledger.device, batch, d_out, y is not None):
                 phi0 = (y * g).sum()
             else:
                 phi0 = phi(ledger.query(probes, "zo", theta=theta).unsqueeze(0))[0]
