@@ -112,7 +112,9 @@ def test_yaml_holds_paper_constants():
         (MRRBank, {"coupling": 1.0}, "device.coupling"),
         (MRRBank, {"init_low": 1.0, "init_high": 0.0}, "device.init_high"),
         (MZIMesh, {"init_std": -1.0}, "device.init_std"),
-        (Monarch, {"init_low": 1.0, "init_high": 0.0}, "device.init_high"),
+        (Monarch, {"init_halfwidth": -1.0}, "device.init_halfwidth"),
+        (Monarch, {"block_size": 0}, "device.block_size"),
+        (SLM, {"nonideal": {"queries": "some"}}, "device.nonideal.queries"),
         (MatVec, {"nonideal": {"phase_bits": 4}}, "phase_bits"),
         (SLM, {"nonideal": {"phase_bits": 1}}, "device.nonideal.phase_bits"),
         (SLM, {"nonideal": {"output_noise": -0.1}}, "device.nonideal.output_noise"),
@@ -193,25 +195,57 @@ def test_mzi_transfer_is_real_part_of_unitary(cls, batch):
     assert close(device.query(x), x @ weights.T)
 
 
-@pytest.mark.parametrize("n, m, blocks", [(5, 3, 3), (3, 10, 4), (4, 4, 2), (1, 1, 1)])
-def test_monarch_is_explicit_product(n, m, blocks):
-    device = make(Monarch, n, m)
-    assert device.blocks == blocks and device.theta_shape() == (2, blocks, blocks, blocks)
+def monarch_reference(theta: torch.Tensor, n: int, m: int, k: int) -> torch.Tensor:
+    """Re(L P R)[:m, :n] built densely from the documented layout: R = blockdiag of b_in blocks
+    (b_out × k), P sends output s of block r to input r of block s, L = blockdiag of b_out blocks
+    (k × b_in)."""
+    b_in, b_out = theta.shape[1], theta.shape[2]
+    first = torch.block_diag(*[torch.exp(1j * theta[0, r]) / math.sqrt(k) for r in range(b_in)])  # (b_in·b_out, b_in·k)
+    second = torch.block_diag(*[torch.exp(1j * theta[1, :, s, :].T) / math.sqrt(b_in) for s in range(b_out)])
+    permutation = torch.zeros(b_in * b_out, b_in * b_out, dtype=torch.complex128)
+    for r in range(b_in):
+        for s in range(b_out):
+            permutation[s * b_in + r, r * b_out + s] = 1
+    return (second @ permutation @ first).real[:m, :n]
+
+
+@pytest.mark.parametrize("n, m, k", [(5, 3, 2), (3, 10, 4), (16, 16, 4), (12, 8, 4), (1, 1, 1), (7, 7, 8)])
+def test_monarch_is_explicit_product(n, m, k):
+    device = make(Monarch, n, m, block_size=k)
+    b_in, b_out = -(-n // k), -(-m // k)
+    assert device.theta_shape() == (2, b_in, b_out, k)
     theta = randn(*device.theta_shape())
-    size = blocks * blocks
-    first = torch.block_diag(*torch.exp(1j * theta[0]) / math.sqrt(blocks))
-    second = torch.block_diag(*torch.exp(1j * theta[1]) / math.sqrt(blocks))
-    shuffle = torch.zeros(size, size, dtype=torch.complex128)
-    for r in range(blocks):
-        for s in range(blocks):
-            shuffle[s * blocks + r, r * blocks + s] = 1
-    expected = (second @ shuffle @ first).real[:m, :n]
+    expected = monarch_reference(theta, n, m, k)
     assert close(device.matrix(theta), expected)
-    # Each entry is a single optical path: A_{(s,t),(r,c)} = cos(θ_L[s,t,r] + θ_R[r,s,c]) / √N.
-    s, t, r, c = 0, blocks - 1, blocks - 1, 0
-    if s * blocks + t < m and r * blocks + c < n:
-        value = math.cos(theta[1, s, t, r] + theta[0, r, s, c]) / math.sqrt(size)
-        assert math.isclose(expected[s * blocks + t, r * blocks + c], value, abs_tol=1e-12)
+    # Each entry is a single optical path: A_{(s,t),(r,c)} = cos(θ_L[s,t,r] + θ_R[r,s,c]) / √(b_in·k).
+    for i in range(n):
+        for o in range(m):
+            (r, c), (s, t) = divmod(i, k), divmod(o, k)
+            value = math.cos(theta[1, r, s, t] + theta[0, r, s, c]) / math.sqrt(b_in * k)
+            assert math.isclose(expected[o, i], value, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("n, m, phases", [(6144, 192, 294_912), (1536, 1536, 589_824)])
+def test_monarch_parameter_count_is_the_papers(n, m, phases):
+    # 6144 → 192 is the paper's ECAPA embedding layer (294,912 phases); k = 8 divides both sizes,
+    # so no phase sits on a padded wire and each receives a gradient.
+    device = Monarch(n, m, name="t")
+    assert device.num_params == phases == 2 * n * m // 8
+
+
+def test_monarch_every_phase_gets_a_gradient():
+    # the layout the paper's count implies has no idle phases (a square b² grid for 48 → 16 would
+    # leave most of them off every path)
+    device = make(Monarch, 48, 16)
+    theta = device.theta.detach().clone().requires_grad_(True)
+    x, g = randn(6, 48, seed=1), randn(6, 16, seed=2)
+    (grad,) = torch.autograd.grad((device.simulate(x, theta) * g).sum(), theta)
+    assert (grad != 0).all()
+
+
+def test_monarch_init_is_the_papers():
+    theta = Monarch(64, 32, seed=1, name="t").theta.detach()
+    assert (theta - math.pi / 2).abs().max() <= 0.1 and theta.std() > 0.05
 
 
 # ----------------------------------------------------------------- every device
