@@ -30,7 +30,8 @@ class HybridModule(L.LightningModule):
     Args:
         model: the backbone with its physical layer(s).
         optimizer: spec of the digital parameters' optimizer ({name, lr, weight_decay}).
-        physical_optimizer: spec of θ's optimizer (paper: Adam, lr 1e-2).
+        physical_optimizer: spec of θ's optimizer (paper: Adam, lr 1e-2); it also trains the
+            layers' output scales s, with weight decay 0.
         scheduler: {name: cosine|constant, warmup_steps}, applied per step to both.
         diagnostics_every: run the oracle diagnostics every that many steps (0: never).
     """
@@ -48,13 +49,22 @@ class HybridModule(L.LightningModule):
     def theta_parameters(self) -> list[nn.Parameter]:
         return [layer.theta for layer in self.physical.values()]
 
+    def scale_parameters(self) -> list[nn.Parameter]:
+        """The physical layers' output scales s (y = s · query(x))."""
+        return [layer.scale for layer in self.physical.values() if layer.scale is not None]
+
     def configure_optimizers(self):
-        theta_ids = {id(p) for p in self.theta_parameters()}
-        digital = [p for p in self.parameters() if id(p) not in theta_ids]
+        # s is trained with θ's optimizer, as in the paper, without weight decay (it is a gain to
+        # match, not a weight to shrink)
+        physical_ids = {id(p) for p in self.theta_parameters() + self.scale_parameters()}
+        digital = [p for p in self.parameters() if id(p) not in physical_ids]
         total = self.total_training_steps()
         optimizers = [make_optimizer(digital, self.optimizer_spec)]
         if self.physical:
-            optimizers.append(make_optimizer(self.theta_parameters(), self.physical_optimizer_spec))
+            groups = [{"params": self.theta_parameters()}]
+            if self.scale_parameters():
+                groups.append({"params": self.scale_parameters(), "weight_decay": 0.0})
+            optimizers.append(make_optimizer(groups, self.physical_optimizer_spec))
         schedulers = [make_scheduler(opt, self.scheduler_spec, total) for opt in optimizers]
         return optimizers, schedulers
 

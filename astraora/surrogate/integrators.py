@@ -2,7 +2,8 @@
 
 * ``psi_implicit``: one first-order projector-splitting (KSL) step on the increment
   ΔA = A(θ₁) − A(θ₀), using only forward queries (ALGORITHM.md §4): 2r + 2·M_sm queries,
-  two reprograms, no m×n matrix, no SVD.
+  two reprograms, no m×n matrix, no SVD. Skipped (no query, counted in ``skipped['surrogate']``)
+  when θ has not moved since the last update.
 * ``rebuild``: a full readout + truncated SVD (n queries, counted as ``readout``).
 * ``exact``: oracle readout + SVD (debugging baseline; no hardware queries).
 * ``frozen``: never updated (ablation).
@@ -24,6 +25,7 @@ from astraora.ledger import QueryLedger
 from astraora.surrogate.lowrank import LowRankSurrogate, truncated_svd
 
 SKETCHES = ("gaussian", "orthogonal")
+UNCHANGED_RTOL = 1e-12  # psi_implicit skips its update when ‖θ₁ − θ₀‖ ≤ this · ‖θ₀‖
 
 
 class Integrator:
@@ -117,6 +119,12 @@ class PsiImplicitIntegrator(Integrator):
         U, S, V = surrogate.U, surrogate.S, surrogate.V
         r, m_sm = surrogate.rank, self.samples
         theta0, theta1 = surrogate.theta_ref.clone(), ledger.device.theta.detach()
+        if (theta1 - theta0).norm() <= UNCHANGED_RTOL * theta0.norm():
+            # θ did not move (a skipped ZO step, a zero learning rate): ΔA = 0, and the 2r + 2·M_sm
+            # queries would measure only noise. Drift moves A without moving θ, but both queries
+            # would see the same drift, so nothing is lost.
+            ledger.skipped["surrogate"] += 1
+            return False
         Z = self.draw_sketch(V.shape[0], V.dtype).to(V.device)
         probes = torch.cat([V.T, Z])  # (r + M_sm, n): Vᵀ for the K-step, Z for the L-step
         Y0 = ledger.query(probes, "surrogate", theta=theta0)
