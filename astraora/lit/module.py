@@ -121,6 +121,8 @@ class HybridModule(L.LightningModule):
     def log_diagnostics(self, diagnostics: dict[str, float]) -> None:
         """Written straight to the loggers at this step only (``self.log`` would repeat the last
         value on every later logged step, as if it had been measured there)."""
+        if not diagnostics:
+            return
         for logger in self.loggers:
             logger.log_metrics(diagnostics, step=self.global_step)
 
@@ -155,9 +157,12 @@ class HybridModule(L.LightningModule):
         return totals
 
     def diagnostics(self) -> dict[str, float]:
-        """Oracle diagnostics averaged over the physical layers."""
+        """Oracle diagnostics averaged over the physical layers that have a simulator (a device
+        served over the network has none: its layers are skipped)."""
         collected: dict[str, list[float]] = {}
         for layer in self.physical.values():
+            if not layer.device.has_simulator:
+                continue
             for key, value in layer.diagnostics().items():
                 collected.setdefault(key, []).append(value)
         return {key: sum(v) / len(v) for key, v in collected.items()}
