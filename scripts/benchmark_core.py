@@ -1,6 +1,7 @@
 """Benchmark the core costs of astraora on every device family (ALGORITHM.md §3–§5).
 
     python scripts/benchmark_core.py [--devices slm,mzi] [--quick] [--device cuda] [--json out.json]
+        [--engines] [--step-ratio]
 
 On a busy shared CPU pass ``--threads 1``: oversubscribed OpenMP threads made the MZI queries up
 to 10x slower and the timings erratic in our runs.
@@ -25,6 +26,13 @@ replaced by a cheap stand-in map of the same θ shape: the ledger, estimator, in
 code are unchanged and the counts depend only on shapes, but the footnote says so (use
 ``--real-steps`` to insist on the real transfer).
 
+With ``--engines`` it also times, for the MZI families among ``--devices``, the tile engine
+against the column-by-column reference (``device.engine=tiles`` vs ``columns``): one ZO estimate
+(on ``--engine-samples`` of the M samples, scaled to M), one psi_implicit update and one readout,
+interleaved in one process (:func:`astraora.perf.compare_engines`). With ``--step-ratio`` it
+times training steps of the default run (``python train.py``) against its ``device=digital``
+twin, in turns (:func:`astraora.perf.compare_steps`).
+
 Exit code 1 when a measured query count differs from the formula.
 """
 
@@ -42,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from astraora import perf
 from astraora.devices import SLM, Device, MatVec, Monarch, MRRBank, MZIClassical, MZIMesh
 from astraora.devices.base import dense_transfer
 from astraora.hybrid import HybridLayer
@@ -83,6 +92,10 @@ class Settings:
     device: str
     seed: int
     threads: int  # torch intra-op threads (0: torch's default)
+    engines: bool = False  # also compare the MZI tile engine with the column reference
+    engine_samples: int = 4  # ZO samples timed per engine
+    step_ratio: bool = False  # also time the default run's hybrid vs digital step
+    steps: int = 10  # timed steps per round for step_ratio
 
     @property
     def q(self) -> int:
@@ -114,6 +127,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str | None]:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (default: torch's choice); 1 avoids oversubscription on a busy machine")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the numbers to PATH")
+    parser.add_argument("--engines", action="store_true", help="MZI tile engine vs the column reference, side by side")
+    parser.add_argument("--engine-samples", type=int, default=4, help="ZO samples timed per engine (scaled to M)")
+    parser.add_argument("--step-ratio", action="store_true", help="default run: hybrid vs digital training step")
+    parser.add_argument("--steps", type=int, default=10, help="--step-ratio: timed steps per round (3 rounds)")
     args = parser.parse_args(argv)
 
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
@@ -127,7 +144,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str | None]:
         devices=devices, n=args.n or sizes["n"], m=args.m or sizes["m"], batch=args.batch or sizes["batch"],
         samples=args.samples, sketch=args.sketch, rank=args.rank, chunk=args.chunk, repeats=max(1, args.repeats),
         budget=args.budget, requery_phi=args.requery_phi, real_steps=args.real_steps, device=args.device, seed=args.seed,
-        threads=args.threads,
+        threads=args.threads, engines=args.engines, engine_samples=args.engine_samples, step_ratio=args.step_ratio,
+        steps=args.steps,
     )
     return settings, args.json
 
@@ -443,6 +461,22 @@ def to_json(results: list[DeviceResult], settings: Settings, env: dict, runtime:
     return {"settings": asdict(settings), "environment": env, "runtime_s": runtime, "devices": devices}
 
 
+def engine_table(comparisons: list[perf.EngineComparison], settings: Settings) -> str:
+    lines = [
+        f"MZI engines at n={settings.n}, m={settings.m}, B={settings.batch}, M={settings.samples} "
+        f"(ZO timed on {settings.engine_samples} samples and scaled), r={settings.rank}, M_sm={settings.sketch}; "
+        "seconds, fastest of interleaved repeats",
+        "",
+        "| device | ZO tiles s | ZO columns s | ZO speed-up | ψ tiles s | ψ columns s | ψ speed-up | readout tiles s | readout columns s | readout speed-up | max rel. diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        lines.append(f"| {c.family} | {c.zo_tiles:.3g} | {c.zo_columns:.3g} | {c.zo_speedup:.1f}x | {c.psi_tiles:.3g} | "
+                     f"{c.psi_columns:.3g} | {c.psi_speedup:.1f}x | {c.readout_tiles:.3g} | {c.readout_columns:.3g} | "
+                     f"{c.readout_speedup:.1f}x | {c.max_rel_diff:.1e} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     settings, json_path = parse_args(argv)
     if settings.threads > 0:
@@ -455,15 +489,30 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         results.append(benchmark_device(family, settings))
         print(f"  {family}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    runtime = time.perf_counter() - start
     print(markdown_table(results))
     notes = footnotes(results, settings)
     if notes:
         print("\n" + "\n".join(notes))
+    extra: dict = {}
+    meshes = [f for f in settings.devices if f in perf.MESHES]
+    if settings.engines and meshes:
+        comparisons = [perf.compare_engines(f, settings.n, settings.m, settings.batch, settings.samples,
+                                            settings.engine_samples, settings.rank, settings.sketch,
+                                            settings.repeats, settings.seed, settings.device) for f in meshes]
+        print("\n" + engine_table(comparisons, settings))
+        extra["engines"] = {c.family: asdict(c) | {"zo_speedup": c.zo_speedup, "psi_speedup": c.psi_speedup,
+                                                    "readout_speedup": c.readout_speedup} for c in comparisons}
+    if settings.step_ratio:
+        steps = perf.compare_steps(steps=settings.steps)
+        print(f"\ndefault run (python train.py), one training step: hybrid {1e3 * steps.hybrid_median:.1f} ms, "
+              f"digital {1e3 * steps.digital_median:.1f} ms (medians of {steps.steps}); "
+              f"hybrid/digital = {steps.ratio:.1f}x")
+        extra["step_ratio"] = asdict(steps) | {"ratio": steps.ratio}
+    runtime = time.perf_counter() - start
     print(f"\nruntime: {runtime:.1f} s")
     if json_path:
         with open(json_path, "w") as file:
-            json.dump(to_json(results, settings, env, runtime), file, indent=2)
+            json.dump(to_json(results, settings, env, runtime) | extra, file, indent=2)
     return 0 if all(r.step.match for r in results) else 1
 
 

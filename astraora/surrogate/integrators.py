@@ -127,8 +127,8 @@ class PsiImplicitIntegrator(Integrator):
             return False
         Z = self.draw_sketch(V.shape[0], V.dtype).to(V.device)
         probes = torch.cat([V.T, Z])  # (r + M_sm, n): Vᵀ for the K-step, Z for the L-step
-        Y0 = ledger.query(probes, "surrogate", theta=theta0)
-        Y1 = ledger.query(probes, "surrogate", theta=theta1)  # last, so the hardware stays at θ₁
+        # θ₀ then θ₁ as one batched call (θ₁ last, so the hardware stays at θ₁).
+        Y0, Y1 = ledger.query_settings(probes, torch.stack([theta0, theta1]), "surrogate", first_may_match=True)
         D = Y1 - Y0
         P1 = D[:r].T  # ΔA V, (m, r)
         # K-step

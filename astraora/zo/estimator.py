@@ -19,7 +19,8 @@ from astraora.errors import ConfigError
 from astraora.ledger import QueryLedger
 
 DIRECTIONS = ("gaussian", "rademacher", "sphere")
-AUTO_CHUNK_FLOATS = 2**22  # ≈ 16 MB of float32 work memory per batched call with chunk_size="auto"
+AUTO_CHUNK_FLOATS = 2**22  # ≈ 16 MB of float32 work per batched call with chunk_size="auto" on a CPU
+AUTO_CHUNK_FLOATS_ACCELERATOR = 2**28  # ≈ 1 GB on a GPU: all M settings in one call for most layers
 
 
 class ZOEstimator:
@@ -55,23 +56,50 @@ class ZOEstimator:
         self.samples, self.mu, self.direction = int(samples), float(mu), direction
         self.two_sided, self.reuse_forward, self.chunk_size = bool(two_sided), bool(reuse_forward), chunk_size
         self.generator = generator
+        self._device_generator: torch.Generator | None = None  # directions on a GPU (generator_for)
+        self._pending_device_state: Tensor | None = None  # its checkpointed state, until first used
 
-    def chunk_for(self, p: int, rows: int, d_in: int, d_out: int) -> int:
-        """Settings per batched call: the configured size, or for ``auto`` as many as keep θ copies
-        (p each) and the rows in and out (rows · (n + m) each) within ``AUTO_CHUNK_FLOATS``."""
+    def chunk_for(self, p: int, rows: int, d_in: int, d_out: int, device: torch.device | str = "cpu") -> int:
+        """Settings per batched call: the configured size, or for ``auto`` as many as keep one
+        p-sized copy of θ and the rows in and out (rows · (n + m) each) per setting within the
+        work budget of the device (``AUTO_CHUNK_FLOATS`` on a CPU, ``AUTO_CHUNK_FLOATS_ACCELERATOR``
+        elsewhere)."""
         if self.chunk_size != "auto":
             return int(self.chunk_size)
-        return max(1, min(self.samples, AUTO_CHUNK_FLOATS // (p + rows * (d_in + d_out))))
+        budget = AUTO_CHUNK_FLOATS if torch.device(device).type == "cpu" else AUTO_CHUNK_FLOATS_ACCELERATOR
+        return max(1, min(self.samples, budget // (p + rows * (d_in + d_out))))
 
-    def directions(self, k: int, p: int, dtype: torch.dtype) -> Tensor:
-        """k directions u (k, p) with E[u uᵀ] = I, drawn one per row so that the stream does not
-        depend on how the M samples are chunked."""
+    def generator_for(self, device: torch.device | str) -> torch.Generator:
+        """The generator that draws directions on ``device``: the configured (CPU) one, or for
+        another device one of its own, seeded once from the CPU generator and checkpointed with it,
+        so that p-sized directions are drawn where they are used."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.generator
+        if self._device_generator is None or self._device_generator.device != device:
+            self._device_generator = torch.Generator(device=device)
+            if self._pending_device_state is not None:
+                self._device_generator.set_state(self._pending_device_state)
+                self._pending_device_state = None
+            else:
+                self._device_generator.manual_seed(int(torch.randint(0, 2**62, (), generator=self.generator)))
+        return self._device_generator
+
+    def directions(self, k: int, p: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                   out: Tensor | None = None) -> Tensor:
+        """k directions u (k, p) with E[u uᵀ] = I, drawn one row at a time (into ``out`` when given)
+        so that the stream does not depend on how the M samples are chunked."""
+        gen = self.generator_for(device)
+        u = torch.empty(k, p, dtype=dtype, device=device) if out is None else out[:k]
+        for row in u:
+            if self.direction == "rademacher":
+                row.copy_(torch.randint(0, 2, (p,), generator=gen, device=device))
+            else:
+                torch.randn(p, generator=gen, dtype=dtype, device=device, out=row)
         if self.direction == "rademacher":
-            u = torch.stack([torch.randint(0, 2, (p,), generator=self.generator) for _ in range(k)]).to(dtype) * 2 - 1
-        else:
-            u = torch.stack([torch.randn(p, generator=self.generator, dtype=dtype) for _ in range(k)])
-        if self.direction == "sphere":
-            u = u / u.norm(dim=1, keepdim=True) * math.sqrt(p)
+            u.mul_(2).sub_(1)
+        elif self.direction == "sphere":
+            u.mul_(math.sqrt(p) / u.norm(dim=1, keepdim=True))
         return u
 
     def phi0_from_forward(self, device, batch: int, d_out: int, forward_output: bool) -> bool:
@@ -90,10 +118,32 @@ class ZOEstimator:
         requery = not self.two_sided and not self.phi0_from_forward(device, batch, d_out, forward_output)
         return q * (settings + int(requery))
 
+    @staticmethod
+    def defer_checks(device: torch.device) -> bool:
+        """Whether readings are checked once per estimate instead of once per call: everywhere but
+        on a CPU, where a check costs no pipeline stall."""
+        return device.type != "cpu"
+
     @torch.no_grad()
     def estimate(self, ledger: QueryLedger, x: Tensor, g: Tensor, y: Tensor | None = None) -> Tensor:
         """ĝ ≈ ∇_θ Σ_b ⟨A(θ) x_b, g_b⟩ for inputs x (B, n), upstream gradients g (B, m) and the
-        forward output y = x A(θ)ᵀ (B, m) (used for φ(θ) when ``reuse_forward``). Shape of θ."""
+        forward output y = x A(θ)ᵀ (B, m) (used for φ(θ) when ``reuse_forward``). Shape of θ.
+
+        On a CPU every batched call is checked for non-finite readings as it returns (and retried
+        by the ledger). Elsewhere the M settings run without a host synchronisation and are
+        checked once at the end; if a reading was non-finite, the estimate is taken again with
+        the same directions and the per-call checks (the first attempt's queries stay counted)."""
+        device = ledger.device.theta.device
+        if not self.defer_checks(device):
+            return self._estimate(ledger, x, g, y, check=True)
+        state = self.generator_for(device).get_state()
+        ghat = self._estimate(ledger, x, g, y, check=False)
+        if bool(torch.isfinite(ghat).all()):
+            return ghat
+        self.generator_for(device).set_state(state)
+        return self._estimate(ledger, x, g, y, check=True)
+
+    def _estimate(self, ledger: QueryLedger, x: Tensor, g: Tensor, y: Tensor | None, check: bool) -> Tensor:
         theta = ledger.device.theta.detach()
         batch, d_out = g.shape
         compressed = batch > d_out
@@ -111,22 +161,29 @@ class ZOEstimator:
                 phi0 = phi(ledger.query(probes, "zo", theta=theta).unsqueeze(0))[0]
 
         flat = theta.reshape(-1)
+        p = flat.numel()
         ghat = torch.zeros_like(flat)
-        chunk = self.chunk_for(flat.numel(), probes.shape[0], x.shape[1], d_out)
+        chunk = self.chunk_for(p, probes.shape[0], x.shape[1], d_out, flat.device)
+        u_buffer = torch.empty(chunk, p, dtype=flat.dtype, device=flat.device)
+        settings = torch.empty(chunk, p, dtype=flat.dtype, device=flat.device)
         for start in range(0, self.samples, chunk):
             k = min(chunk, self.samples - start)
-            u = self.directions(k, flat.numel(), flat.dtype).to(flat.device)
-            plus = phi(ledger.query_settings(probes, (flat + self.mu * u).view(k, *theta.shape), "zo"))
+            u = self.directions(k, p, flat.dtype, flat.device, out=u_buffer)
+            plus = phi(ledger.query_settings(probes, torch.add(flat, u, alpha=self.mu, out=settings[:k]).view(k, *theta.shape),
+                                             "zo", check=check))
             if self.two_sided:
-                minus = phi(ledger.query_settings(probes, (flat - self.mu * u).view(k, *theta.shape), "zo"))
+                minus = phi(ledger.query_settings(probes, torch.add(flat, u, alpha=-self.mu, out=settings[:k]).view(k, *theta.shape),
+                                                  "zo", check=check))
                 coef = (plus - minus) / (2 * self.mu)
             else:
                 coef = (plus - phi0) / self.mu
-            ghat += coef @ u
+            ghat.addmv_(u.T, coef)  # ĝ += Σ_i coef_i u_i
         return (ghat / self.samples).view_as(theta)
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        device_state = self._device_generator.get_state() if self._device_generator is not None else self._pending_device_state
+        return {"generator": self.generator.get_state(), "device_generator": device_state}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        self._device_generator, self._pending_device_state = None, state.get("device_generator")

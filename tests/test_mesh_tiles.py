@@ -1,0 +1,180 @@
+"""The MZI tile engine against the column-by-column reference, and the query path around it
+(chunking, deferred checks, batched surrogate queries)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import astraora.devices.mesh_tiles as mesh_tiles
+from astraora.devices import MZIClassical, MZIMesh
+from astraora.errors import ConfigError
+from astraora.ledger import QueryLedger
+from astraora.rng import make_generator
+from astraora.surrogate import LowRankSurrogate, PsiImplicitIntegrator
+from astraora.zo import ZOEstimator
+
+
+def reference(device: MZIMesh, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x Re(U(θ_k))[:m, :n]ᵀ by the column route (the differentiable reference)."""
+    cells = device.cell(theta[:, 0::2], theta[:, 1::2])
+    z = torch.nn.functional.pad(x, (0, device.modes - device.d_in)).to(cells.dtype)
+    z = z.expand(theta.shape[0], x.shape[-2], device.modes)
+    return device._propagate(cells, z).real[..., :device.d_out]
+
+
+def settings(device: MZIMesh, k: int, spread: float = 0.5, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (device.theta.detach()[None] + spread * torch.randn(k, device.num_params, generator=gen, dtype=device.theta.dtype)).to(dtype)
+
+
+@pytest.fixture(params=["trimmed", "uniform"])
+def layout(request, monkeypatch):
+    """Run a test with each layout: trimmed (CPU, few settings) and uniform (many settings, GPU)."""
+    monkeypatch.setattr(mesh_tiles, "TRIMMED_MAX_SETTINGS", 10**9 if request.param == "trimmed" else 0)
+    return request.param
+
+
+SHAPES = [  # (n, m): tiny meshes, odd sizes, n > m, m > n, light cones cut on either side
+    (1, 1), (2, 2), (3, 4), (4, 4), (5, 6), (6, 6), (7, 3), (3, 7), (9, 2), (2, 9), (17, 17), (33, 65), (65, 20), (40, 128),
+]
+
+
+@pytest.mark.parametrize("cls", [MZIMesh, MZIClassical])
+@pytest.mark.parametrize("n,m", SHAPES)
+@pytest.mark.parametrize("tile", [1, 2, 4, 8])
+def test_tiles_equal_columns(cls, n, m, tile, layout):
+    device = cls(n, m, seed=1, tile=tile)
+    for k, batch in ((1, 3), (3, max(1, n - 1)), (5, 2 * n + 1)):
+        theta = settings(device, k, seed=k)
+        x = torch.randn(batch, n, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+        torch.testing.assert_close(device.transfer(theta, x), reference(device, theta, x), rtol=1e-11, atol=1e-11)
+
+
+def test_tiles_equal_columns_per_setting_inputs(layout):
+    device = MZIMesh(12, 10, seed=0, tile=2)
+    theta = settings(device, 4)
+    x = torch.randn(4, 6, 12, dtype=torch.float64)  # (K, B, n): one batch per setting
+    torch.testing.assert_close(device.transfer(theta, x), reference(device, theta, x), rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("n,m", [(512, 1024), (1024, 1024), (1024, 30)])
+def test_tiles_equal_columns_at_the_paper_size_in_float32(n, m, layout):
+    """N = 1024 (the CIFAR-10 head): the same numbers to float32 round-off."""
+    device = MZIMesh(n, m, seed=0)
+    theta = settings(device, 2, spread=1e-2, dtype=torch.float32)
+    x = torch.randn(3, n)
+    out, ref = device.transfer(theta, x), reference(device, theta, x)
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_uniform_layout_with_many_settings_and_small_budgets(monkeypatch):
+    """The GPU path's layout (all settings in one batched GEMM per factor), groups of one factor."""
+    monkeypatch.setattr(mesh_tiles, "TRIMMED_MAX_SETTINGS", 0)
+    monkeypatch.setattr(mesh_tiles, "UNIFORM_BUDGET_CPU", 1)
+    device = MZIMesh(64, 64, seed=0)
+    theta = settings(device, 20, spread=1e-2)
+    x = torch.randn(8, 64, dtype=torch.float64)
+    torch.testing.assert_close(device.transfer(theta, x), reference(device, theta, x), rtol=1e-11, atol=1e-11)
+
+
+def test_work_buffers_are_reused_and_results_independent_of_previous_calls():
+    device = MZIMesh(20, 20, seed=0, tile=2)
+    x = torch.randn(5, 20, dtype=torch.float64)
+    theta = settings(device, 3)
+    first = device.transfer(theta, x)
+    device.transfer(settings(device, 7, seed=3), torch.randn(9, 20, dtype=torch.float64) * 1e3)  # bigger call between
+    torch.testing.assert_close(device.transfer(theta, x), first, rtol=0, atol=0)
+    engine = device.tiled(20, 20)
+    buffers = dict(engine._buffers)
+    device.transfer(theta, x)
+    assert all(engine._buffers[key][0] is buffers[key][0] for key in buffers)
+
+
+def test_autograd_takes_the_column_route_and_matches_the_tile_values():
+    device = MZIMesh(6, 5, seed=0, tile=2)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    theta = settings(device, 1)[0].requires_grad_(True)
+    y = device.simulate(x, theta)
+    assert y.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(device.simulate(x, theta), y.detach(), rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(y.square().sum(), theta)
+    eps, i = 1e-6, 7
+    step = torch.zeros_like(theta)
+    step[i] = eps
+    with torch.no_grad():
+        numeric = (device.simulate(x, theta + step).square().sum() - device.simulate(x, theta - step).square().sum()) / (2 * eps)
+    assert math.isclose(float(grad[i]), float(numeric), rel_tol=1e-6, abs_tol=1e-9)
+
+
+def test_engine_and_tile_options_are_checked():
+    with pytest.raises(ConfigError, match="device.engine"):
+        MZIMesh(4, 4, engine="fast")
+    with pytest.raises(ConfigError, match="device.tile"):
+        MZIMesh(4, 4, tile=0)
+    assert MZIMesh(64, 64).tile == 4 and MZIMesh(512, 1024).tile == 8
+    device = MZIMesh(8, 8, seed=2, engine="columns")
+    theta = settings(device, 2)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(device.transfer(theta, x), MZIMesh(8, 8, seed=2).transfer(theta, x), rtol=1e-11, atol=1e-11)
+
+
+# ----------------------------------------------------------------------------- the query path
+def test_zo_directions_do_not_depend_on_chunking():
+    device = MZIMesh(10, 10, seed=0, tile=2)
+    x, g = torch.randn(4, 10), torch.randn(4, 10)
+    estimates = []
+    for chunk in (1, 3, 40, "auto"):
+        zo = ZOEstimator(samples=11, chunk_size=chunk, generator=make_generator(0, "zo"))
+        estimates.append(zo.estimate(QueryLedger(device), x, g))
+    for other in estimates[1:]:
+        torch.testing.assert_close(other, estimates[0], rtol=1e-5, atol=1e-6)
+
+
+def test_deferred_checks_redo_the_estimate_with_the_same_directions(monkeypatch):
+    """Off the CPU the estimator checks readings once at the end; a non-finite one makes it take
+    the estimate again with per-call checks (ledger retries), from the same directions."""
+    device = MZIMesh(8, 8, seed=0, tile=2)
+    x, g = torch.randn(3, 8), torch.randn(3, 8)
+    clean = ZOEstimator(samples=6, chunk_size=2, generator=make_generator(0, "zo")).estimate(QueryLedger(device), x, g)
+
+    zo = ZOEstimator(samples=6, chunk_size=2, generator=make_generator(0, "zo"))
+    monkeypatch.setattr(zo, "defer_checks", lambda dev: True)
+    poisoned = {"left": 1}
+    real_query = device.query
+
+    def flaky(rows, theta=None, **kwargs):
+        y = real_query(rows, theta, **kwargs)
+        if theta is not None and theta.dim() == 2 and poisoned["left"]:
+            poisoned["left"] -= 1
+            y = y.clone()
+            y[0, 0, 0] = float("nan")
+        return y
+
+    monkeypatch.setattr(device, "query", flaky)
+    ledger = QueryLedger(device)
+    ghat = zo.estimate(ledger, x, g)
+    torch.testing.assert_close(ghat, clean, rtol=1e-5, atol=1e-6)
+    assert ledger.queries["zo"] == 2 * (6 + 1) * 3  # M settings + φ(θ) re-queried, twice: the first attempt stays counted
+    assert ledger.retries == 0  # the NaN came in the unchecked attempt
+
+
+def test_psi_update_queries_both_settings_in_one_call():
+    device = MZIMesh(12, 10, seed=0, tile=2)
+    ledger = QueryLedger(device)
+    surrogate = LowRankSurrogate(12, 10, 3, tuple(device.theta.shape))
+    surrogate.readout(ledger)
+    calls = []
+    real_query = device.query
+    device.query = lambda rows, theta=None, **kw: calls.append(theta.shape) or real_query(rows, theta, **kw)
+    with torch.no_grad():
+        device.theta.add_(1e-2)
+    before = dict(ledger.reprograms)
+    assert PsiImplicitIntegrator(5, generator=make_generator(0, "s")).update(surrogate, ledger)
+    assert calls == [(2, device.num_params)]
+    # readout left the hardware at the old θ = θ₀: only θ₁ needs programming.
+    assert ledger.reprograms["surrogate"] - before["surrogate"] == 1
+    assert ledger.queries["surrogate"] == 2 * (3 + 5)
