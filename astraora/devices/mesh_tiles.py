@@ -64,13 +64,15 @@ class _Group:
 
     factors: list[_Factor]
     tiles: int
-    theta_index: Tensor  # (tiles·L²,) where each slot's θ is in the flat θ (a cell's θ; 0 if empty)
+    theta_index: Tensor  # (L², tiles): where each slot's θ is in the flat θ (a cell's θ; 0 if empty)
     phi_index: Tensor  # the same for φ
-    missing: Tensor | None  # indices of the empty slots (identity cells), None if there are none
+    missing: Tensor | None  # flat indices into (L², tiles) of the empty slots (identity), or None
 
 
-def _group(factors: list[_Factor], index: np.ndarray) -> _Group:
-    missing = np.nonzero(index < 0)[0]
+def _group(factors: list[_Factor], index: np.ndarray, slots: int) -> _Group:
+    """A group from its slots' cell indices in tile order, kept slot-major: (slots, tiles)."""
+    index = index.reshape(-1, slots).T.copy()
+    missing = np.nonzero(index.reshape(-1) < 0)[0]
     index = np.maximum(index, 0)
     return _Group(factors=factors, tiles=sum(f.tiles for f in factors),
                   theta_index=torch.from_numpy(2 * index), phi_index=torch.from_numpy(2 * index + 1),
@@ -194,13 +196,13 @@ class TiledMesh:
             for start in range(0, len(factors), size):
                 part = factors[start:start + size]
                 index = np.stack([f.cell_index.reshape(tiles, L2) for f in part], 1)  # (tile, factor, slot)
-                groups.append(_group(part, index.reshape(-1)))
+                groups.append(_group(part, index.reshape(-1), L2))
         else:
             pending: list[_Factor] = []
             for factor in self.trimmed:
                 pending.append(factor)
                 if sum(f.tiles for f in pending) >= size or factor is self.trimmed[-1]:
-                    groups.append(_group(pending, np.concatenate([f.cell_index for f in pending])))
+                    groups.append(_group(pending, np.concatenate([f.cell_index for f in pending]), self.L * self.L))
                     pending = []
         self._plans[key] = groups
         return groups
@@ -221,29 +223,33 @@ class TiledMesh:
         """Drop the reused work buffers."""
         self._buffers.clear()
 
-    def _blocks(self, cell: CellFn, theta: Tensor, group: _Group, eye: Tensor) -> Tensor:
-        """The group's blocks for every setting, (K, tiles, 2L, 2L) in the group's slot order:
-        the identity pushed through each tile's 2L − 1 local columns."""
-        k, L = theta.shape[0], self.L
-        if group.theta_index.device != theta.device:
-            group.theta_index, group.phi_index = group.theta_index.to(theta.device), group.phi_index.to(theta.device)
-            group.missing = None if group.missing is None else group.missing.to(theta.device)
-        coef = cell(theta[:, group.theta_index], theta[:, group.phi_index])  # (4, K, slots)
+    def _blocks(self, cell: CellFn, theta_t: Tensor, group: _Group, eye: Tensor) -> Tensor:
+        """The group's blocks for every setting, (K, tiles, 2L, 2L) in the group's tile order: the
+        identity pushed through each tile's 2L − 1 local columns.
+
+        Built with the settings and tiles innermost, (2L, 2L, tiles, K), so that every operation
+        runs over long contiguous vectors, then transposed once for the GEMMs. ``theta_t`` is θᵀ
+        (2·cells, K)."""
+        L, k = self.L, theta_t.shape[1]
+        if group.theta_index.device != theta_t.device:
+            group.theta_index, group.phi_index = group.theta_index.to(theta_t.device), group.phi_index.to(theta_t.device)
+            group.missing = None if group.missing is None else group.missing.to(theta_t.device)
+        coef = cell(theta_t[group.theta_index], theta_t[group.phi_index])  # (4, L², tiles, K)
         if group.missing is not None:
-            coef[:, :, group.missing] = 0
-            coef[0::3, :, group.missing] = 1  # an empty slot is the identity: T00 = T11 = 1
-        coef = coef.view(4, k, group.tiles, L * L)
-        blocks = eye.expand(k, group.tiles, 2 * L, 2 * L).clone()
+            flat = coef.view(4, -1, k)
+            flat[:, group.missing] = 0
+            flat[0::3, group.missing] = 1  # an empty slot is the identity: T00 = T11 = 1
+        blocks = eye[:, :, None, None].expand(2 * L, 2 * L, group.tiles, k).clone()
         for s0, s1, r0, c0, c1 in self.steps:
             count = s1 - s0
-            rows = blocks[:, :, r0:r0 + 2 * count, c0:c1].unflatten(2, (count, 2))  # (K, tiles, count, 2, ≤ 2L)
-            top, bottom = rows[..., 0, :], rows[..., 1, :]
-            t00, t01, t10, t11 = coef[..., s0:s1, None]  # each (K, tiles, count, 1)
+            rows = blocks[r0:r0 + 2 * count, c0:c1].unflatten(0, (count, 2))  # (count, 2, ≤ 2L, tiles, K)
+            top, bottom = rows[:, 0], rows[:, 1]
+            t00, t01, t10, t11 = coef[:, s0:s1, None]  # each (count, 1, tiles, K)
             new_top = top * t00
             new_top.addcmul_(bottom, t01)
             bottom.mul_(t11).addcmul_(top, t10)
             top.copy_(new_top)
-        return blocks
+        return blocks.permute(3, 2, 0, 1).contiguous()
 
     @torch.no_grad()
     def apply(self, cell: CellFn, theta: Tensor, x: Tensor) -> Tensor:
@@ -255,6 +261,7 @@ class TiledMesh:
         eye = torch.eye(2 * L, dtype=cdtype, device=theta.device)
         on_cpu = theta.device.type == "cpu"
         uniform = not on_cpu or k > TRIMMED_MAX_SETTINGS
+        theta_t = theta.T.contiguous()  # (2·cells, K): a slot's phases for all settings side by side
         # Uniform: the windows of an odd factor run L rows past the last setting's state.
         cur, nxt = self._state((k * rows + (L if uniform else 0)) * batch, cdtype, theta.device)
         cur[:k * rows * batch].view(k, rows, batch)[:, self.pad:self.pad + self.d_in].copy_(x.transpose(-1, -2))
@@ -262,7 +269,7 @@ class TiledMesh:
             tiles = rows // (2 * L)
             budget = UNIFORM_BUDGET_CPU if on_cpu else UNIFORM_BUDGET_GPU
             for group in self._plan(True, max(1, budget // (k * tiles))):
-                blocks = self._blocks(cell, theta, group, eye).view(k, tiles, len(group.factors), 2 * L, 2 * L)
+                blocks = self._blocks(cell, theta_t, group, eye).view(k, tiles, len(group.factors), 2 * L, 2 * L)
                 for f, factor in enumerate(group.factors):
                     span = slice(factor.row0 * batch, (factor.row0 + k * rows) * batch)
                     torch.bmm(blocks[:, :, f].flatten(0, 1), cur[span].view(k * tiles, 2 * L, batch),
@@ -271,7 +278,7 @@ class TiledMesh:
         else:
             state, spare = cur.view(k, rows, batch), nxt.view(k, rows, batch)
             for group in self._plan(False, max(1, TRIMMED_BUDGET // k)):
-                blocks = self._blocks(cell, theta, group, eye)
+                blocks = self._blocks(cell, theta_t, group, eye)
                 first = 0
                 for factor in group.factors:
                     span = slice(factor.row0, factor.row0 + 2 * L * factor.tiles)

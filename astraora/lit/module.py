@@ -95,7 +95,8 @@ class HybridModule(L.LightningModule):
         diagnose = self.diagnostics_every > 0 and self.global_step % self.diagnostics_every == 0
         for layer in self.physical.values():
             layer.capture_next_backward = diagnose
-        theta_before = [t.detach().clone() for t in self.theta_parameters()]
+        log_now = self._logs_this_step()
+        theta_before = [t.detach().clone() for t in self.theta_parameters()] if log_now else []
         total_before = self.query_totals().get("queries/total", 0)
 
         for opt in optimizers:
@@ -115,8 +116,15 @@ class HybridModule(L.LightningModule):
         for layer in self.physical.values():
             layer.capture_next_backward = False
         self.log("train/loss", loss.detach(), prog_bar=True)
-        self._log_physical(theta_before, total_before)
+        if log_now:
+            self._log_physical(theta_before, total_before)
         return loss.detach()
+
+    def _logs_this_step(self) -> bool:
+        """Whether the loggers write this step's row (every ``trainer.log_every_n_steps``): the
+        physical layers' counters, θ change and residual are only gathered then."""
+        connector = getattr(self._trainer, "_logger_connector", None) if self._trainer is not None else None
+        return bool(getattr(connector, "should_update_logs", True))
 
     def log_diagnostics(self, diagnostics: dict[str, float]) -> None:
         """Written straight to the loggers at this step only (``self.log`` would repeat the last
