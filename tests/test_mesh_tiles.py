@@ -178,3 +178,23 @@ def test_psi_update_queries_both_settings_in_one_call():
     # readout left the hardware at the old θ = θ₀: only θ₁ needs programming.
     assert ledger.reprograms["surrogate"] - before["surrogate"] == 1
     assert ledger.queries["surrogate"] == 2 * (3 + 5)
+
+
+def test_accelerator_code_path_at_the_paper_shapes(monkeypatch):
+    """What a GPU runs (uniform layout with the accelerator's block budget, one finite-check per
+    estimate), exercised on the CPU at the CIFAR-10 head's shapes: the same ĝ as the CPU path."""
+    device = MZIMesh(512, 1024, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    x, g = torch.randn(256, 512, generator=gen), torch.randn(256, 1024, generator=gen)
+    y = device.query(x)
+
+    def estimate() -> torch.Tensor:
+        zo = ZOEstimator(samples=2, generator=make_generator(0, "zo"))
+        return zo.estimate(QueryLedger(device), x, g, y)
+
+    cpu = estimate()
+    monkeypatch.setattr(mesh_tiles, "TRIMMED_MAX_SETTINGS", 0)
+    monkeypatch.setattr(mesh_tiles, "UNIFORM_BUDGET_CPU", mesh_tiles.UNIFORM_BUDGET_GPU)
+    monkeypatch.setattr(ZOEstimator, "defer_checks", staticmethod(lambda dev: True))
+    accelerator = estimate()
+    assert float((accelerator - cpu).norm() / cpu.norm()) < 1e-3
