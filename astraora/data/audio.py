@@ -175,8 +175,7 @@ class SpeechCommandsDataModule(AudioDataModule):
 
         fetch("speechcommands", self._present,
               (lambda: SPEECHCOMMANDS(self.data_dir, download=True)) if download else None,
-              self.folder, f"download {self.URL} and extract it into that directory, "
-              "or run once online with task.datamodule.download=true.")
+              self.folder, f"download {self.URL} and extract it into that directory")
 
     def prepare_data(self) -> None:
         self._fetch(self.download)

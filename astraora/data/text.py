@@ -315,8 +315,8 @@ class TinyShakespeareDataModule(TextDataModule):
         self.path = self.root / "tinyshakespeare" / "input.txt"
 
     def _missing(self) -> DatasetNotFoundError:
-        return missing_dataset(self.name, self.path.parent,
-                               f"run once with internet access (download=true) or save {self.url} as {self.path}.")
+        again = "run again with network access" if self.download else "set task.datamodule.download=true"
+        return missing_dataset(self.name, self.path.parent, f"save {self.url} as {self.path}, or {again}.")
 
     def prepare_data(self) -> None:
         if self.path.exists() or not self.download:
@@ -377,8 +377,8 @@ class WikiText2DataModule(TextDataModule):
         return all((self.dir / file).exists() for file in self.FILES.values())
 
     def _missing(self) -> DatasetNotFoundError:
-        return missing_dataset(self.name, self.dir, "run once with internet access (download=true) or unzip "
-                               f"wikitext-2-raw-v1.zip into {self.dir.parent}.")
+        again = "run again with network access" if self.download else "set task.datamodule.download=true"
+        return missing_dataset(self.name, self.dir, f"unzip wikitext-2-raw-v1.zip into {self.dir.parent}, or {again}.")
 
     def prepare_data(self) -> None:
         if self._present() or not self.download:

@@ -93,7 +93,9 @@ def fetch(name: str, present: Callable[[], bool], download: Callable[[], object]
         except Exception as exc:  # noqa: BLE001 - offline, broken mirror, bad checksum: all end below
             log.warning("%s: download failed: %s", name, (str(exc).strip() or type(exc).__name__).splitlines()[0])
     if not present():
-        raise missing_dataset(name, looked_in, how)
+        again = ("or run again with network access" if download is not None
+                 else "or set task.datamodule.download=true to fetch it")
+        raise missing_dataset(name, looked_in, f"{how}, {again}.")
 
 
 class TensorImages(Dataset):
@@ -206,7 +208,7 @@ class MNISTDataModule(ClassificationDataModule):
 
         fetch("mnist", self._present, download_files if download else None, self.raw,
               "download the four *-ubyte.gz files from https://ossci-datasets.s3.amazonaws.com/mnist/ "
-              "into that directory, or run once online with task.datamodule.download=true.")
+              "into that directory")
 
     def prepare_data(self) -> None:
         self._fetch(self.download)
@@ -281,8 +283,7 @@ class CIFAR10DataModule(ClassificationDataModule):
             download_and_extract_archive(self.URL, self.data_dir, md5=self.ARCHIVE_MD5)
 
         fetch("cifar10", self._present, download_archive if download else None, self.folder,
-              f"download {self.URL} and extract it into {self.data_dir}, "
-              "or run once online with task.datamodule.download=true.")
+              f"download {self.URL} and extract it into {self.data_dir}")
 
     def prepare_data(self) -> None:
         self._fetch(self.download)
@@ -311,10 +312,11 @@ SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "te
 
 
 def warn_skipped(name: str, skipped: Sequence[Path], shown: int = 20) -> None:
-    """One counted warning naming the skipped files (the first ``shown`` of them)."""
+    """One counted warning naming the skipped files (the first ``shown`` of them), from the logger
+    ``astraora.data.<name>`` (the dataset's name, whichever module reads it)."""
     if skipped:
         more = f" (and {len(skipped) - shown} more)" if len(skipped) > shown else ""
-        log.warning("%s: skipped %d unreadable file(s): %s%s", name, len(skipped),
+        logging.getLogger(f"astraora.data.{name}").warning("%s: skipped %d unreadable file(s): %s%s", name, len(skipped),
                     ", ".join(map(str, skipped[:shown])), more)
 
 
@@ -368,6 +370,9 @@ def split_class_tree(root: Path, extensions: Sequence[str], readable: Callable[[
     classes = sorted(p.name for p in pool_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DatasetNotFoundError(f"dataset {name!r}: no class folders in {pool_dir}; expected {layout}.")
+    if len(classes) < 2:
+        raise DataFileError(f"dataset {name!r}: {pool_dir} has {len(classes)} class folder ({classes[0]}); "
+                            "a classifier needs at least 2, one folder per class.")
     skipped: list[Path] = []
     pool = class_files(pool_dir, classes, extensions, readable, skipped)
     carve = [split for split in ("val", "test") if given[split] is None]
@@ -382,6 +387,12 @@ def split_class_tree(root: Path, extensions: Sequence[str], readable: Callable[[
                 raise DataFileError(f"{given[split]} has class folders {unknown} that {pool_dir} does not have.")
             splits[split] = class_files(given[split], classes, extensions, readable, skipped)
     warn_skipped(name, skipped)
+    for split, fraction in (("train", None), ("val", val_fraction), ("test", test_fraction)):
+        if not splits[split] and not (split in carve and fraction == 0):
+            how = (f"add files or raise task.datamodule.{split}_fraction (now {fraction})" if split in carve
+                   else "add files to it")
+            raise DataFileError(f"dataset {name!r}: the {split} split of {root} is empty ({len(pool)} files in "
+                                f"all); {how}.")
     return classes, splits
 
 
