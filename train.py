@@ -1,3 +1,3 @@
-from astraora.train import main
+from astraora.cli import main
 
 main()

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -23,15 +24,24 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from astraora.build import build_model, hybrid_layers, instantiate
+from astraora.cli import CONFIG_DIR, check_group_overrides  # noqa: F401 - CONFIG_DIR and the check are used by scripts
 from astraora.config import validate
 from astraora.errors import AstraoraError, DeviceFailure
 from astraora.lit import ClassificationModule, LanguageModelModule
+from astraora.logs import LOG_FILE, log_into, route_library_logs
 
 log = logging.getLogger("astraora")
 # A step checkpoint holds the state after that step's update, which is what resuming needs.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+# A resumed run writes into its own checkpoints/ folder again, as it should.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+# torch deprecated an API Lightning still uses; nothing a user can act on
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repository's conf/ (editable install)
+# What astraora writes into every checkpoint beside Lightning's state, under this key: the format
+# version (a newer one is refused, not misread) and what the run trained (task, device, mode).
+CHECKPOINT_META = "astraora"
+CHECKPOINT_FORMAT = 1
 
 
 class ResumeStateCallback(L.Callback):
@@ -40,10 +50,15 @@ class ResumeStateCallback(L.Callback):
     * the global RNG states (dropout, augmentation), stored as plain tensors and lists so that
       checkpoints load with ``weights_only=True``;
     * the CSV log is flushed whenever a checkpoint is written, so metrics.csv holds every row up to
-      the checkpoint (rows after it are dropped on resume and logged again).
+      the checkpoint (rows after it are dropped on resume and logged again);
+    * ``meta``: the checkpoint format and what the run trains (see :data:`CHECKPOINT_META`).
     """
 
+    def __init__(self, meta: dict | None = None):
+        self.meta = dict(meta or {})
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint[CHECKPOINT_META] = {"format": CHECKPOINT_FORMAT, **self.meta}
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
@@ -93,6 +108,48 @@ def find_checkpoint(resume: str | os.PathLike) -> Path:
     return path
 
 
+def run_meta(cfg: DictConfig) -> dict:
+    """What a checkpoint records about its run, and a resume must match."""
+    digital = cfg.device.family == "digital"
+    return {"task": str(cfg.task.name), "device": str(cfg.device.family), "mode": "digital" if digital else str(cfg.mode)}
+
+
+def read_checkpoint(cfg: DictConfig) -> tuple[Path, dict]:
+    """The checkpoint ``cfg.resume`` names and its contents, checked before anything is written:
+    readable, written by astraora in a format this version knows, of this task, device and mode."""
+    resume = cfg.resume
+    path = find_checkpoint(resume)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zip, not a torch file, foreign pickled objects
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise AstraoraError(f"resume={resume}: {path} is not a readable checkpoint (truncated or not written by "
+                            f"torch.save: {reason}); resume from another .ckpt in its checkpoints/ folder.") from None
+    meta = state.get(CHECKPOINT_META) if isinstance(state, dict) else None
+    if not isinstance(meta, dict) or "global_step" not in state or "state_dict" not in state:
+        raise AstraoraError(f"resume={resume}: {path} was not written by astraora (no '{CHECKPOINT_META}' entry); "
+                            "resume from a run directory or a .ckpt in its checkpoints/ folder.")
+    if int(meta.get("format", 0)) > CHECKPOINT_FORMAT:
+        raise AstraoraError(f"resume={resume}: {path} has checkpoint format {meta['format']}, newer than the "
+                            f"{CHECKPOINT_FORMAT} this astraora reads; upgrade astraora to resume it.")
+    for key, value in run_meta(cfg).items():
+        if meta.get(key) != value:
+            raise AstraoraError(f"resume={resume}: the checkpoint was trained with {key}={meta.get(key)}, not "
+                                f"{key}={value}; resume with the overrides the run was started with.")
+    return path, state
+
+
+def check_checkpoint_fits(module: L.LightningModule, state: dict, resume: str) -> None:
+    """Every parameter of the configured model has the checkpoint's shape (else a config differs)."""
+    saved = state["state_dict"]
+    for name, param in module.named_parameters():
+        shape = tuple(saved[name].shape) if name in saved else None
+        if shape != tuple(param.shape):
+            found = "missing" if shape is None else f"of shape {list(shape)}"
+            raise AstraoraError(f"resume={resume}: the checkpoint's {name} is {found}, this config's is "
+                                f"{list(param.shape)}; resume with the overrides the run was started with.")
+
+
 def csv_logger(output_dir: Path) -> L.pytorch.loggers.CSVLogger:
     """metrics.csv in the run directory; rows already there (a resumed run) are kept and continued."""
     metrics_csv = output_dir / "metrics.csv"
@@ -117,24 +174,63 @@ def wandb_group(group: str) -> str:
     return group
 
 
-def make_loggers(cfg: DictConfig, output_dir: Path, wandb_id: str | None):
+def comparison_setting(cfg: DictConfig) -> dict:
+    """The few settings a dashboard colours and groups runs by; what does not apply is None
+    (a digital run has no mode, rank or M; ``exact`` has no M; ``+exact`` modes no surrogate)."""
+    if cfg.device.family == "digital":
+        return {"task": cfg.task.name, "device": "digital", "mode": "digital", "rank": None, "M": None,
+                "integrator": None, "hybrid": False, "seed": int(cfg.seed)}
+    surrogate = str(cfg.mode).endswith("+sm")
+    return {"task": cfg.task.name, "device": cfg.device.family, "mode": cfg.mode,
+            "rank": int(cfg.surrogate.rank) if surrogate else None,
+            "M": int(cfg.zo.samples) if str(cfg.mode).startswith("zo") else None,
+            "integrator": cfg.integrator.name if surrogate else None, "hybrid": True, "seed": int(cfg.seed)}
+
+
+def wandb_summary(summary: dict) -> dict:
+    """summary.json flattened into W&B summary keys (metric names as logged)."""
+    flat = dict(summary["metrics"])
+    flat.update({f"queries/{purpose}": n for purpose, n in summary["queries"].items()})
+    flat["reprograms"] = summary["reprograms"]
+    for key, value in (summary["surrogate"] or {}).items():
+        flat[f"surrogate/{key}"] = value
+    flat.update({key: summary[key] for key in ("status", "steps", "epochs", "wall_seconds")})
+    return flat
+
+
+def make_loggers(cfg: DictConfig, output_dir: Path, wandb_id: str | None, module=None):
     loggers = [csv_logger(output_dir)]
     if cfg.logger.get("wandb"):
         from lightning.pytorch.loggers import WandbLogger
 
+        class QueryAxisWandbLogger(WandbLogger):
+            """Every W&B row also carries the cumulative ``queries/total``, so any metric (val/acc too,
+            logged in rows of its own) can be plotted against it."""
+
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                self._wandb_init.pop("anonymous", None)  # Lightning passes it; W&B warns it is deprecated
+
+            def log_metrics(self, metrics, step=None):
+                if module is not None and "queries/total" not in metrics:
+                    metrics = {"queries/total": float(module.query_totals().get("queries/total", 0)), **metrics}
+                super().log_metrics(metrics, step)
+
         spec = cfg.logger.wandb
-        tags = [f"device:{cfg.device.family}", f"mode:{cfg.mode}", f"task:{cfg.task.name}", *spec.tags]
-        loggers.append(WandbLogger(
+        setting = comparison_setting(cfg)
+        tags = [f"device:{setting['device']}", f"mode:{setting['mode']}", f"task:{cfg.task.name}",
+                "hybrid" if setting["hybrid"] else "digital", *spec.tags]
+        loggers.append(QueryAxisWandbLogger(
             project=spec.project, entity=spec.entity, group=wandb_group(spec.group), tags=tags, save_dir=str(output_dir),
             offline=spec.mode != "online", mode=spec.mode if spec.mode == "disabled" else None, id=wandb_id,
-            resume="allow" if wandb_id else None, log_model=spec.log_model,
-            name=f"{cfg.task.name}-{cfg.device.family}-{cfg.mode}-s{cfg.seed}",
+            resume="allow" if wandb_id else None, log_model=spec.log_model, job_type=setting["mode"],
+            name=f"{cfg.task.name}-{setting['device']}-{setting['mode']}-s{cfg.seed}",
         ))
     return loggers
 
 
 def make_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
-    callbacks: list[L.Callback] = [ResumeStateCallback()]
+    callbacks: list[L.Callback] = [ResumeStateCallback(run_meta(cfg))]
     ckpt = cfg.callbacks.get("checkpoint")
     if ckpt:
         from lightning.pytorch.callbacks import ModelCheckpoint
@@ -228,14 +324,9 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
     started = time.time()
-    ckpt_path = find_checkpoint(cfg.resume) if cfg.resume else None
-    if ckpt_path is not None:
-        if ckpt_path.parent.name == "checkpoints":
-            output_dir = ckpt_path.parent.parent
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        truncate_metrics(output_dir / "metrics.csv", int(state["global_step"]))
-        log.info("resuming from %s (step %d) in %s", ckpt_path, state["global_step"], output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, state = read_checkpoint(cfg) if cfg.resume else (None, None)
+    if ckpt_path is not None and ckpt_path.parent.name == "checkpoints":
+        output_dir = ckpt_path.parent.parent
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.get("cpu_threads") and cfg.trainer.accelerator == "cpu":
         torch.set_num_threads(int(cfg.cpu_threads))
@@ -244,15 +335,26 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     dm.prepare_data()
     dm.setup("fit")
     module = build_module(cfg, dm)
+    if state is not None:
+        check_checkpoint_fits(module, state, cfg.resume)
+
+    # Every check has passed: from here on the run writes into its directory.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_into(output_dir)
+    if state is not None:
+        truncate_metrics(output_dir / "metrics.csv", int(state["global_step"]))
+        log.info("resuming from %s (step %d) in %s", ckpt_path, state["global_step"], output_dir)
+        del state
 
     wandb_id_file = output_dir / "wandb_id.txt"
     wandb_id = wandb_id_file.read_text().strip() if wandb_id_file.exists() else None
-    loggers = make_loggers(cfg, output_dir, wandb_id)
+    loggers = make_loggers(cfg, output_dir, wandb_id, module)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer = L.Trainer(**trainer_kwargs, logger=loggers, callbacks=[*make_callbacks(cfg, output_dir), *callbacks],
                         default_root_dir=str(output_dir), enable_checkpointing=bool(cfg.callbacks.get("checkpoint")))
     for lg in loggers[1:]:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        # the resolved config, plus the settings to colour and group runs by under "setting"
+        lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "setting": comparison_setting(cfg)})
         wandb_id_file.write_text(lg.experiment.id)
 
     status, metrics = "failed", {}
@@ -277,6 +379,8 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
         metrics.update(reached_metrics(trainer))
         summary = summarize(cfg, module, trainer, metrics, status, started, output_dir)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for lg in loggers[1:]:
+            lg.experiment.summary.update(wandb_summary(summary))
         if cfg.logger.get("wandb"):
             import wandb
 
@@ -292,43 +396,55 @@ def report(summary: dict) -> str:
             f"hardware queries: {summary['queries']['total']:,}; outputs: {summary['run_dir']}")
 
 
+def discard_unused_run_dir(run_dir: Path) -> None:
+    """Remove a run directory Hydra made for a job that wrote nothing into it (a refused start, or a
+    resume that continued in the run it resumed): only ``.hydra/`` and ``train.log`` are there."""
+    if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= {".hydra", LOG_FILE}:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent.resolve() == run_dir.resolve():
+            root.removeHandler(handler)
+            handler.close()
+    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+    (run_dir / LOG_FILE).unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    route_library_logs()
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    summary = None
     try:
         summary = run(cfg)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM: summary.json says "interrupted"
-        print("interrupted: the last checkpoint and summary.json are in the run directory", file=sys.stderr)
+        log.warning("interrupted: the last checkpoint and summary.json are in the run directory")
         sys.exit(130)
     except AstraoraError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {err}", file=sys.stderr)
+        discard_unused_run_dir(hydra_dir)
+        log.error("error: %s", err)
         sys.exit(2 if not isinstance(err, DeviceFailure) else 3)
-    print(report(summary))
+    finally:
+        if summary is None or Path(summary["run_dir"]).resolve() != hydra_dir.resolve():
+            discard_unused_run_dir(hydra_dir)
+    log.info(report(summary))
     metric = cfg.get("optimized_metric")
     return summary["metrics"].get(metric) if metric else None
 
 
-def check_group_overrides(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
-    """Reject ``group=option`` overrides naming an option that does not exist, in one line and with
-    exit code 2, before Hydra composes anything (Hydra's own message spans several lines)."""
-    root = Path(config_dir)
-    for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        group = root / key
-        if not sep or not group.is_dir() or not value or value == "null":
-            continue
-        allowed = sorted(p.stem for p in group.glob("*.yaml"))
-        for option in value.split(","):
-            if option not in allowed:
-                print(f"error: {key}={option} is not allowed; choose one of {allowed}.", file=sys.stderr)
-                sys.exit(2)
-
-
 def main() -> None:
-    if os.environ.get("HYDRA_FULL_ERROR") != "1":
-        check_group_overrides(sys.argv[1:])
-    hydra_main()
+    """``python train.py`` / ``astraora-train``: the command line's checks (:mod:`astraora.cli`), then Hydra."""
+    from astraora.cli import main as cli_main
+
+    cli_main()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from conftest import REPO, run_cli
 
 
@@ -18,10 +20,11 @@ def quick_start_commands() -> list[str]:
 def test_quick_start_is_what_ci_runs():
     install, train, test = quick_start_commands()
     assert install == 'pip install -e ".[dev]"' and train == "python train.py"
-    ci = (REPO / ".ci" / "run").read_text()
-    assert test in ci.splitlines() and '-e ".[dev]"' in ci
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert test in ci and f"{test} -m slow" in ci and any('-e ".[dev]"' in line for line in ci)
 
 
+@pytest.mark.slow
 def test_default_run_reaches_95_percent_offline(tmp_path):
     """`python train.py` exactly as the README gives it: digits, MZI head, zo+sm, offline, CPU."""
     result = run_cli([], cwd=tmp_path, env={"ASTRAORA_DATA_DIR": str(tmp_path / "no_data")}, timeout=900)

@@ -134,6 +134,8 @@ def test_exact_mode_needs_a_simulator():
     (["mode=exact+zo"], "mode"),
     (["surrogate.rank=999"], "surrogate.rank=999"),
     (["task=nonexistent"], "task=nonexistent"),
+    (["device=foo"], "device=foo"),
+    (["zo.samples=0", "zo.two_sided=true"], "zo.samples=0"),
     (["integrator.sketch=sparse"], "integrator.sketch"),
     (["device.nonideal.phase_bits=1"], "device.nonideal.phase_bits"),
 ])
@@ -142,3 +144,4 @@ def test_bad_config_exit_code_two(tmp_path, args, key):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and key in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()  # a refused start leaves no run directory

@@ -63,8 +63,9 @@ def test_resume_from_epoch_checkpoint_file(make_cfg):
     assert comparable(resumed) == comparable(reference)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume(tmp_path):
-    args = [*RUN, "trainer.max_epochs=10", "trainer.limit_train_batches=6"]
+    args = [*RUN, "trainer.max_epochs=4", "trainer.limit_train_batches=6"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
     train = [sys.executable, str(REPO / "train.py")]
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
@@ -84,6 +85,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     resumed = subprocess.run([*train, *args, f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'new'}"], env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not (tmp_path / "new").exists() and "resuming from" in (run_dir / "train.log").read_text()
     ref, got = (json.loads((d / "summary.json").read_text()) for d in (ref_dir, run_dir))
     assert got["status"] == "completed"
     assert comparable(got) | {"run_dir": None} == comparable(ref) | {"run_dir": None}
