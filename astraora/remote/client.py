@@ -82,7 +82,7 @@ class Connection:
                     break  # anything else is a late answer to an abandoned request
             else:
                 self.close()
-                raise DeviceFault(f"device server {self.address} did not answer a {op} request within {timeout:g} s")
+                raise DeviceFault(f"device server {self.address} did not answer the {op} request within {timeout:g} s")
         except zmq.ZMQError as err:
             self.close()
             raise DeviceFault(f"device server {self.address}: {op} request failed ({err})") from None

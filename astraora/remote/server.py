@@ -299,7 +299,7 @@ def device_opener(device_cfg, max_width: int) -> tuple[Opener, str]:
         raise ConfigError(f"device._target_={target!r} does not name an importable class.") from None
 
     if isinstance(cls, type) and issubclass(cls, LabDevice):
-        spec = OmegaConf.to_container(device_cfg, resolve=True)
+        spec = OmegaConf.to_container(device_cfg, resolve=True) if OmegaConf.is_config(device_cfg) else dict(device_cfg)
         spec.pop("family", None)
         spec.pop("driver", None)
         lab = instantiate(spec, _convert_="all")

@@ -1,0 +1,290 @@
+"""A device served over the network: the same training as in-process, faults through the ledger,
+a killed server then resume, and a server that refuses bad clients while serving the good one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+from hydra import compose, initialize_config_dir
+from torch import Tensor
+
+from astraora.build import make_device
+from astraora.errors import ConfigError, DeviceFailure, DeviceFault
+from astraora.ledger import QueryLedger
+from astraora.remote import DeviceInfo, DeviceServer, LabDevice, RemoteDevice, RemoteError
+from astraora.remote.benchmark import measure
+from astraora.remote.server import build_server, check_device_override, device_opener
+from astraora.remote.token import TOKEN_ENV, read_token
+from astraora.remote.wire import encode
+from astraora.train import CONFIG_DIR, run
+from conftest import REPO, compose_config
+
+TOKEN = "test-token-0123456789"
+FAST = ["debug=fast", "task.model.hidden=16", "surrogate.rank=4", "trainer.max_epochs=2"]
+
+
+@pytest.fixture(autouse=True)
+def token_env(monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+
+
+def server_config(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("server", overrides=["server.address=tcp://127.0.0.1:*", *overrides])
+
+
+@contextlib.contextmanager
+def serving(*overrides: str, server: DeviceServer | None = None):
+    """A server from conf/server.yaml (or the one given) answering in a thread; yields it, bound."""
+    server = server or build_server(server_config(*overrides))
+    server.bind()
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop,), kwargs={"poll_ms": 20}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        server.close()
+
+
+def client(server: DeviceServer, d_in: int = 6, d_out: int = 4, **kwargs) -> RemoteDevice:
+    return RemoteDevice(d_in, d_out, address=server.endpoint, seed=0, name="layer", timeout_s=5, open_timeout_s=5, **kwargs)
+
+
+def raw_request(endpoint: str, frames: list, timeout_s: float = 5.0) -> dict | None:
+    """Send frames on a fresh DEALER socket; the decoded reply header, or None without a reply."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(frames)
+        if not sock.poll(int(timeout_s * 1000)):
+            return None
+        return json.loads(sock.recv_multipart()[0])
+    finally:
+        sock.close()
+
+
+# --------------------------------------------------------------------------- training
+def test_training_over_loopback_equals_in_process(tmp_path):
+    overrides = [*FAST, "device.nonideal.output_noise=0.02", "device.nonideal.drift_std=1e-3"]
+    local = run(compose_config([*overrides, "device=mzi"], tmp_path / "local"))
+    with serving("device=mzi", "device.nonideal.output_noise=0.02", "device.nonideal.drift_std=1e-3") as server:
+        remote = run(compose_config([*FAST, "device=remote", f"device.address={server.endpoint}", "device.timeout_s=10"],
+                                    tmp_path / "remote"))
+    assert remote["status"] == "completed" and remote["device"] == "remote"
+    for key in ("metrics", "queries", "reprograms", "steps", "epochs"):
+        assert remote[key] == local[key], key
+    assert remote["surrogate"]["rel_error"] is None  # no simulator on the training side: no oracle diagnostics
+    header = (tmp_path / "remote" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "device/wait_seconds" in header and "surrogate/rel_error" not in header
+
+
+def test_remote_device_refuses_oracle_modes(tmp_path):
+    with serving("device=slm") as server:
+        cfg = compose_config([*FAST, "device=remote", f"device.address={server.endpoint}", "mode=exact+sm"], tmp_path)
+        with pytest.raises(ConfigError, match="no simulator; use mode=zo"):
+            run(cfg)
+
+
+def start_server_process(address: str, *overrides: str) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), TOKEN_ENV: TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "astraora.remote", "device=slm", f"server.address={address}", *overrides],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # "astraora-device-server: serving ... on tcp://127.0.0.1:PORT[, adding ...]"
+        if "serving" in line:
+            return proc, line.split(" on ")[1].split(",")[0].strip()
+        seen.append(line)
+    raise AssertionError("the server did not start: " + "".join(seen))
+
+
+def test_killed_server_checkpoints_and_stops_then_resume_finishes(tmp_path):
+    server, endpoint = start_server_process("tcp://127.0.0.1:*", "server.delay_s=0.05")  # a slow chip
+    run_dir = tmp_path / "run"
+    args = [*FAST, "trainer.max_epochs=3", "device=remote", f"device.address={endpoint}", "device.timeout_s=0.5",
+            "device.driver.max_retries=1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", TOKEN_ENV: TOKEN}
+    train = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "checkpoints" / "step2.ckpt").exists() and time.time() < deadline and train.poll() is None:
+            time.sleep(0.02)
+        server.kill()  # mid-run: the next query times out, is retried, times out again
+        server.wait()
+        stdout, stderr = train.communicate(timeout=120)
+    finally:
+        for proc in (server, train):
+            proc.kill()
+            proc.wait()
+    assert train.returncode == 3, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: device 'head.physical': a ") and "failed 2 times" in lines[-1]
+    assert f"device server {endpoint} did not answer" in lines[-1]
+    assert TOKEN not in stdout + stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "device_failure" and 2 <= summary["steps"] < 9
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+    server, _ = start_server_process(endpoint)  # restarted on the same address, without the delay
+    try:
+        resumed = run(compose_config([*args, f"resume={run_dir}"], tmp_path / "elsewhere"))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
+    assert resumed["status"] == "completed" and resumed["steps"] == 9 and resumed["run_dir"] == str(run_dir)
+
+
+def test_unreachable_server_stops_the_build():
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DeviceFailure, match=f"tcp://127.0.0.1:{port} did not answer the open request within 0.2 s "
+                                            r"\(is astraora-device-server running there\?\)"):
+        RemoteDevice(4, 4, address=f"tcp://127.0.0.1:{port}", open_timeout_s=0.2)
+
+
+# --------------------------------------------------------------------------- security
+def test_bad_clients_are_refused_and_the_good_one_is_served_unchanged():
+    noisy = ["device=slm", "device.nonideal.output_noise=0.1", "server.max_message_mb=1"]
+    reference = make_device(server_config(*noisy).device, 6, 4, 0, "layer")
+    x = torch.randn(3, 6)
+    expected = [reference.query(x), reference.query(x)]  # the noise stream of two queries in a row
+    with serving(*noisy) as server:
+        good = client(server)
+        torch.testing.assert_close(good.query(x), expected[0], rtol=0, atol=0)
+
+        with pytest.raises(ConfigError, match="refused the token"):
+            client(server, token="wrong-token-0000")
+        ep, handle = server.endpoint, good.handle
+        query = {"v": 1, "op": "query", "handle": handle}
+        replies = [
+            raw_request(ep, encode({**query, "token": "wrong-token-0000"}, {"x": x, "theta": good.theta})),  # wrong token
+            raw_request(ep, encode(query, {"x": x})),  # no token
+            raw_request(ep, [b"\x00\xff garbage \x13"]),  # not JSON
+            raw_request(ep, [b"[1, 2]"]),  # JSON, not an object
+            raw_request(ep, [json.dumps({**query, "token": TOKEN, "tensors": [{"name": "x", "dtype": "object", "shape": [1]}]}).encode(), b"\x80"]),
+            raw_request(ep, [json.dumps({**query, "token": TOKEN, "tensors": [{"name": "x", "dtype": "float32", "shape": [9, 9]}]}).encode(), b"1234"]),
+            raw_request(ep, encode({**query, "token": TOKEN}, {"x": torch.randn(3, 5), "theta": good.theta})),  # wrong width
+            raw_request(ep, encode({**query, "token": TOKEN, "purpose": "steal"}, {"x": x, "theta": good.theta})),
+            raw_request(ep, encode({**query, "token": TOKEN, "op": "exec"})),  # unknown op
+            raw_request(ep, encode({**query, "token": TOKEN, "handle": "nope"}, {"x": x, "theta": good.theta})),
+            raw_request(ep, encode({"v": 1, "op": "set_state", "handle": handle, "token": TOKEN}, {"noise": torch.zeros(3, dtype=torch.uint8)})),
+            raw_request(ep, encode({**query, "token": TOKEN}, {f"t{i}": torch.zeros(2**17) for i in range(3)})),  # 1.5 MiB in frames of 0.5
+        ]
+        codes = [r["error"]["code"] if r and not r["ok"] else r for r in replies]
+        assert codes == ["auth", "auth", "malformed", "malformed", "malformed", "malformed", "malformed", "malformed",
+                         "malformed", "unknown_handle", "malformed", "too_large"]
+        assert raw_request(ep, [b"x" * (2 * 2**20)], timeout_s=0.5) is None  # one frame over the limit: dropped unread
+        with socket.create_connection(("127.0.0.1", int(ep.rsplit(":", 1)[1]))) as raw:  # not even ZeroMQ
+            raw.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(range(256)))
+
+        # the legitimate client is still served, and nothing above touched its device's noise stream
+        torch.testing.assert_close(good.query(x), expected[1], rtol=0, atol=0)
+        assert server.refused >= 13  # the twelve above, the wrong-token open (and the raw bytes, if read as ZMTP 1.0)
+        with pytest.raises(ConfigError, match="exceeds device.max_message_mb"):
+            good.connection.request("query", {"handle": handle}, {"x": torch.zeros(2**19)})
+
+
+def test_tokens_and_settings_are_checked(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(TOKEN_ENV)
+    with pytest.raises(ConfigError, match=f"set the environment variable {TOKEN_ENV} or server.token_file"):
+        read_token(None, "server.token_file")
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    assert read_token(str(tmp_path / "token"), "device.token_file") == TOKEN
+    (tmp_path / "short").write_text("abc")
+    with pytest.raises(ConfigError, match="at least 8 characters"):
+        read_token(str(tmp_path / "short"), "device.token_file")
+    with pytest.raises(ConfigError, match="device.token_file=.*missing is not a readable"):
+        read_token(str(tmp_path / "missing"), "device.token_file")
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    with pytest.raises(ConfigError, match=r"server.delay_s=-1 is not allowed"):
+        build_server(server_config("server.delay_s=-1"))
+    with pytest.raises(ConfigError, match=r"server.address='udp://x' must be a tcp://"):
+        build_server(server_config("server.address=udp://x"))
+    with pytest.raises(SystemExit) as exit_info:
+        check_device_override(["device=remote"])
+    assert exit_info.value.code == 2 and "choose one of" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="device.address='localhost:5555' must be a tcp://"):
+        RemoteDevice(4, 4, address="localhost:5555")
+    with pytest.raises(ConfigError, match="device.timeout_s=0 is not allowed"):
+        RemoteDevice(4, 4, timeout_s=0)
+
+
+# --------------------------------------------------------------------------- protocol details
+class ToyChip(LabDevice):
+    """A fixed 5 → 3 "chip": A(θ) = θ itself (a 3×5 bank), at most 2 rows per call."""
+
+    def __init__(self, d_in: int = 5, d_out: int = 3):
+        self.shape = (d_out, d_in)
+        self.programs = 0
+
+    def info(self) -> DeviceInfo:
+        return DeviceInfo("toy chip s/n 1", self.shape[1], self.shape[0], self.shape, max_rows=2, phase_range=None)
+
+    def program(self, theta: Tensor) -> None:
+        self.theta, self.programs = theta.clone(), self.programs + 1
+
+    def measure(self, x: Tensor, purpose: str = "forward") -> Tensor:
+        if x.abs().max() > 1e6:
+            raise DeviceFault("detector saturated")
+        return x @ self.theta.T
+
+
+def test_lab_device_fixed_shape_row_limit_and_faults():
+    opener, identity = device_opener({"family": "toy", "_target_": f"{__name__}.ToyChip"}, max_width=64)
+    assert identity == "toy chip s/n 1"
+    server = DeviceServer(opener, TOKEN, address="tcp://127.0.0.1:*", max_rows=None)
+    with serving(server=server):
+        with pytest.raises(ConfigError, match=r"fixed at d_in=5, d_out=3; layer 'layer' asked for d_in=6, d_out=4"):
+            client(server)
+        remote = client(server, 5, 3)
+        assert remote.info["identity"] == "toy chip s/n 1" and not remote.is_phase_device
+        assert torch.equal(remote.theta, torch.zeros(3, 5))
+        theta = torch.randn(3, 5)
+        x = torch.randn(7, 5)
+        torch.testing.assert_close(remote.query(x, theta), x @ theta.T)  # 7 rows in calls of 2
+        thetas = torch.randn(4, 3, 5)
+        torch.testing.assert_close(remote.query(x, thetas), torch.einsum("bn,kmn->kbm", x, thetas))
+        ledger = QueryLedger(remote, max_retries=1)
+        with pytest.raises(DeviceFailure, match="detector saturated"):
+            ledger.query(torch.full((1, 5), 1e7), "forward")
+        assert ledger.retries == 1
+
+
+def test_message_limit_splits_calls_and_delay_is_counted_as_wait():
+    with serving("device=mrr", "server.delay_s=0.02") as server:
+        remote = client(server, 8, 6)
+        local = make_device(server_config("device=mrr").device, 8, 6, 0, "layer")
+        x, thetas = torch.randn(5, 8), local.theta.detach() + 0.1 * torch.randn(7, *local.theta.shape)
+        whole = remote.query(x, thetas)
+        torch.testing.assert_close(whole, local.query(x, thetas), rtol=0, atol=0)
+        remote.connection.max_message_bytes = 64 * 1024 + 3 * 4 * local.theta.numel() + 200  # a few settings per call
+        torch.testing.assert_close(remote.query(x, thetas), whole)  # smaller batches round differently
+        ledger = QueryLedger(remote)
+        start = time.monotonic()
+        for _ in range(3):
+            ledger.query(x, "forward")
+        assert 0.06 <= ledger.wait_seconds <= time.monotonic() - start
+        assert ledger.counts()["device/wait_seconds"] == ledger.wait_seconds
+        assert QueryLedger(local).counts().keys() == ledger.counts().keys() - {"device/wait_seconds"}
+
+
+def test_benchmark_prints_loopback_and_in_process_rates():
+    lines = measure("slm", width=8, batch=4, settings=3, seconds=0.05)
+    assert len(lines) == 2 and all("in-process" in line and "loopback" in line and "queries/s" in line for line in lines)
