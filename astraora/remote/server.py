@@ -392,7 +392,10 @@ def serve_from_config(cfg) -> None:
 
 
 def check_device_override(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
-    """``device=<name>`` must name a file in conf/device: one line and exit 2 otherwise."""
+    """``device=<name>`` must name a file in conf/device: one line and exit 2 otherwise (unless
+    ``hydra.searchpath`` adds config directories, e.g. a lab's own conf/device/<chip>.yaml)."""
+    if any(arg.startswith("hydra.searchpath") for arg in argv):
+        return
     allowed = sorted(p.stem for p in Path(config_dir, "device").glob("*.yaml") if p.stem not in NOT_SERVABLE)
     for arg in argv:
         key, sep, value = arg.partition("=")
