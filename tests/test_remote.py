@@ -285,6 +285,19 @@ def test_message_limit_splits_calls_and_delay_is_counted_as_wait():
         assert QueryLedger(local).counts().keys() == ledger.counts().keys() - {"device/wait_seconds"}
 
 
+def test_a_restarted_server_gets_the_layer_again_with_its_state():
+    with serving("device=slm", "device.nonideal.output_noise=0.1") as server:
+        remote = client(server)
+        reference = make_device(server_config("device=slm", "device.nonideal.output_noise=0.1").device, 6, 4, 0, "layer")
+        x = torch.randn(2, 6)
+        torch.testing.assert_close(remote.query(x), reference.query(x), rtol=0, atol=0)
+        state = remote.generator_states()  # as a checkpoint does
+        server.sessions.clear()  # what a restart loses
+        torch.testing.assert_close(remote.query(x), reference.query(x), rtol=0, atol=0)
+        assert len(server.sessions) == 1 and torch.equal(remote.generator_states()["noise"], reference.noise_gen.get_state())
+        assert set(state) == {"noise", "drift", "faults", "drift_offset"}
+
+
 def test_benchmark_prints_loopback_and_in_process_rates():
     lines = measure("slm", width=8, batch=4, settings=3, seconds=0.05)
     assert len(lines) == 2 and all("in-process" in line and "loopback" in line and "queries/s" in line for line in lines)

@@ -168,7 +168,10 @@ class RemoteDevice(nn.Module):
     def _reopen(self) -> None:
         """After a server restart: a fresh layer there, with the last known generator states."""
         log.warning("device server %s lost layer %r (restarted?); opening it again", self.address, self.name)
-        self._open()
+        try:
+            self._open()
+        except (ConfigError, DeviceFailure) as err:  # mid-run: a fault like any other, for the ledger to retry
+            raise DeviceFault(str(err)) from None
         if self._states:
             self.connection.request("set_state", {"handle": self.handle}, self._states)
 
