@@ -40,7 +40,7 @@ class MZIMesh(Device):
         init_center, init_std: phases ~ N(init_center, init_std²) in radians; paper: π/2 and
             1/√N (``init_std=None``).
         engine: ``tiles`` or ``columns`` (see above).
-        tile: L, the tile size of the ``tiles`` engine, or None: 4 for meshes of up to 128 wires,
+        tile: L, the tile size of the ``tiles`` engine, or None: 4 for meshes of up to 192 wires,
             8 above (the fastest we measured on CPUs: small blocks keep the per-tile build cheap
             where batches are small, larger ones make better GEMMs).
     """
@@ -60,7 +60,7 @@ class MZIMesh(Device):
         self.init_center = float(init_center)
         self.init_std = 1.0 / math.sqrt(self.modes) if init_std is None else float(init_std)
         self.engine = engine
-        self.tile = tile if tile is not None else (4 if self.modes <= 128 else 8)
+        self.tile = tile if tile is not None else (4 if self.modes <= 192 else 8)
         self._tiles: dict[tuple[int, int], TiledMesh] = {}  # geometry per (inputs, outputs) wires
         super().__init__(d_in, d_out, **kwargs)
         phases_per_column = torch.tensor([2 * count for _, count in self.columns])
