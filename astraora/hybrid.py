@@ -33,6 +33,44 @@ from astraora.zo import ZOEstimator
 MODES = ("zo+sm", "exact+sm", "zo+exact", "exact")
 
 
+class RankSync:
+    """The collectives a HybridLayer needs under data-parallel training (``torch.distributed``).
+
+    Every process holds the same θ and surrogate; each measures its own shard of the batch. The
+    ZO coefficients are averaged (:meth:`mean`, M floats per estimate); the surrogate is updated
+    on rank 0 only and its factors broadcast (:meth:`broadcast`, (m + n)·r + r² + 1 floats), so
+    its queries are made, and counted, once. ``floats`` counts the numbers each collective moved,
+    by purpose, for the communication figure.
+    """
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.floats = {"zo": 0, "surrogate": 0, "health": 0}
+
+    def _reduce(self, t: Tensor, purpose: str) -> Tensor:
+        self.floats[purpose] = self.floats.get(purpose, 0) + t.numel()
+        t = t.contiguous()
+        self._dist.all_reduce(t)
+        return t
+
+    def mean(self, t: Tensor) -> Tensor:
+        """The mean of ``t`` over the processes (the ZO estimator's reducer)."""
+        return self._reduce(t.clone(), "zo") / self.world_size
+
+    def sum(self, t: Tensor, purpose: str = "health") -> Tensor:
+        return self._reduce(t.clone(), purpose)
+
+    def broadcast(self, t: Tensor, purpose: str = "surrogate") -> Tensor:
+        """``t`` as rank 0 holds it, on every process."""
+        self.floats[purpose] = self.floats.get(purpose, 0) + t.numel()
+        t = t.contiguous()
+        self._dist.broadcast(t, src=0)
+        return t
+
+
 def _cosine(a: Tensor, b: Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.reshape(1, -1).double(), b.reshape(1, -1).double()).item())
 
@@ -100,6 +138,7 @@ class HybridLayer(nn.Module):
         self.capture_next_backward = False  # set by the trainer when it wants gradient cosines
         self._captured: dict[str, Tensor] = {}
         self.last_residual: float | None = None
+        self.sync: RankSync | None = None  # set by attach_sync under data-parallel training
 
     @property
     def d_in(self) -> int:
@@ -116,12 +155,37 @@ class HybridLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"mode={self.mode}, rank={self.surrogate.rank}, integrator={self.integrator.name}"
 
+    # ----------------------------------------------------------------- data parallel
+    def attach_sync(self, sync: RankSync | None) -> None:
+        """Train as one of several data-parallel processes (None: alone again)."""
+        self.sync = sync if sync is not None and sync.world_size > 1 else None
+        if self.zo is not None:
+            self.zo.reducer = self.sync.mean if self.sync is not None else None
+
+    def _on_rank0_then_broadcast(self, update) -> None:
+        """Run ``update()`` (which may change the surrogate) on rank 0 only, then give every
+        process rank 0's factors: the queries are made once, the factors are identical."""
+        if self.sync is None:
+            update()
+            return
+        if self.sync.rank == 0:
+            update()
+        sur, theta = self.surrogate, self.device.theta.detach()
+        # flags: initialised; θ_ref is the current θ (an update sets it so; else it kept the value
+        # every process already shares), so θ_ref never needs to be sent
+        flags = torch.stack([sur.initialized, torch.tensor(torch.equal(sur.theta_ref, theta), device=sur.U.device)]).to(sur.U.dtype)
+        packed = self.sync.broadcast(torch.cat([flags, sur.U.reshape(-1), sur.S.reshape(-1), sur.V.reshape(-1)]))
+        if self.sync.rank != 0 and bool(packed[0]):
+            m, n, r = self.d_out, self.d_in, sur.rank
+            u, s, v = packed[2:].split([m * r, r * r, n * r])
+            sur.set_factors(u.view(m, r), s.view(r, r), v.view(n, r), theta if bool(packed[1]) else sur.theta_ref.clone())
+
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.d_in)
         if self.training and self.uses_surrogate and not bool(self.surrogate.initialized):
-            self.surrogate.readout(self.ledger)
+            self._on_rank0_then_broadcast(lambda: self.surrogate.readout(self.ledger))
         y = _PhysicalLayerFunction.apply(x2, self.device.theta, self)
         if self.training and self.uses_surrogate:
             self._check_health(x2.detach(), y.detach())
@@ -132,9 +196,13 @@ class HybridLayer(nn.Module):
     @torch.no_grad()
     def _check_health(self, x: Tensor, y: Tensor) -> None:
         """Residual of the surrogate on this batch, from queries already made (no extra cost)."""
-        self.last_residual = float((y - self.surrogate.apply(x)).norm() / y.norm().clamp_min(1e-12))
+        if self.sync is None:
+            self.last_residual = float((y - self.surrogate.apply(x)).norm() / y.norm().clamp_min(1e-12))
+        else:  # the whole batch's residual, so that every process takes the same decision
+            sq = self.sync.sum(torch.stack([(y - self.surrogate.apply(x)).square().sum(), y.square().sum()]).double())
+            self.last_residual = float(sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-12))
         if self.health_threshold is not None and self.last_residual > self.health_threshold:
-            self.surrogate.readout(self.ledger)
+            self._on_rank0_then_broadcast(lambda: self.surrogate.readout(self.ledger))
 
     # ----------------------------------------------------------------- backward pieces
     def input_grad(self, x: Tensor, g: Tensor) -> Tensor:
@@ -174,7 +242,12 @@ class HybridLayer(nn.Module):
         self.theta_updates += 1
         self.device.step_drift()
         if self.uses_surrogate and bool(self.surrogate.initialized):
-            self.integrator.step(self.surrogate, self.ledger, self.theta_updates)
+            if self.sync is None:
+                self.integrator.step(self.surrogate, self.ledger, self.theta_updates)
+                return
+            step, integ = self.theta_updates, self.integrator
+            if (integ.rebuild_every and step % integ.rebuild_every == 0) or step % integ.every == 0:
+                self._on_rank0_then_broadcast(lambda: integ.step(self.surrogate, self.ledger, step))
 
     # ----------------------------------------------------------------- diagnostics (oracle)
     @torch.no_grad()

@@ -21,6 +21,7 @@ import hydra
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from astraora.build import build_model, hybrid_layers, instantiate
@@ -213,7 +214,7 @@ def make_loggers(cfg: DictConfig, output_dir: Path, wandb_id: str | None, module
 
             def log_metrics(self, metrics, step=None):
                 if module is not None and "queries/total" not in metrics:
-                    metrics = {"queries/total": float(module.query_totals().get("queries/total", 0)), **metrics}
+                    metrics = {"queries/total": float(module.query_totals(collective=False).get("queries/total", 0)), **metrics}
                 super().log_metrics(metrics, step)
 
         spec = cfg.logger.wandb
@@ -261,7 +262,8 @@ def summarize(cfg: DictConfig, module, trainer, metrics: dict, status: str, star
     reprograms, surrogate = 0, None
     layers = hybrid_layers(module.model) if module is not None else {}
     if layers:
-        totals = module.query_totals()
+        # under DDP a collective: every process gets here together only when the run completed
+        totals = module.query_totals(collective=status == "completed")
         queries = {p: totals[f"queries/{p}"] for p in queries}
         reprograms = totals["reprograms"]
         diag = module.diagnostics() if cfg.mode.endswith("+sm") else {}
@@ -270,6 +272,7 @@ def summarize(cfg: DictConfig, module, trainer, metrics: dict, status: str, star
             "rel_error": diag.get("surrogate/rel_error"),
             "rel_error_best_rank_r": diag.get("surrogate/rel_error_best_rank_r"),
         }
+    distributed = {"distributed": module.distributed_info} if getattr(module, "distributed_info", None) else {}
     return {
         "task": cfg.task.name, "device": cfg.device.family, "mode": cfg.mode if layers else "digital",
         "seed": int(cfg.seed), "metrics": metrics, "queries": queries, "reprograms": reprograms,
@@ -282,6 +285,7 @@ def summarize(cfg: DictConfig, module, trainer, metrics: dict, status: str, star
             "zo": {"samples": int(cfg.zo.samples), "direction": cfg.zo.direction, "two_sided": bool(cfg.zo.two_sided)},
             "integrator": {"name": cfg.integrator.name, "samples": cfg.integrator.get("samples")},
         },
+        **distributed,
     }
 
 
@@ -315,6 +319,19 @@ def build_module(cfg: DictConfig, dm: L.LightningDataModule, model_kwargs: dict 
     return LanguageModelModule(model, char_level=dm.char_level, **common)
 
 
+def check_data_parallel(cfg: DictConfig) -> None:
+    """Under DDP ``task.datamodule.batch_size`` is the global batch: it must split evenly."""
+    if "ddp" not in str(cfg.trainer.get("strategy", "")):
+        return
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if not isinstance(devices, int) or devices < 1:
+        return  # "auto" or -1: known only once Lightning has counted the accelerators
+    world, batch = devices * int(nodes or 1), int(cfg.task.datamodule.batch_size)
+    if batch % world:
+        raise AstraoraError(f"task.datamodule.batch_size={batch} is the global batch and must be divisible by the "
+                            f"{world} processes (trainer.devices={devices} x trainer.num_nodes={nodes}).")
+
+
 def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     """Train and test one configuration; returns the summary (also written to summary.json).
 
@@ -327,6 +344,7 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     ckpt_path, state = read_checkpoint(cfg) if cfg.resume else (None, None)
     if ckpt_path is not None and ckpt_path.parent.name == "checkpoints":
         output_dir = ckpt_path.parent.parent
+    check_data_parallel(cfg)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if cfg.get("cpu_threads") and cfg.trainer.accelerator == "cpu":
         torch.set_num_threads(int(cfg.cpu_threads))
@@ -340,7 +358,8 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
 
     # Every check has passed: from here on the run writes into its directory.
     output_dir.mkdir(parents=True, exist_ok=True)
-    log_into(output_dir)
+    if rank_zero_only.rank == 0:  # DDP: the other processes do not write train.log
+        log_into(output_dir)
     if state is not None:
         truncate_metrics(output_dir / "metrics.csv", int(state["global_step"]))
         log.info("resuming from %s (step %d) in %s", ckpt_path, state["global_step"], output_dir)
@@ -369,7 +388,7 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
                 write_language_sample(cfg, module, dm, output_dir)
             status = "completed"
     except DeviceFailure:
-        trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
         status = "device_failure"
         raise
     except (KeyboardInterrupt, SystemExit):
@@ -378,7 +397,8 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     finally:
         metrics.update(reached_metrics(trainer))
         summary = summarize(cfg, module, trainer, metrics, status, started, output_dir)
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if trainer.is_global_zero:  # DDP: rank 0 writes (the query totals are already summed)
+            (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         for lg in loggers[1:]:
             lg.experiment.summary.update(wandb_summary(summary))
         if cfg.logger.get("wandb"):
@@ -435,7 +455,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     finally:
         if summary is None or Path(summary["run_dir"]).resolve() != hydra_dir.resolve():
             discard_unused_run_dir(hydra_dir)
-    log.info(report(summary))
+    if rank_zero_only.rank == 0:
+        log.info(report(summary))
     metric = cfg.get("optimized_metric")
     return summary["metrics"].get(metric) if metric else None
 

@@ -45,6 +45,15 @@ def default_num_workers() -> int:
     return 0 if cpus <= 2 else min(4, cpus - 1)
 
 
+def eval_shard(n: int, datamodule) -> list[int] | None:
+    """Under DDP, this process's part of an evaluation split (samples rank, rank + W, ...; no
+    sample repeated, so the metrics, summed over the processes, are those of one process);
+    None when training alone."""
+    trainer = getattr(datamodule, "trainer", None)
+    world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+    return list(range(trainer.global_rank, n, world)) if world > 1 else None
+
+
 class ResumableSampler(Sampler[int]):
     """Indices of one epoch, in an order fixed by ``(seed, epoch)`` alone, that can start mid-epoch.
 
@@ -62,6 +71,20 @@ class ResumableSampler(Sampler[int]):
     def __init__(self, n: int, seed: int, shuffle: bool = True, on_epoch=None):
         self.n, self.seed, self.shuffle, self.on_epoch = int(n), int(seed), shuffle, on_epoch
         self.epoch, self._skip = 0, 0
+        self.rank, self.world_size, self.global_batch, self.drop_last = 0, 1, 1, False
+
+    def shard(self, rank: int, world_size: int, global_batch: int, drop_last: bool = False) -> None:
+        """Serve process ``rank``'s share of every global batch (data-parallel training).
+
+        The epoch's order is the single-process order; global batch k is its samples
+        k·B .. (k+1)·B − 1 (B = ``global_batch``), and process r takes the r-th of its
+        ``world_size`` equal slices, so the processes together train on exactly the samples one
+        process would. A last, partial global batch is dropped with ``drop_last``, else split as
+        evenly as possible (padded from the epoch's start if it has fewer samples than processes,
+        so that every process runs the same number of steps)."""
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
+        self.rank, self.world_size, self.global_batch, self.drop_last = int(rank), int(world_size), int(global_batch), bool(drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -79,10 +102,25 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, "data", str(self.epoch))))
         else:
             order = torch.arange(self.n)
-        return iter(order[self._skip:].tolist())
+        return iter(self._share(order, self._skip).tolist())
+
+    def _share(self, order, skip: int):
+        """This process's indices of ``order`` from global position ``skip`` on."""
+        rest = order[skip:]
+        if self.world_size == 1:
+            return rest
+        b, w = self.global_batch, self.world_size
+        full = len(rest) // b
+        mine = rest[:full * b].view(full, w, b // w)[:, self.rank].reshape(-1)
+        tail = rest[full * b:]
+        if len(tail) and not self.drop_last:
+            if len(tail) < w:
+                tail = torch.cat([tail, order[:w - len(tail)]])
+            mine = torch.cat([mine, tail.tensor_split(w)[self.rank]])
+        return mine
 
     def __len__(self) -> int:
-        return self.n
+        return len(self._share(torch.arange(self.n), 0)) if self.world_size > 1 else self.n
 
 
 class ResumableLoader(DataLoader):
@@ -95,6 +133,14 @@ class ResumableLoader(DataLoader):
     """
 
     def __init__(self, dataset, sampler: ResumableSampler, datamodule, **kwargs):
+        # Under DDP (Lightning's use_distributed_sampler off, see conf/trainer/ddp*.yaml) the
+        # configured batch_size is the global batch: each process loads its 1/world_size slice.
+        trainer = getattr(datamodule, "trainer", None)
+        world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+        if world > 1 and sampler.world_size == 1:
+            batch = int(kwargs.get("batch_size", 1))
+            sampler.shard(trainer.global_rank, world, batch, drop_last=bool(kwargs.get("drop_last", False)))
+            kwargs["batch_size"] = batch // world
         super().__init__(dataset, sampler=sampler, **kwargs)
         self._datamodule = datamodule
 
@@ -107,4 +153,4 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.set_epoch(state["epoch"])
-        self.sampler.skip(state["batches_done"] * self.batch_size)
+        self.sampler.skip(state["batches_done"] * self.batch_size * self.sampler.world_size)  # global samples

@@ -39,7 +39,7 @@ from pydoc_data.topics import topics
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from astraora.data.common import ResumableLoader, ResumableSampler, default_num_workers, missing_dataset, resolve_data_dir, seeded_split
+from astraora.data.common import ResumableLoader, ResumableSampler, default_num_workers, eval_shard, missing_dataset, resolve_data_dir, seeded_split
 from astraora.errors import ConfigError, DataFileError, DatasetNotFoundError
 from astraora.rng import make_generator
 
@@ -247,7 +247,7 @@ class TextDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=default_num_workers(),
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(), sampler=eval_shard(len(dataset), self))
 
     def train_dataloader(self) -> DataLoader:
         windows = RandomWindows(self.tokens["train"], self.block_size, self.samples_per_epoch, self.seed)

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from astraora.data.common import ResumableLoader, ResumableSampler, default_num_workers, missing_dataset, resolve_data_dir, seeded_split
+from astraora.data.common import ResumableLoader, ResumableSampler, default_num_workers, eval_shard, missing_dataset, resolve_data_dir, seeded_split
 from astraora.errors import ConfigError, DataFileError, DatasetNotFoundError
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class ClassificationDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
         if not train:
-            return DataLoader(dataset, **settings)
+            return DataLoader(dataset, sampler=eval_shard(len(dataset), self), **settings)
         # the epoch's order depends on (seed, epoch) only and survives a mid-epoch resume;
         # a last training batch of one sample would break BatchNorm
         return ResumableLoader(dataset, ResumableSampler(len(dataset), self.seed), self,

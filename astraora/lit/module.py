@@ -22,6 +22,15 @@ import torchmetrics
 from torch import Tensor, nn
 
 from astraora.build import hybrid_layers, make_optimizer, make_scheduler
+from astraora.hybrid import RankSync
+
+LEDGER_COUNTERS = ("queries", "reprograms", "oracle", "retries", "skipped", "wait_seconds")
+
+
+def world_size() -> int:
+    """Processes in the data-parallel run (1 without torch.distributed)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class HybridModule(L.LightningModule):
@@ -44,6 +53,91 @@ class HybridModule(L.LightningModule):
         self.optimizer_spec, self.physical_optimizer_spec, self.scheduler_spec = optimizer, physical_optimizer, scheduler
         self.diagnostics_every = int(diagnostics_every)
         self.physical = hybrid_layers(model)
+        self._sync: RankSync | None = None
+        self._reduced_totals: dict | None = None
+        self.distributed_info: dict | None = None  # figures of a data-parallel run, for summary.json
+
+    # ----------------------------------------------------------------- data parallel
+    def setup(self, stage: str) -> None:
+        """Under DDP (before Lightning wraps the module): the physical layers exchange only their
+        ZO coefficients and rank 0's surrogate; θ and the surrogate's buffers are kept out of
+        DDP's gradient all-reduce and buffer broadcast (θ's ĝ is already the same everywhere)."""
+        if world_size() == 1 or not self.physical or self._sync is not None:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        self._sync = RankSync()
+        for layer in self.physical.values():
+            layer.attach_sync(self._sync)
+        thetas = {id(t) for t in self.theta_parameters()}
+        ignore = [name for name, p in self.named_parameters() if id(p) in thetas]
+        ignore += [name for name, _ in self.named_buffers() if ".surrogate." in f".{name}"]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignore)
+
+    def on_train_start(self) -> None:
+        self._zo_floats_at_start = self._sync.floats["zo"] if self._sync is not None else 0
+        self._step_at_start = self.global_step
+
+    def on_train_end(self) -> None:
+        """Figures of a data-parallel run: floats exchanged per step for ZO and by DDP for the
+        digital gradients, and how far θ and U, S, V differ between the processes (0 expected)."""
+        if self._sync is None:
+            return
+        sync, steps = self._sync, max(1, self.global_step - self._step_at_start)
+        ddp = self.trainer.strategy.model
+        ignored = set(getattr(ddp, "parameters_to_ignore", ()))
+        states = [t for layer in self.physical.values()
+                  for t in (layer.theta, layer.surrogate.U, layer.surrogate.S, layer.surrogate.V)]
+        divergence = torch.stack([(t.detach() - sync.broadcast(t.detach().clone(), "check")).abs().max() for t in states])
+        torch.distributed.all_reduce(divergence, op=torch.distributed.ReduceOp.MAX)
+        self.distributed_info = {
+            "world_size": sync.world_size,
+            "zo_floats_per_step": (sync.floats["zo"] - self._zo_floats_at_start) / steps,
+            "theta_floats": sum(t.numel() for t in self.theta_parameters()),
+            "ddp_gradient_floats_per_step": sum(p.numel() for name, p in ddp.module.named_parameters()
+                                                if p.requires_grad and name not in ignored),
+            "theta_in_ddp_allreduce": any(p is t for name, p in ddp.module.named_parameters() if name not in ignored
+                                          for t in self.theta_parameters()),
+            "max_rank_divergence": float(divergence.max()),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Under DDP the checkpoint (written by rank 0) holds the ledgers' counts summed over the
+        processes; on resume rank 0 takes them and the other ranks start from zero."""
+        if self._sync is None:
+            return
+        for name in self.physical:
+            state = checkpoint["state_dict"][f"model.{name}._extra_state"]["ledger"]
+            flat = self._flatten_counters(state)
+            summed = self._sync.sum(torch.tensor([v for _, v in flat], dtype=torch.float64), "ledger")
+            self._unflatten_counters(state, [(k, v) for (k, _), v in zip(flat, summed.tolist())])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if world_size() == 1 or torch.distributed.get_rank() == 0:
+            return
+        for name in self.physical:
+            state = checkpoint["state_dict"].get(f"model.{name}._extra_state", {}).get("ledger")
+            if state is not None:
+                self._unflatten_counters(state, [(k, 0) for k, _ in self._flatten_counters(state)])
+
+    @staticmethod
+    def _flatten_counters(state: dict) -> list[tuple[tuple, float]]:
+        out = []
+        for key in LEDGER_COUNTERS:
+            if isinstance(state.get(key), dict):
+                out += [((key, sub), float(v)) for sub, v in sorted(state[key].items())]
+            elif key in state:
+                out.append(((key,), float(state[key])))
+        return out
+
+    @staticmethod
+    def _unflatten_counters(state: dict, flat: list) -> None:
+        for path, value in flat:
+            cast = float if path[0] == "wait_seconds" else int
+            if len(path) == 2:
+                state[path[0]][path[1]] = cast(round(value)) if cast is int else cast(value)
+            else:
+                state[path[0]] = cast(round(value)) if cast is int else cast(value)
 
     # ----------------------------------------------------------------- optimizers
     def theta_parameters(self) -> list[nn.Parameter]:
@@ -97,7 +191,7 @@ class HybridModule(L.LightningModule):
             layer.capture_next_backward = diagnose
         log_now = self._logs_this_step()
         theta_before = [t.detach().clone() for t in self.theta_parameters()] if log_now else []
-        total_before = self.query_totals().get("queries/total", 0)
+        total_before = sum(layer.ledger.total for layer in self.physical.values())  # this process's, no collective
 
         for opt in optimizers:
             opt.zero_grad()
@@ -137,9 +231,15 @@ class HybridModule(L.LightningModule):
     def _log_physical(self, theta_before: list[Tensor], total_before: int) -> None:
         if not self.physical:
             return
-        totals = self.query_totals()
+        if self._sync is None:
+            totals = self.query_totals()
+            per_step = totals["queries/total"] - total_before
+        else:  # this step's queries of every process, summed along with the totals
+            local = sum(layer.ledger.total for layer in self.physical.values())
+            totals = self.query_totals(extra={"queries/per_step": local - total_before})
+            per_step = totals.pop("queries/per_step")
         self.log_dict({key: float(n) for key, n in totals.items() if key != "queries/oracle"})
-        self.log("queries/per_step", float(totals["queries/total"] - total_before))
+        self.log("queries/per_step", float(per_step))
         self.log("queries", float(totals["queries/total"]), prog_bar=True, logger=False)
         delta = sum(float((t.detach() - b).norm() ** 2) for t, b in zip(self.theta_parameters(), theta_before))
         norm = sum(float(b.norm() ** 2) for b in theta_before)
@@ -156,12 +256,24 @@ class HybridModule(L.LightningModule):
         self.loss_and_update_metrics(batch, "test")
 
     # ----------------------------------------------------------------- physical-layer readouts
-    def query_totals(self) -> dict[str, int]:
-        """The ledgers' counters (:meth:`QueryLedger.counts`) summed over the physical layers."""
-        totals: dict[str, int] = {}
+    def query_totals(self, collective: bool = True, extra: dict | None = None) -> dict[str, int]:
+        """The ledgers' counters (:meth:`QueryLedger.counts`) summed over the physical layers and,
+        under DDP, over the processes (each really sent its queries; the surrogate's are made on
+        rank 0 only, so they are counted once). Under DDP every process must call this together;
+        ``collective=False`` returns the last summed totals instead (e.g. from a rank-0-only
+        logger). ``extra`` counters are summed along."""
+        totals: dict[str, int] = dict(extra or {})
         for layer in self.physical.values():
             for key, n in layer.ledger.counts().items():
                 totals[key] = totals.get(key, 0) + n
+        if self._sync is None:
+            return totals
+        if not collective:
+            return dict(self._reduced_totals) if self._reduced_totals is not None else totals
+        keys = sorted(totals)
+        summed = self._sync.sum(torch.tensor([float(totals[k]) for k in keys], dtype=torch.float64), "ledger").tolist()
+        totals = {k: (int(round(v)) if isinstance(totals[k], int) else v) for k, v in zip(keys, summed)}
+        self._reduced_totals = {k: v for k, v in totals.items() if k not in (extra or {})}
         return totals
 
     def diagnostics(self) -> dict[str, float]:
@@ -189,6 +301,7 @@ class ClassificationModule(HybridModule):
         return self.model(x)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
         self._resumed_mid_epoch = not progress.get("is_last_batch", True)
 

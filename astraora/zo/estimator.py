@@ -11,6 +11,7 @@ are evaluated as batched tensor work in chunks of ``chunk_size`` settings, throu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -41,6 +42,15 @@ class ZOEstimator:
             chunks pay for small layers and on GPUs; for layers of 512 × 1024 on a CPU, chunks of
             a few settings are fastest (cache).
         generator: draws the directions.
+
+    Data-parallel training (several processes, each with its own shard of the batch) sets
+    :attr:`reducer`: a callable that returns the mean over the processes of a tensor. φ is a sum
+    over the batch, so the per-process finite-difference coefficients average to the ones of the
+    whole batch (each process's upstream gradient is that of its shard's mean loss). With a
+    reducer the M coefficients are measured first, reduced in one collective of M floats (2M
+    settings two-sided still give M coefficients), and the same directions are then redrawn from
+    the saved generator state to form ĝ, so every process ends with the same ĝ (MeZO's shared
+    seed: no p-sized vector is exchanged). Without one (a single process) nothing changes.
     """
 
     def __init__(self, samples: int = 100, mu: float = 1e-4, direction: str = "gaussian", two_sided: bool = False,
@@ -58,6 +68,7 @@ class ZOEstimator:
         self.generator = generator
         self._device_generator: torch.Generator | None = None  # directions on a GPU (generator_for)
         self._pending_device_state: Tensor | None = None  # its checkpointed state, until first used
+        self.reducer: Callable[[Tensor], Tensor] | None = None  # mean over data-parallel processes
 
     def chunk_for(self, p: int, rows: int, d_in: int, d_out: int, device: torch.device | str = "cpu") -> int:
         """Settings per batched call: the configured size, or for ``auto`` as many as keep one
@@ -166,6 +177,9 @@ class ZOEstimator:
         chunk = self.chunk_for(p, probes.shape[0], x.shape[1], d_out, flat.device)
         u_buffer = torch.empty(chunk, p, dtype=flat.dtype, device=flat.device)
         settings = torch.empty(chunk, p, dtype=flat.dtype, device=flat.device)
+        if self.reducer is not None:
+            state = self.generator_for(flat.device).get_state()
+            coefs = torch.empty(self.samples, dtype=flat.dtype, device=flat.device)
         for start in range(0, self.samples, chunk):
             k = min(chunk, self.samples - start)
             u = self.directions(k, p, flat.dtype, flat.device, out=u_buffer)
@@ -177,7 +191,18 @@ class ZOEstimator:
                 coef = (plus - minus) / (2 * self.mu)
             else:
                 coef = (plus - phi0) / self.mu
-            ghat.addmv_(u.T, coef)  # ĝ += Σ_i coef_i u_i
+            if self.reducer is not None:
+                coefs[start:start + k] = coef
+            else:
+                ghat.addmv_(u.T, coef)  # ĝ += Σ_i coef_i u_i
+        if self.reducer is not None:
+            # one collective of M floats; a non-finite reading anywhere makes every process's ĝ
+            # non-finite, so all of them agree on retrying or skipping the estimate
+            coefs = self.reducer(coefs)
+            self.generator_for(flat.device).set_state(state)
+            for start in range(0, self.samples, chunk):
+                k = min(chunk, self.samples - start)
+                ghat.addmv_(self.directions(k, p, flat.dtype, flat.device, out=u_buffer).T, coefs[start:start + k])
         return (ghat / self.samples).view_as(theta)
 
     def state_dict(self) -> dict:

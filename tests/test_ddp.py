@@ -1,0 +1,128 @@
+"""Data-parallel training (issue #12): seed-synchronised ZO, rank-0 surrogate, sharded data, DDP."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from astraora.data.common import ResumableSampler
+from astraora.devices.dense import MatVec
+from astraora.ledger import QueryLedger
+from astraora.rng import make_generator
+from astraora.zo import ZOEstimator
+from tests.conftest import compose_config, run_cli
+
+
+def _estimate_on_shards(x, g, shards: int, samples: int = 12, chunk=5):
+    """ĝ of each of ``shards`` 'processes' (threads), each with its own device copy and an
+    estimator whose reducer averages the coefficients over the threads; returns the ĝ's and the
+    floats each reducer call moved."""
+    barrier, box, moved, out = threading.Barrier(shards), [None] * shards, [], [None] * shards
+    torch.manual_seed(0)
+    theta0 = torch.randn(6, 5)
+
+    def worker(rank):
+        device = MatVec(5, 6)
+        with torch.no_grad():
+            device.theta.copy_(theta0)
+        zo = ZOEstimator(samples, 1e-3, chunk_size=chunk, generator=make_generator(0, "layer", "zo"))
+
+        def mean(t):
+            box[rank] = t.clone()
+            barrier.wait()
+            total = sum(box) / shards
+            moved.append(t.numel())
+            barrier.wait()
+            return total
+
+        zo.reducer = mean if shards > 1 else None
+        part = slice(rank * len(x) // shards, (rank + 1) * len(x) // shards)
+        # each process's upstream gradient is that of its shard's mean loss: W times the global one
+        out[rank] = zo.estimate(QueryLedger(device), x[part], g[part] * shards)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(shards)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out, moved
+
+
+def test_seed_synchronised_zo_matches_one_process_with_m_floats():
+    # in float64: the finite differences of a half batch and of the whole one then agree closely
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        gen = torch.Generator().manual_seed(1)
+        x, g = torch.randn(8, 5, generator=gen), torch.randn(8, 6, generator=gen) / 8
+        (single,), _ = _estimate_on_shards(x, g, 1)
+        (a, b), moved = _estimate_on_shards(x, g, 2)
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(a, b)  # every process ends with the same ĝ
+    torch.testing.assert_close(a, single, rtol=1e-7, atol=1e-9)
+    assert moved == [12, 12]  # one collective of M floats per process, not p = 30
+
+
+def test_sampler_shards_each_global_batch_and_resumes():
+    full = list(ResumableSampler(22, seed=3))
+    shards = []
+    for rank in range(2):
+        s = ResumableSampler(22, seed=3)
+        s.shard(rank, 2, 8)
+        shards.append(list(s))
+        assert len(s) == len(shards[-1]) == 11  # last partial global batch (6) split 3 + 3
+    for k in range(3):
+        assert set(full[k * 8:(k + 1) * 8]) == set(shards[0][k * 4:(k + 1) * 4]) | set(shards[1][k * 4:(k + 1) * 4])
+    s = ResumableSampler(22, seed=3)
+    s.shard(1, 2, 8, drop_last=True)
+    s.skip(8)  # resumed after one global batch
+    assert list(s) == shards[1][4:8]
+    # epochs differ (text windows too: RandomWindows is redrawn through on_epoch)
+    epochs = []
+    s = ResumableSampler(22, seed=3, on_epoch=epochs.append)
+    s.shard(0, 2, 8)
+    first = list(s)
+    s.set_epoch(1)
+    assert list(s) != first and epochs == [1]
+
+
+def test_ddp_configs_compose():
+    cfg = compose_config(["trainer=ddp_cpu"])
+    assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.use_distributed_sampler) == ("ddp", 2, False)
+    cfg = compose_config(["trainer=ddp", "launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=4",
+                          "trainer.num_nodes=2", "trainer.devices=4"])
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.accelerator == "gpu" and cfg.trainer.num_nodes == 2
+
+
+def test_odd_global_batch_is_refused(tmp_path):
+    res = run_cli(["trainer=ddp_cpu", "task.datamodule.batch_size=63", f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path)
+    assert res.returncode == 2
+    assert "task.datamodule.batch_size=63" in res.stderr + res.stdout
+
+
+TINY = ["task.max_epochs=8", "zo.samples=8", "integrator.samples=8", "surrogate.rank=4", "trainer.deterministic=true",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=5"]
+
+
+def test_two_processes_match_one(tmp_path):
+    """`python train.py trainer=ddp_cpu` (2 gloo processes) against one process, same global batch."""
+    runs = {}
+    for name, trainer in (("ddp", "trainer=ddp_cpu"), ("one", "trainer=cpu")):
+        res = run_cli([trainer, *TINY, f"hydra.run.dir={tmp_path}/{name}"], cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    ddp, one = runs["ddp"], runs["one"]
+    assert ddp["queries"] == one["queries"]  # per-process batch 32 <= m = 64: no compressed batch
+    assert ddp["steps"] == one["steps"]
+    dist = ddp["distributed"]
+    assert dist["world_size"] == 2 and dist["max_rank_divergence"] == 0.0  # θ, U, S, V identical on both
+    assert dist["zo_floats_per_step"] == 8 and not dist["theta_in_ddp_allreduce"]
+    assert dist["ddp_gradient_floats_per_step"] > 0 and dist["theta_floats"] == 64 * 63
+    # within 1 pt (BatchNorm uses each process's half batch on the CPU: no SyncBatchNorm there)
+    assert abs(ddp["metrics"]["test/acc"] - one["metrics"]["test/acc"]) < 0.01
+    assert "distributed" not in one
+    assert (tmp_path / "ddp" / "metrics.csv").exists()
