@@ -37,8 +37,9 @@ def check_group_overrides(argv: list[str], config_dir: str = CONFIG_DIR) -> None
 
 def check_single_run(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
     """Compose and validate the config of a single run as Hydra will, so that an override Hydra
-    cannot apply (a key the config lacks, a malformed value) or a value validation refuses stops
-    before Hydra makes a run directory. Multiruns (sweep syntax) are left to Hydra and run()."""
+    cannot apply (a key the config lacks, a malformed value), a value validation refuses or an
+    unusable ``resume`` checkpoint stops before Hydra makes a run directory. Multiruns (sweep
+    syntax) are left to Hydra and run()."""
     if any(arg.startswith("-") for arg in argv):
         return
     from hydra import compose, initialize_config_dir
@@ -50,11 +51,14 @@ def check_single_run(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
     except HydraException as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         fail(" ".join(lines[:2]))
+    from astraora.checkpoints import read_checkpoint
     from astraora.config import validate
     from astraora.errors import AstraoraError
 
     try:
-        validate(cfg)
+        validate(cfg, import_targets=False)
+        if cfg.resume:
+            read_checkpoint(cfg)
     except AstraoraError as err:
         fail(str(err))
 

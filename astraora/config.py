@@ -59,14 +59,17 @@ def _check_target(cfg, key: str) -> None:
         raise ConfigError(f"{key}={target!r} does not name an importable class.") from None
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for the first bad value found in ``cfg``."""
+def validate(cfg: DictConfig, import_targets: bool = True) -> None:
+    """Raise :class:`ConfigError` for the first bad value found in ``cfg``. ``import_targets=False``
+    leaves out importing the ``_target_`` classes (the command line's quick check before Hydra
+    starts; :func:`astraora.train.run` validates again with them)."""
+    check_target = _check_target if import_targets else (lambda cfg, key: _get(cfg, key))
     _check_int(cfg, "seed", 0)
     if _get(cfg, "cpu_threads") is not None:
         _check_int(cfg, "cpu_threads", 1)
     _check_choice(cfg, "task.kind", TASK_KINDS)
-    _check_target(cfg, "task.datamodule._target_")
-    _check_target(cfg, "task.model._target_")
+    check_target(cfg, "task.datamodule._target_")
+    check_target(cfg, "task.model._target_")
     _check_choice(cfg, "task.optimizer.name", OPTIMIZERS)
     _check_real(cfg, "task.optimizer.lr")
     _check_choice(cfg, "scheduler.name", SCHEDULERS)
@@ -74,7 +77,7 @@ def validate(cfg: DictConfig) -> None:
     _check_int(cfg, "trainer.max_epochs", -1)
     if _get(cfg, "device.family") == "digital":
         return
-    _check_target(cfg, "device._target_")
+    check_target(cfg, "device._target_")
     _check_choice(cfg, "mode", MODES)
     _check_choice(cfg, "physical_optimizer.name", OPTIMIZERS)
     _check_real(cfg, "physical_optimizer.lr")

@@ -13,8 +13,9 @@ from astraora.build import build_model, hybrid_layers
 from astraora.config import validate
 from astraora.errors import ConfigError
 from astraora.hybrid import HybridLayer
+from astraora.report.compare import main as compare_main
 from astraora.train import CONFIG_DIR, run
-from conftest import REPO, compose_config, run_cli
+from conftest import compose_config, run_cli
 
 DEVICES = sorted(p.stem for p in (Path(CONFIG_DIR) / "device").glob("*.yaml") if p.stem != "remote")  # needs a server: test_remote.py
 TASKS = sorted(p.stem for p in (Path(CONFIG_DIR) / "task").glob("*.yaml"))
@@ -99,14 +100,16 @@ def test_language_model_run_writes_perplexity_and_sample(make_cfg):
 
 def test_bad_values_fail_in_validation(make_cfg):
     for override, key in [("zo.samples=0", "zo.samples"), ("mode=magic", "mode"), ("surrogate.rank=abc", "surrogate.rank"),
-                          ("integrator.every=0", "integrator.every"), ("zo.direction=cauchy", "zo.direction")]:
+                          ("integrator.every=0", "integrator.every"), ("zo.direction=cauchy", "zo.direction"),
+                          ("zo.samples=abc", "zo.samples"), ("mode=exact+zo", "mode"),
+                          ("integrator.sketch=sparse", "integrator.sketch")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate(make_cfg(override))
     with pytest.raises(ConfigError, match=r"surrogate\.rank=65"):
         run(make_cfg(*FAST, "surrogate.rank=65"))
 
 
-def test_multirun_and_compare(tmp_path):
+def test_multirun_and_compare(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     result = run_cli(["-m", *FAST, "device=digital,slm", "surrogate.rank=4", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -114,14 +117,10 @@ def test_multirun_and_compare(tmp_path):
     assert len(summaries) == 2
     assert {json.loads(p.read_text())["device"] for p in summaries} == {"digital", "slm"}
     assert len({p.parent for p in summaries}) == 2  # separate output dirs
-    import subprocess
-    import sys
-
     out = tmp_path / "report"
-    cmp = subprocess.run([sys.executable, str(REPO / "scripts" / "compare.py"), str(sweep), "--out", str(out)],
-                         capture_output=True, text=True, timeout=120)
-    assert cmp.returncode == 0, cmp.stderr
-    assert "| slm" in cmp.stdout and "| digital" in cmp.stdout
+    assert compare_main([str(sweep), "--out", str(out)]) == 0  # scripts/compare.py's main, in-process
+    printed = capsys.readouterr().out
+    assert "| slm" in printed and "| digital" in printed
     assert (out / "comparison.csv").is_file() and list(out.glob("*.png"))
 
 
