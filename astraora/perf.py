@@ -79,7 +79,9 @@ class EngineComparison:
 def compare_engines(family: str, n: int = 512, m: int = 1024, batch: int = 256, samples: int = 100, timed: int = 4,
                     rank: int = 10, sketch: int = 100, repeats: int = 2, seed: int = 0, device: str = "cpu") -> EngineComparison:
     """Time one ZO estimate (on ``timed`` of the M samples, scaled to M), one psi_implicit update
-    and one readout with ``engine=tiles`` and ``engine=columns`` on the same θ, inputs and draws."""
+    and one readout with ``engine=tiles`` and ``engine=columns`` on the same θ, inputs and draws
+    (subnormal floats flushed to zero, as training runs do)."""
+    torch.set_flush_denormal(True)
     meshes = {engine: MESHES[family](n, m, seed=seed, name=f"bench.{family}", engine=engine).to(device)
               for engine in ("tiles", "columns")}
     ledgers = {engine: QueryLedger(mesh) for engine, mesh in meshes.items()}
