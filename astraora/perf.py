@@ -159,6 +159,7 @@ def compare_steps(overrides: list[str] = (), steps: int = 10, rounds: int = 3) -
             if batch_idx:  # the first batch of a round pays for the loader and trainer set-up
                 self.times.append(time.perf_counter() - self._start)
 
+    torch.set_flush_denormal(True)  # as run() does
     runs = {}
     for name, extra in (("hybrid", []), ("digital", ["device=digital"])):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
