@@ -12,6 +12,7 @@ from astraora.errors import ConfigError
 from astraora.hybrid import MODES
 from astraora.surrogate.integrators import INTEGRATORS, SKETCHES
 from astraora.zo import DIRECTIONS
+from astraora.zo.estimator import BETWEEN
 
 TASK_KINDS = ("classification", "language_model")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -59,6 +60,25 @@ def _check_target(cfg, key: str) -> None:
         raise ConfigError(f"{key}={target!r} does not name an importable class.") from None
 
 
+def _check_query_options(cfg) -> None:
+    """The ZO estimator's query-efficiency keys (ALGORITHM.md §9); absent keys keep their defaults."""
+    present = lambda key: OmegaConf.select(cfg, key, default="__absent__") != "__absent__"  # noqa: E731
+    for key in ("zo.orthogonal", "zo.antithetic"):
+        if present(key) and _get(cfg, key) not in (True, False):
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be true or false.")
+    for key, low in (("zo.guided_k", 0), ("zo.blocks", 1), ("zo.min_samples", 1), ("zo.every", 1)):
+        if present(key):
+            _check_int(cfg, key, low)
+    if present("zo.guided_weight"):
+        _check_real(cfg, "zo.guided_weight")
+        if not _get(cfg, "zo.guided_weight") < 1:
+            raise ConfigError(f"zo.guided_weight={_get(cfg, 'zo.guided_weight')} must be between 0 and 1 (exclusive).")
+    if present("zo.adaptive_rse"):
+        _check_real(cfg, "zo.adaptive_rse", allow_none=True)
+    if present("zo.between"):
+        _check_choice(cfg, "zo.between", BETWEEN)
+
+
 def validate(cfg: DictConfig, import_targets: bool = True) -> None:
     """Raise :class:`ConfigError` for the first bad value found in ``cfg``. ``import_targets=False``
     leaves out importing the ``_target_`` classes (the command line's quick check before Hydra
@@ -91,6 +111,7 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
         _check_choice(cfg, "zo.direction", DIRECTIONS)
         if _get(cfg, "zo.chunk_size") != "auto":
             _check_int(cfg, "zo.chunk_size", 1)
+        _check_query_options(cfg)
         problem = zo_step_problem(OmegaConf.select(cfg, "device.nonideal.phase_bits", default=0),
                                   OmegaConf.select(cfg, "device.nonideal.queries", default="all"), _get(cfg, "zo.mu"))
         if problem:
@@ -101,3 +122,5 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
     if _get(cfg, "integrator.name") == "psi_implicit":
         _check_int(cfg, "integrator.samples", 1)
         _check_choice(cfg, "integrator.sketch", SKETCHES)
+        if OmegaConf.select(cfg, "integrator.reuse_sketch", default=False) not in (True, False):
+            raise ConfigError(f"integrator.reuse_sketch={_get(cfg, 'integrator.reuse_sketch')!r} must be true or false.")
