@@ -3,7 +3,9 @@
 * ``psi_implicit``: one first-order projector-splitting (KSL) step on the increment
   ΔA = A(θ₁) − A(θ₀), using only forward queries (ALGORITHM.md §4): 2r + 2·M_sm queries,
   two reprograms, no m×n matrix, no SVD. Skipped (no query, counted in ``skipped['surrogate']``)
-  when θ has not moved since the last update.
+  when θ has not moved since the last update. With ``reuse_sketch`` the sketch Z is drawn once
+  and its readings at θ₁ are kept, so the next update takes its θ₀ readings of Z from them:
+  2r + M_sm queries (ALGORITHM.md §9).
 * ``rebuild``: a full readout + truncated SVD (n queries, counted as ``readout``).
 * ``exact``: oracle readout + SVD (debugging baseline; no hardware queries).
 * ``frozen``: never updated (ablation).
@@ -91,18 +93,48 @@ class PsiImplicitIntegrator(Integrator):
         samples: M_sm, rows of the sketch Z used for the L-step.
         sketch: ``gaussian`` (i.i.d. N(0, 1), the paper) or ``orthogonal`` (rows √n times
             orthonormal, so ZᵀZ/M_sm = I exactly when M_sm = n; a variance-reduced option).
+        reuse_sketch: draw Z once and keep its readings at θ₁; the next update reuses them as its
+            θ₀ readings when they are still readings of the device at θ₀: taken at exactly that
+            θ, with the same (simulated) drift, and the same Z. Otherwise Z is queried at θ₀ too.
         generator: draws the sketches.
     """
 
     name = "psi_implicit"
 
-    def __init__(self, samples: int = 100, sketch: str = "gaussian", *, generator: torch.Generator, every: int = 1, rebuild_every: int = 0):
+    def __init__(self, samples: int = 100, sketch: str = "gaussian", reuse_sketch: bool = False, *, generator: torch.Generator,
+                 every: int = 1, rebuild_every: int = 0):
         super().__init__(every, rebuild_every)
         if int(samples) < 1:
             raise ConfigError(f"integrator.samples={samples} must be >= 1.")
         if sketch not in SKETCHES:
             raise ConfigError(f"integrator.sketch={sketch!r} is not allowed; choose one of {SKETCHES}.")
         self.samples, self.sketch, self.generator = int(samples), sketch, generator
+        self.reuse_sketch = bool(reuse_sketch)
+        self._fixed_z: Tensor | None = None  # Z when reused
+        self._cache: dict | None = None  # {"theta", "drift", "readings"}: Z's readings at the last θ₁
+        self.reused = 0  # updates that took their θ₀ readings of Z from the cache
+
+    def _sketch(self, n: int, dtype: torch.dtype, device) -> Tensor:
+        if not self.reuse_sketch:
+            return self.draw_sketch(n, dtype).to(device)
+        if self._fixed_z is None or self._fixed_z.shape[1] != n:
+            self._fixed_z, self._cache = self.draw_sketch(n, dtype).to(device), None
+        return self._fixed_z
+
+    @staticmethod
+    def _drift(device) -> Tensor | None:
+        drift = getattr(device, "drift", None)
+        return drift.detach().clone() if isinstance(drift, Tensor) else None
+
+    def _cached_readings(self, device, theta0: Tensor) -> Tensor | None:
+        """Z's readings at θ₀ from the last update, if they still are that (see ``reuse_sketch``)."""
+        cache = self._cache
+        if cache is None or not torch.equal(cache["theta"], theta0):
+            return None
+        drift = self._drift(device)
+        if (drift is None) != (cache["drift"] is None) or (drift is not None and not torch.equal(drift, cache["drift"])):
+            return None
+        return cache["readings"]
 
     def draw_sketch(self, n: int, dtype: torch.dtype) -> Tensor:
         """Z (M_sm, n) with E[zzᵀ] = I."""
@@ -125,10 +157,18 @@ class PsiImplicitIntegrator(Integrator):
             # would see the same drift, so nothing is lost.
             ledger.skipped["surrogate"] += 1
             return False
-        Z = self.draw_sketch(V.shape[0], V.dtype).to(V.device)
+        Z = self._sketch(V.shape[0], V.dtype, V.device)
         probes = torch.cat([V.T, Z])  # (r + M_sm, n): Vᵀ for the K-step, Z for the L-step
-        # θ₀ then θ₁ as one batched call (θ₁ last, so the hardware stays at θ₁).
-        Y0, Y1 = ledger.query_settings(probes, torch.stack([theta0, theta1]), "surrogate", first_may_match=True)
+        cached = self._cached_readings(ledger.device, theta0) if self.reuse_sketch else None
+        if cached is None:
+            # θ₀ then θ₁ as one batched call (θ₁ last, so the hardware stays at θ₁).
+            Y0, Y1 = ledger.query_settings(probes, torch.stack([theta0, theta1]), "surrogate", first_may_match=True)
+        else:  # Z at θ₀ was read by the last update (its θ₁): only Vᵀ is queried at θ₀
+            Y0 = torch.cat([ledger.query(V.T, "surrogate", theta=theta0), cached])
+            Y1 = ledger.query(probes, "surrogate", theta=theta1)
+            self.reused += 1
+        if self.reuse_sketch:
+            self._cache = {"theta": theta1.clone(), "drift": self._drift(ledger.device), "readings": Y1[r:].clone()}
         D = Y1 - Y0
         P1 = D[:r].T  # ΔA V, (m, r)
         # K-step
@@ -146,20 +186,30 @@ class PsiImplicitIntegrator(Integrator):
         return True
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        state = {"generator": self.generator.get_state()}
+        if self.reuse_sketch:
+            state.update(fixed_z=self._fixed_z, cache=self._cache, reused=self.reused)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        if self.reuse_sketch:
+            self._fixed_z, self._cache, self.reused = state.get("fixed_z"), state.get("cache"), int(state.get("reused", 0))
+
+    def queries_per_update(self, rank: int, reused: bool = False) -> int:
+        """Queries of one update (ALGORITHM.md §4, §9): 2r + 2·M_sm, or 2r + M_sm when Z's θ₀
+        readings come from the previous update."""
+        return 2 * rank + (1 if reused else 2) * self.samples
 
 
 INTEGRATORS = {"psi_implicit": PsiImplicitIntegrator, "exact": ExactIntegrator, "rebuild": RebuildIntegrator, "frozen": FrozenIntegrator}
 
 
 def make_integrator(name: str, *, generator: torch.Generator, every: int = 1, rebuild_every: int = 0, samples: int = 100,
-                    sketch: str = "gaussian") -> Integrator:
+                    sketch: str = "gaussian", reuse_sketch: bool = False) -> Integrator:
     """Build an integrator from its config values; ``generator`` draws psi_implicit's sketches."""
     if name not in INTEGRATORS:
         raise ConfigError(f"integrator.name={name!r} is not allowed; choose one of {sorted(INTEGRATORS)}.")
     if name == "psi_implicit":
-        return PsiImplicitIntegrator(samples, sketch, generator=generator, every=every, rebuild_every=rebuild_every)
+        return PsiImplicitIntegrator(samples, sketch, reuse_sketch, generator=generator, every=every, rebuild_every=rebuild_every)
     return INTEGRATORS[name](every, rebuild_every)
