@@ -288,6 +288,21 @@ def check_data_parallel(cfg: DictConfig) -> None:
                             f"{world} processes (trainer.devices={devices} x trainer.num_nodes={nodes}).")
 
 
+# Physical layers wider than this are simulated slowly on a CPU (minutes per step at a few thousand wires).
+CPU_WIDE_LAYER = 512
+
+
+def warn_slow_on_cpu(cfg: DictConfig, module) -> None:
+    """One warning per physical layer too wide to simulate quickly on a CPU."""
+    if cfg.trainer.accelerator != "cpu":
+        return
+    for name, layer in hybrid_layers(module.model).items():
+        if max(layer.d_in, layer.d_out) > CPU_WIDE_LAYER:
+            log.warning("physical layer %s is %d -> %d (%s) on a CPU: expect minutes per step; README 'How long a "
+                        "run takes on a CPU' lists CPU-sized settings, scripts/time_epoch.py estimates this one",
+                        name, layer.d_in, layer.d_out, type(layer.device).__name__)
+
+
 def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     """Train and test one configuration; returns the summary (also written to summary.json).
 
@@ -314,13 +329,15 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     module = build_module(cfg, dm)
     if state is not None:
         check_checkpoint_fits(module, state, cfg.resume)
+    warn_slow_on_cpu(cfg, module)
 
     # Every check has passed: from here on the run writes into its directory.
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # DDP: the other processes do not write train.log
         log_into(output_dir)
     if state is not None:
-        truncate_metrics(output_dir / "metrics.csv", int(state["global_step"]))
+        if rank_zero_only.rank == 0:
+            truncate_metrics(output_dir / "metrics.csv", int(state["global_step"]), state.get("pending_log_row"))
         log.info("resuming from %s (step %d) in %s", ckpt_path, state["global_step"], output_dir)
         del state
 

@@ -165,3 +165,14 @@ def test_wandb_offline_run_carries_the_summary_and_comparison_keys(make_cfg, mon
     wb = read_offline_run(offline)
     assert wb["run"].run_group == "digits" and wb["config"]["setting"]["mode"] == "digital"
     assert wb["summary"]["queries/total"] == 0 and wb["summary"]["status"] == "completed"
+
+
+def test_wide_physical_layer_on_cpu_warns(make_cfg, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="astraora")
+    run(make_cfg("debug=fast", "device=slm", "task.model.hidden=520", "surrogate.rank=4", "trainer.limit_train_batches=1"))
+    warnings = [r.getMessage() for r in caplog.records if "on a CPU: expect minutes per step" in r.getMessage()]
+    assert warnings == ["physical layer head.physical is 520 -> 520 (SLM) on a CPU: expect minutes per step; README "
+                        "'How long a run takes on a CPU' lists CPU-sized settings, scripts/time_epoch.py estimates "
+                        "this one"]

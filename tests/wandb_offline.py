@@ -8,6 +8,7 @@ and a chunk of one serialized ``wandb_internal_pb2.Record``.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -25,6 +26,8 @@ def records(path: Path):
             pos += room
             continue
         length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if pos + HEADER + length > len(data):
+            return  # a record still being written
         chunk = data[pos + HEADER:pos + HEADER + length]
         pos += HEADER + length
         if kind == 0 and length == 0:
@@ -40,12 +43,20 @@ def _items(items) -> dict:
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
 
 
-def read_offline_run(run_dir: Path) -> dict:
+def read_offline_run(run_dir: Path, wait_s: float = 30.0) -> dict:
     """``{"config", "summary", "history", "run"}`` of the offline run in ``run_dir``
-    (``.../wandb/offline-run-*``): the last value of each summary and config key, the history rows."""
+    (``.../wandb/offline-run-*``): the last value of each summary and config key, the history rows.
+    W&B's service process may still be writing the file after ``wandb.finish()`` returns: this
+    waits up to ``wait_s`` seconds for the run's exit record."""
     (path,) = Path(run_dir).glob("run-*.wandb")
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = list(records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in found) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     out = {"config": {}, "summary": {}, "history": [], "run": None}
-    for record in records(path):
+    for record in found:
         kind = record.WhichOneof("record_type")
         if kind == "summary":
             out["summary"].update(_items(record.summary.update))
