@@ -336,8 +336,7 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     if rank_zero_only.rank == 0:  # DDP: the other processes do not write train.log
         log_into(output_dir)
     if state is not None:
-        if rank_zero_only.rank == 0:
-            truncate_metrics(output_dir / "metrics.csv", int(state["global_step"]), state.get("pending_log_row"))
+        truncate_metrics(output_dir / "metrics.csv", int(state["global_step"]))
         log.info("resuming from %s (step %d) in %s", ckpt_path, state["global_step"], output_dir)
         del state
 
