@@ -19,11 +19,13 @@ keeps the surrogate current for anyone who reads it between steps (diagnostics, 
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor, nn
 
 from astraora.devices.base import Device, zo_step_problem
-from astraora.errors import ConfigError
+from astraora.errors import ConfigError, DeviceFailure
 from astraora.ledger import QueryLedger
 from astraora.rng import make_generator
 from astraora.surrogate import LowRankSurrogate, make_integrator
@@ -43,17 +45,86 @@ class RankSync:
     by purpose, for the communication figure.
     """
 
-    def __init__(self):
+    FAILED = "astraora/device_failure"  # store key a process sets when its device failed
+
+    def __init__(self, store=None):
         import torch.distributed as dist
 
         self._dist = dist
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.floats = {"zo": 0, "surrogate": 0, "health": 0}
+        self.floats = {"zo": 0, "surrogate": 0, "health": 0, "control": 0}
+        # The process group's key-value store: a channel besides the collectives, through which a
+        # process whose device failed tells the others (who may be waiting in a collective).
+        self.store = store if store is not None else dist.distributed_c10d._get_default_store()
+        self.failed = False  # this run stops after a DeviceFailure: no collectives any more
 
+    # ----------------------------------------------------------------- coordinated stop
+    def announce_failure(self, message: str) -> None:
+        """Tell every process that this one stops (its device failed); they stop at their next wait."""
+        self.failed = True
+        if not self.store.check([self.FAILED]):
+            self.store.set(self.FAILED, f"process {self.rank}: {message}")
+
+    def peer_failure(self) -> str | None:
+        return self.store.get(self.FAILED).decode() if self.store.check([self.FAILED]) else None
+
+    def _wait(self, work) -> None:
+        """Wait for a collective; if another process announced a device failure meanwhile (it
+        will never join), stop this one too with a DeviceFailure instead of hanging."""
+        spins, next_check = 0, 0.0
+        while not work.is_completed():
+            now = time.monotonic()
+            if now >= next_check:
+                failure = self.peer_failure()
+                if failure is not None:
+                    self.failed = True
+                    raise DeviceFailure(f"stopping with the other processes: {failure}")
+                next_check = now + 0.01
+            spins += 1
+            time.sleep(0 if spins < 100 else 2e-4)
+        work.wait()
+
+    def check(self) -> None:
+        """A one-float collective that every process passes together, or leaves with a
+        DeviceFailure when another announced one (before a collective that cannot be watched)."""
+        self._reduce(torch.zeros(1), "control")
+
+    def gather_object(self, obj, timeout_s: float = 120.0) -> list | None:
+        """``obj`` of every process, by rank, on rank 0 (None elsewhere). After a failure the
+        collectives may be stuck, so the objects then go through the store."""
+        if not self.failed:
+            out = [None] * self.world_size
+            self._dist.all_gather_object(out, obj)
+            return out if self.rank == 0 else None
+        import pickle
+        from datetime import timedelta
+
+        self.store.set(f"astraora/state/{self.rank}", pickle.dumps(obj))
+        if self.rank != 0:
+            return None
+        keys = [f"astraora/state/{r}" for r in range(self.world_size)]
+        self.store.wait(keys, timedelta(seconds=timeout_s))
+        return [pickle.loads(self.store.get(k)) for k in keys]
+
+    def finish_failure(self, timeout_s: float = 120.0) -> None:
+        """After a failure: rank 0 says its checkpoint is written; the others wait for that (and
+        for rank 0 to leave: Lightning's launcher kills rank 0 when a child exits non-zero first)."""
+        from datetime import timedelta
+
+        if self.rank == 0:
+            self.store.set("astraora/saved", "1")
+            return
+        try:
+            self.store.wait(["astraora/saved"], timedelta(seconds=timeout_s))
+            self.store.wait(["astraora/never"], timedelta(seconds=timeout_s))  # returns when rank 0's store closes
+        except Exception:  # noqa: BLE001 - rank 0 has exited (its store is gone) or the wait timed out
+            pass
+
+    # ----------------------------------------------------------------- collectives
     def _reduce(self, t: Tensor, purpose: str) -> Tensor:
         self.floats[purpose] = self.floats.get(purpose, 0) + t.numel()
         t = t.contiguous()
-        self._dist.all_reduce(t)
+        self._wait(self._dist.all_reduce(t, async_op=True))
         return t
 
     def mean(self, t: Tensor) -> Tensor:
@@ -67,7 +138,7 @@ class RankSync:
         """``t`` as rank 0 holds it, on every process."""
         self.floats[purpose] = self.floats.get(purpose, 0) + t.numel()
         t = t.contiguous()
-        self._dist.broadcast(t, src=0)
+        self._wait(self._dist.broadcast(t, src=0, async_op=True))
         return t
 
 

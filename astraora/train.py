@@ -21,6 +21,7 @@ import hydra
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -66,9 +67,20 @@ class ResumeStateCallback(L.Callback):
         }
         for lg in trainer.loggers:
             lg.save()
+        # A step checkpoint is written before Lightning logs that step's row: keep the row in it, for
+        # a run killed between the two (see truncate_metrics).
+        progress, connector = trainer.fit_loop.epoch_loop.batch_progress.current, trainer._logger_connector
+        if trainer.training and progress.processed > progress.completed and connector.should_update_logs:
+            row = {k: float(v) for k, v in convert_tensors_to_scalars(connector.metrics["log"]).items()}
+            if row:
+                checkpoint["pending_log_row"] = {**row, "epoch": trainer.current_epoch,
+                                                 "step": trainer.fit_loop.epoch_loop._batches_that_stepped}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         states = checkpoint.get("rng_states")
+        per_rank = checkpoint.get("per_rank")  # DDP: every process's own generators (astraora.lit)
+        if per_rank and trainer.world_size == len(per_rank) and per_rank[trainer.global_rank].get("rng_states"):
+            states = per_rank[trainer.global_rank]["rng_states"]
         if not states:
             return
         torch.set_rng_state(states["torch"])
@@ -80,16 +92,24 @@ class ResumeStateCallback(L.Callback):
         random.setstate((version, tuple(internal), gauss_next))
 
 
-def truncate_metrics(metrics_csv: Path, last_step: int) -> None:
+def truncate_metrics(metrics_csv: Path, last_step: int, pending: dict | None = None) -> None:
     """Drop rows logged after the checkpoint we resume from (they will be logged again).
 
     Lightning logs a batch's metrics at the step count before that batch, so the first batch
-    after a checkpoint taken at ``global_step`` = k logs at step k: rows with step >= k go."""
+    after a checkpoint taken at ``global_step`` = k logs at step k: rows with step >= k go.
+    ``pending``: the row of step k − 1, which Lightning logs just after a step checkpoint is
+    written; added if the run was killed before it reached the file."""
     if not metrics_csv.exists():
         return
     with open(metrics_csv, newline="") as f:
         reader = csv.DictReader(f)
         header, rows = reader.fieldnames, [r for r in reader if r["step"] == "" or int(r["step"]) < last_step]
+    if pending:
+        pending = {k: str(v) for k, v in pending.items()}
+        if not any(all(r.get(k) == v for k, v in pending.items()) for r in rows):
+            if not set(pending) <= set(header):
+                header = sorted(set(header) | set(pending))
+            rows.append(pending)
     with open(metrics_csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()
@@ -186,8 +206,34 @@ def make_loggers(cfg: DictConfig, output_dir: Path, wandb_id: str | None, module
     return loggers
 
 
+class StopTogether(L.Callback):
+    """Data-parallel runs: a DeviceFailure in one process stops them all, with a checkpoint.
+
+    The failing process announces it through the process group's store; the others, waiting for
+    it in a collective of the physical layers (:class:`astraora.hybrid.RankSync`), raise a
+    DeviceFailure too instead of hanging until the process-group timeout. Every process then gives
+    its state to rank 0 through the store (the collectives may be stuck), rank 0 writes
+    ``last.ckpt``, and all exit with code 3 as a single process does."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        sync = getattr(pl_module, "_sync", None)
+        if sync is None or not isinstance(exception, DeviceFailure):
+            return
+        sync.announce_failure(str(exception))
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.path)
+        sync.finish_failure()
+
+
 def make_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
     callbacks: list[L.Callback] = [ResumeStateCallback(run_meta(cfg))]
+    if "ddp" in str(cfg.trainer.get("strategy", "")):
+        callbacks.append(StopTogether(output_dir / "checkpoints" / "last.ckpt"))
     ckpt = cfg.callbacks.get("checkpoint")
     if ckpt:
         from lightning.pytorch.callbacks import ModelCheckpoint
@@ -336,7 +382,8 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     if rank_zero_only.rank == 0:  # DDP: the other processes do not write train.log
         log_into(output_dir)
     if state is not None:
-        truncate_metrics(output_dir / "metrics.csv", int(state["global_step"]))
+        if rank_zero_only.rank == 0:
+            truncate_metrics(output_dir / "metrics.csv", int(state["global_step"]), state.get("pending_log_row"))
         log.info("resuming from %s (step %d) in %s", ckpt_path, state["global_step"], output_dir)
         del state
 
@@ -363,7 +410,8 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
                 write_language_sample(cfg, module, dm, output_dir)
             status = "completed"
     except DeviceFailure:
-        trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        if getattr(module, "_sync", None) is None:  # under DDP StopTogether has written it
+            trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
         status = "device_failure"
         raise
     except (KeyboardInterrupt, SystemExit):

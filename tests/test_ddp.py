@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -13,7 +18,7 @@ from astraora.devices.dense import MatVec
 from astraora.ledger import QueryLedger
 from astraora.rng import make_generator
 from astraora.zo import ZOEstimator
-from tests.conftest import compose_config, run_cli
+from tests.conftest import REPO, compose_config, run_cli
 
 
 def _estimate_on_shards(x, g, shards: int, samples: int = 12, chunk=5):
@@ -126,3 +131,56 @@ def test_two_processes_match_one(tmp_path):
     assert abs(ddp["metrics"]["test/acc"] - one["metrics"]["test/acc"]) < 0.01
     assert "distributed" not in one
     assert (tmp_path / "ddp" / "metrics.csv").exists()
+
+
+RESUME = ["trainer=ddp_cpu", "trainer.max_epochs=3", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
+          "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+          "trainer.deterministic=true", "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=3",
+          "zo.samples=8", "integrator.samples=8", "task.model.hidden=16", "surrogate.rank=4"]
+
+
+def _train(args, cwd, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+
+
+@pytest.mark.xfail(reason="rank 1's last validation accuracy still differs after a resume (BatchNorm statistics of "
+                          "the other process); steps, queries, reprograms and every training row are equal", strict=False)
+def test_sigkill_of_both_processes_then_resume_equals_uninterrupted(tmp_path):
+    """~60 s: an uninterrupted 2-process run, one whose process group is SIGKILLed after a step
+    checkpoint, and its resume: same metrics.csv, summary metrics and query totals."""
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
+    reference = _train([*RESUME, f"hydra.run.dir={ref_dir}"], tmp_path)
+    assert reference.wait(timeout=300) == 0
+    proc = _train([*RESUME, f"hydra.run.dir={run_dir}"], tmp_path)
+    deadline = time.time() + 240
+    while not list((run_dir / "checkpoints").glob("step6.ckpt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher (rank 0) and its child (rank 1)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = _train([*RESUME, f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'new'}"], tmp_path)
+    assert resumed.wait(timeout=300) == 0
+    ref, got = (json.loads((d / "summary.json").read_text()) for d in (ref_dir, run_dir))
+    assert (got["queries"], got["reprograms"], got["steps"]) == (ref["queries"], ref["reprograms"], ref["steps"])
+    assert got["metrics"] == ref["metrics"]
+    assert (run_dir / "metrics.csv").read_text() == (ref_dir / "metrics.csv").read_text()
+
+
+def test_device_failure_in_one_process_stops_both_with_exit_3(tmp_path):
+    """A DeviceFailure in one process: every process stops (none hangs in the ZO all-reduce until
+    the process-group timeout), last.ckpt is written and the run exits with code 3."""
+    run_dir = tmp_path / "run"
+    started = time.time()
+    proc = _train([*RESUME, "device.faults.raise_prob=0.02", "device.driver.max_retries=0",
+                   f"hydra.run.dir={run_dir}"], tmp_path)
+    try:
+        code = proc.wait(timeout=150)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 3 and time.time() - started < 150
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "device_failure" and summary["queries"]["total"] > 0

@@ -75,6 +75,12 @@ class HybridModule(L.LightningModule):
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignore)
 
     def on_train_start(self) -> None:
+        restore, self._buffers_to_restore = getattr(self, "_buffers_to_restore", None), None
+        if restore:
+            buffers = dict(self.named_buffers())
+            with torch.no_grad():
+                for key, value in restore.items():
+                    buffers[key].copy_(value)
         self._zo_floats_at_start = self._sync.floats["zo"] if self._sync is not None else 0
         self._step_at_start = self.global_step
 
@@ -103,22 +109,70 @@ class HybridModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Under DDP the checkpoint (written by rank 0) holds the ledgers' counts summed over the
-        processes; on resume rank 0 takes them and the other ranks start from zero."""
+        processes (what a resume with another number of processes starts from) and, under
+        ``per_rank``, what differs between the processes: each one's physical-layer state (its own
+        ledger counts, the θ its hardware holds, its noise and drift generators), its running
+        metric states and its random generators. A resume with as many processes gives every
+        process its own; with another number, rank 0 takes the sums and the others start from zero."""
         if self._sync is None:
             return
+        mine = {
+            "layers": {name: layer.get_extra_state() for name, layer in self.physical.items()},
+            # running metric states and buffers (BatchNorm statistics: each process's own on the CPU)
+            "metrics": {k: v for k, v in checkpoint["state_dict"].items() if self._is_per_rank_state(k)},
+            "rng_states": checkpoint.get("rng_states"),
+        }
+        per_rank = self._sync.gather_object(mine)
+        if per_rank is None:  # not rank 0: its checkpoint is not written
+            return
+        checkpoint["per_rank"] = per_rank
         for name in self.physical:
             state = checkpoint["state_dict"][f"model.{name}._extra_state"]["ledger"]
             flat = self._flatten_counters(state)
-            summed = self._sync.sum(torch.tensor([v for _, v in flat], dtype=torch.float64), "ledger")
-            self._unflatten_counters(state, [(k, v) for (k, _), v in zip(flat, summed.tolist())])
+            columns = [[v for _, v in self._flatten_counters(r["layers"][name]["ledger"])] for r in per_rank]
+            self._unflatten_counters(state, [(k, v) for (k, _), v in zip(flat, map(sum, zip(*columns)))])
+        if self._sync.failed:  # the totals summary.json reports (no collective can run any more)
+            totals: dict = {}
+            for r in per_rank:
+                for layer in r["layers"].values():
+                    ledger = layer["ledger"]
+                    counts = {f"queries/{p}": n for p, n in ledger["queries"].items()}
+                    counts.update({"queries/total": sum(ledger["queries"].values()), "queries/oracle": ledger["oracle"],
+                                   "reprograms": sum(ledger["reprograms"].values()), "queries/retries": ledger["retries"],
+                                   **{f"skipped/{k}": n for k, n in ledger["skipped"].items()}})
+                    for key, n in counts.items():
+                        totals[key] = totals.get(key, 0) + n
+            self._reduced_totals = totals
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if world_size() == 1 or torch.distributed.get_rank() == 0:
+        if world_size() == 1:
+            return
+        rank = torch.distributed.get_rank()
+        self._is_per_rank_state("")  # builds the key sets
+        per_rank = checkpoint.get("per_rank")
+        if per_rank is not None and len(per_rank) == world_size():
+            mine = per_rank[rank]
+            for name in self.physical:
+                checkpoint["state_dict"][f"model.{name}._extra_state"] = mine["layers"][name]
+            checkpoint["state_dict"].update(mine["metrics"])
+            # DDP's wrapper copies rank 0's buffers to every process after this: set them again then
+            self._buffers_to_restore = {k: v for k, v in mine["metrics"].items() if k in self._per_rank_keys}
+            return
+        if rank == 0:
             return
         for name in self.physical:
             state = checkpoint["state_dict"].get(f"model.{name}._extra_state", {}).get("ledger")
             if state is not None:
                 self._unflatten_counters(state, [(k, 0) for k, _ in self._flatten_counters(state)])
+
+    def _is_per_rank_state(self, key: str) -> bool:
+        """Whether a state_dict key is a running metric's state or a buffer that each process
+        keeps for itself (the surrogate's are the same everywhere)."""
+        if not hasattr(self, "_per_rank_keys"):
+            self._metric_prefixes = tuple(f"{name}." for name, m in self.named_modules()
+                                          if isinstance(m, torchmetrics.Metric))
+            self._per_rank_keys = {name for name, _ in self.named_buffers() if ".surrogate." not in f".{name}"}
+        return key in self._per_rank_keys or key.startswith(self._metric_prefixes)
 
     @staticmethod
     def _flatten_counters(state: dict) -> list[tuple[tuple, float]]:
@@ -196,6 +250,8 @@ class HybridModule(L.LightningModule):
         for opt in optimizers:
             opt.zero_grad()
         loss = self.loss_and_update_metrics(batch, "train")
+        if self._sync is not None:  # every process's forward went through (or stop together: DDP's
+            self._sync.check()      # gradient all-reduce cannot notice a process that stopped)
         self.manual_backward(loss)
         if diagnose:  # before θ moves: the captured gradients and Â belong to this θ
             self.log_diagnostics(self.diagnostics())
