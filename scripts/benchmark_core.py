@@ -481,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     settings, json_path = parse_args(argv)
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
+    torch.set_flush_denormal(True)  # as training runs do (astraora.train.run)
     env = environment()
     print(header(settings, env), flush=True)
     start = time.perf_counter()
