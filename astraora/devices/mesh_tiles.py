@@ -16,15 +16,15 @@ disjoint windows and depend only on tiles of smaller T. So
     U_mesh = F_Tmax ⋯ F_Tmin,   F_T = blockdiag(B_(T, d) for the tiles of factor T),
 
 each block B a 2L × 2L complex matrix built by pushing the identity through the tile's 2L − 1 local
-columns. A call builds one factor's blocks (all K settings, all tiles) right before multiplying the
-state by them, so blocks never leave the cache.
+columns. A call builds the blocks of a few consecutive factors (all K settings) right before
+multiplying the state by them, so blocks stay in cache; the build runs with settings and tiles as
+the innermost axis (long contiguous vectors), then one transpose hands the blocks to the GEMMs.
 
 Light cone: a factor only touches the tiles that the input wires [0, n) can have reached and that
 can still reach the output wires [0, m) (both found once, structurally, when the geometry is built).
 
-The state is real, wire-major (K, 2·wires, B) with the real and imaginary part of each wire on
-adjacent rows, L zero wires of padding above the mesh, and lives in two reused buffers: each
-factor reads one and writes the other.
+The state is complex, wire-major (K, wires, B), with L zero wires of padding above the mesh and at
+least L below, and lives in two reused buffers: each factor reads one and writes the other.
 """
 
 from __future__ import annotations
