@@ -1,0 +1,134 @@
+"""The parity study's decomposition (astraora/report/parity.py) on fabricated run directories:
+paired per-seed gaps in points and in percent of loss, the digital twin shared by every device,
+failed runs left out, the report files, and the study's command lines and image set."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from astraora.report import parity
+
+
+def fake_run(root: Path, task: str, device: str, mode: str, seed: int, value: float,
+             metric: str = "test/acc", status: str = "completed") -> Path:
+    """A run directory with only the summary.json the report reads."""
+    directory = parity.run_dir(root, task, device, mode, seed)
+    directory.mkdir(parents=True)
+    summary = {"task": task, "device": device, "mode": DIGITAL if device == DIGITAL else mode, "seed": seed,
+               "metrics": {metric: value}, "status": status, "queries": {"total": 0}, "steps": 10}
+    (directory / "summary.json").write_text(json.dumps(summary))
+    return directory
+
+
+DIGITAL = parity.DIGITAL
+# digits: seed -> column -> test/acc
+ACC = {
+    0: {DIGITAL: 0.97, "exact": 0.96, "exact+sm": 0.955, "zo+exact": 0.958, "zo+sm": 0.95},
+    1: {DIGITAL: 0.98, "exact": 0.98, "exact+sm": 0.975, "zo+exact": 0.97, "zo+sm": 0.96},
+}
+
+
+@pytest.fixture()
+def study(tmp_path: Path) -> Path:
+    for seed, columns in ACC.items():
+        for column, value in columns.items():
+            device = DIGITAL if column == DIGITAL else "mzi"
+            fake_run(tmp_path, "digits", device, column, seed, value)
+    # a second device with one mode only, and a failed run that must not count
+    fake_run(tmp_path, "digits", "slm", "zo+sm", 0, 0.90)
+    fake_run(tmp_path, "digits", "slm", "exact", 0, 0.10, status="failed")
+    # a language model: losses, gaps in percent
+    for column, loss in {DIGITAL: 2.0, "exact": 2.1, "exact+sm": 2.1, "zo+exact": 2.121, "zo+sm": 2.142}.items():
+        fake_run(tmp_path, "pydoc_text", DIGITAL if column == DIGITAL else "mzi", column, 0, loss, metric="test/loss")
+    return tmp_path
+
+
+def test_gap_units():
+    assert parity.gap("test/acc", 0.95, 0.96) == pytest.approx(1.0)       # points
+    assert parity.gap("test/loss", 2.2, 2.0) == pytest.approx(10.0)       # percent of the better loss
+    assert parity.gap("test/acc", 0.97, 0.96) == pytest.approx(-1.0)      # negative: better
+
+
+def test_decomposition_paired_over_seeds(study: Path):
+    cells = {(c.task, c.device): c for c in parity.collect([study / "runs"])}
+    assert set(cells) == {("digits", "mzi"), ("digits", "slm"), ("pydoc_text", "mzi")}
+    mzi = cells["digits", "mzi"]
+    assert mzi.metric == "test/acc" and mzi.unit == "pt"
+    expected = {  # per seed: (0, 1), in points
+        "device": (1.0, 0.0), "surrogate": (0.5, 0.5), "zo": (0.2, 1.0), "combined": (1.0, 2.0), "total": (2.0, 2.0),
+    }
+    for name, per_seed in expected.items():
+        mean, std, n = mzi.gaps[name]
+        assert n == 2
+        assert mean == pytest.approx(sum(per_seed) / 2)
+        assert std == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
+    # total = device + combined, seed by seed
+    assert mzi.gaps["total"][0] == pytest.approx(mzi.gaps["device"][0] + mzi.gaps["combined"][0])
+    assert mzi.meets_target is False  # combined 1.5 pt > 0.5 pt
+    assert mzi.mean("zo+sm") == (pytest.approx(0.955), pytest.approx(0.00707, abs=1e-4))
+
+
+def test_shared_digital_twin_and_failed_runs(study: Path):
+    cells = {(c.task, c.device): c for c in parity.collect([study / "runs"])}
+    slm = cells["digits", "slm"]
+    assert slm.values[DIGITAL] == {0: 0.97, 1: 0.98}     # the task's digital twin, in every device's cell
+    assert "exact" not in slm.values                     # the failed run is left out
+    assert slm.gaps["total"][:3] == (pytest.approx(7.0), None, 1)
+    assert slm.gaps["combined"] is None and slm.meets_target is None
+
+
+def test_language_model_gaps_in_percent(study: Path):
+    lm = next(c for c in parity.collect([study / "runs"]) if c.task == "pydoc_text")
+    assert lm.unit == "%" and lm.target == 1.0
+    assert lm.gaps["device"][0] == pytest.approx(5.0)
+    assert lm.gaps["surrogate"][0] == pytest.approx(0.0)
+    assert lm.gaps["zo"][0] == pytest.approx(1.0)
+    assert lm.gaps["combined"][0] == pytest.approx(2.0)
+    assert lm.meets_target is False
+
+
+def test_report_files(study: Path):
+    out = study / "report"
+    assert parity.main(["--report-only", str(study / "runs"), "--out", str(out)]) == 0
+    table = (out / "parity.md").read_text()
+    assert "### digits (test/acc" in table and "### pydoc_text (test/loss" in table
+    mzi_row = next(line for line in table.splitlines() if line.startswith("| mzi | 0, 1 |"))
+    assert "97.50 ± 0.71" in mzi_row and "+1.50 ± 0.71" in mzi_row and "**no**" in mzi_row
+    rows = list(csv.DictReader((out / "parity.csv").open()))
+    assert [(r["task"], r["device"]) for r in rows] == [("digits", "mzi"), ("digits", "slm"), ("pydoc_text", "mzi")]
+    assert float(rows[0]["gap_combined"]) == pytest.approx(1.5) and rows[0]["meets_target"] == "False"
+    assert rows[1]["exact"] == "" and rows[1]["gap_combined"] == ""
+    for task in ("digits", "pydoc_text"):
+        assert Image.open(out / f"parity_{task}.png").size[0] > 500
+
+
+def test_no_runs_exit_2(tmp_path: Path):
+    assert parity.main(["--report-only", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+
+
+def test_grid_and_commands(tmp_path: Path):
+    grid = parity.jobs(["digits"], ["mzi", "slm"], [0, 1])
+    assert len(grid) == 2 * (1 + 2 * 4)                       # one digital twin per task and seed
+    assert grid[0] == ("digits", DIGITAL, DIGITAL, 0) and grid[-1] == ("digits", "slm", "zo+sm", 1)
+    digital = parity.command(tmp_path, "digits", DIGITAL, DIGITAL, 0)
+    assert "device=digital" in digital and not any(arg.startswith("mode=") for arg in digital)
+    images = parity.command(tmp_path, "image_folder", "mrr", "zo+exact", 2)
+    assert "mode=zo+exact" in images and "seed=2" in images
+    assert f"task.root={tmp_path / 'data' / 'image_folder'}" in images
+    assert f"hydra.run.dir={tmp_path / 'runs' / 'image_folder' / 'mrr' / 'zo+exact' / 'seed2'}" in images
+
+
+def test_image_folder_is_a_class_tree(tmp_path: Path):
+    root = parity.make_image_folder(tmp_path / "images", classes_per_image=3, size=16)
+    folders = sorted(p.name for p in root.iterdir())
+    assert folders == ["checker", "hstripes", "rings", "vstripes"]
+    image = Image.open(root / "rings" / "0002.png")
+    assert image.size == (16, 16) and image.mode == "RGB"
+    before = (root / "rings" / "0002.png").stat().st_mtime_ns
+    parity.make_image_folder(tmp_path / "images", classes_per_image=3, size=16)   # kept, not rewritten
+    assert (root / "rings" / "0002.png").stat().st_mtime_ns == before
