@@ -53,7 +53,8 @@ def make_layer_factory(cfg: DictConfig) -> LayerFactory:
         zo = ZOEstimator(**zo_cfg, generator=make_generator(cfg.seed, name, "zo")) if cfg.mode.startswith("zo") else None
         return HybridLayer(
             device, mode=cfg.mode, rank=cfg.surrogate.rank, zo=zo, integrator=dict(integrator_cfg),
-            output_scale=cfg.surrogate.output_scale, health_threshold=cfg.surrogate.health_threshold,
+            output_scale=cfg.surrogate.output_scale, output_bias=cfg.surrogate.get("output_bias", False),
+            health_threshold=cfg.surrogate.health_threshold,
             max_retries=driver.max_retries, timeout_s=driver.timeout_s, seed=cfg.seed, name=name,
         )
 

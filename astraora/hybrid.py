@@ -1,6 +1,7 @@
 """HybridLayer: a physical device inside a digital network, trained end to end.
 
-Forward: ``y = s · query(x)`` through the ledger (``s`` an optional trainable output scale).
+Forward: ``y = s · query(x) + b`` through the ledger (``s`` an optional trainable output scale,
+``b`` an optional digital bias, off by default).
 Backward, by gradient mode (ALGORITHM.md §6):
 
 | mode       | θ-gradient                  | x-gradient                      |
@@ -176,6 +177,8 @@ class HybridLayer(nn.Module):
         integrator: name of the surrogate update rule and its schedule options
             (``name``, ``every``, ``samples``, ``sketch``, ``rebuild_every``).
         output_scale: learn a digital scalar s with y = s · query(x).
+        output_bias: add a digital bias b ∈ R^m, y = s · query(x) + b (trained by the digital
+            optimizer, like the bias of the digital twin's Linear).
         health_threshold: if set, a training forward whose residual ‖Y − X Âᵀ‖/‖Y‖ exceeds it
             triggers a full readout rebuild of the surrogate (counted as ``readout``).
         max_retries, timeout_s: the ledger's fault handling.
@@ -183,8 +186,9 @@ class HybridLayer(nn.Module):
     """
 
     def __init__(self, device: Device, *, mode: str = "zo+sm", rank: int = 10, zo: ZOEstimator | None = None,
-                 integrator: dict | None = None, output_scale: bool = True, health_threshold: float | None = None,
-                 max_retries: int = 3, timeout_s: float | None = None, seed: int = 0, name: str = "physical"):
+                 integrator: dict | None = None, output_scale: bool = True, output_bias: bool = False,
+                 health_threshold: float | None = None, max_retries: int = 3, timeout_s: float | None = None,
+                 seed: int = 0, name: str = "physical"):
         super().__init__()
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r} is not allowed; choose one of {MODES}.")
@@ -204,6 +208,7 @@ class HybridLayer(nn.Module):
         integrator = dict(integrator or {"name": "psi_implicit"})
         self.integrator = make_integrator(integrator.pop("name"), generator=make_generator(seed, name, "sketch"), **integrator)
         self.scale = nn.Parameter(torch.ones(())) if output_scale else None
+        self.bias = nn.Parameter(torch.zeros(device.d_out)) if output_bias else None
         self.health_threshold = health_threshold
         self.theta_updates = 0
         self.capture_next_backward = False  # set by the trainer when it wants gradient cosines
@@ -262,6 +267,8 @@ class HybridLayer(nn.Module):
             self._check_health(x2.detach(), y.detach())
         if self.scale is not None:
             y = self.scale * y
+        if self.bias is not None:
+            y = y + self.bias
         return y.reshape(*lead, self.d_out)
 
     @torch.no_grad()

@@ -132,3 +132,34 @@ def test_image_folder_is_a_class_tree(tmp_path: Path):
     before = (root / "rings" / "0002.png").stat().st_mtime_ns
     parity.make_image_folder(tmp_path / "images", classes_per_image=3, size=16)   # kept, not rewritten
     assert (root / "rings" / "0002.png").stat().st_mtime_ns == before
+
+
+def test_output_bias_option(make_cfg):
+    """surrogate.output_bias: a digital bias after the physical layer (y = s · query(x) + b), off by
+    default, trained by the digital optimizer like the digital twin's Linear bias."""
+    import torch
+
+    from astraora.build import build_model, hybrid_layers
+    from astraora.devices import MatVec
+    from astraora.hybrid import HybridLayer
+    from astraora.lit.module import HybridModule
+
+    layer = HybridLayer(MatVec(4, 3, seed=0, name="d"), mode="exact", rank=2, output_bias=True)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([1.0, -2.0, 0.5]))
+        expected = layer.scale * layer.ledger.oracle_matrix() @ x.T
+    torch.testing.assert_close(layer(x), expected.T + layer.bias)
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((3,), 5.0))
+
+    default = hybrid_layers(build_model(make_cfg("device=matvec"), {"num_classes": 10, "in_features": 64}))
+    assert all(layer.bias is None for layer in default.values())
+    cfg = make_cfg("device=matvec", "surrogate.output_bias=true")
+    model = build_model(cfg, {"num_classes": 10, "in_features": 64})
+    (layer,) = hybrid_layers(model).values()
+    module = HybridModule(model, optimizer={"name": "adam", "lr": 1e-3}, physical_optimizer={"name": "adam", "lr": 1e-2},
+                          scheduler={"name": "constant"})
+    digital_opt, physical_opt = module.configure_optimizers()[0]
+    in_group = lambda opt: any(p is layer.bias for g in opt.param_groups for p in g["params"])  # noqa: E731
+    assert in_group(digital_opt) and not in_group(physical_opt)
