@@ -130,12 +130,11 @@ def test_exact_mode_needs_a_simulator():
 
 
 # One command line per place a bad value is caught: a group option and a validated value before Hydra
-# starts (astraora.cli), a rank and a device option when the network is built (run()). Every key's
-# own check is tested in-process (test_train.py::test_bad_values_fail_in_validation).
+# starts (astraora.cli), a device option when the network is built (run(); the rank is checked there
+# too, in-process in test_train.py, as is every key's own check).
 @pytest.mark.parametrize("args, key", [
     (["task=nonexistent"], "task=nonexistent"),
     (["zo.samples=0", "zo.two_sided=true"], "zo.samples=0"),
-    (["surrogate.rank=999"], "surrogate.rank=999"),
     (["device.nonideal.phase_bits=1"], "device.nonideal.phase_bits"),
 ])
 def test_bad_config_exit_code_two(tmp_path, args, key):

@@ -123,21 +123,22 @@ def test_cli_refusals_leave_no_run_folder(tmp_path):
 
 
 def test_cli_resume_continues_in_its_run_and_train_log_holds_the_console(tmp_path):
-    first = run_cli([*FAST, "trainer.max_epochs=1"], cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
-    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
-    log = (run_dir / "train.log").read_text()
-    report = first.stdout.strip().splitlines()[-1]
-    assert report.startswith("digits / mzi (zo+sm): test/acc") and report in log
-    assert "`Trainer.fit` stopped" in log and "`Trainer.fit` stopped" in first.stdout
-    for noise in ("💡", "Tip:", "LeafSpec", "anonymous"):
-        assert noise not in first.stdout + first.stderr + log
+    """A run (started in-process, as the command line would lay it out) resumed from the command line:
+    no second folder, and the console's lines, the resume's among them, land in its train.log."""
+    from conftest import compose_config
 
+    run_dir = tmp_path / "outputs" / "runs" / "first"
+    run(compose_config([*FAST, "trainer.max_epochs=1"], run_dir))
     resumed = run_cli([*FAST, "trainer.max_epochs=2", f"resume={run_dir}"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert [p.name for p in (tmp_path / "outputs" / "runs").iterdir()] == [run_dir.name]  # no second folder
+    assert [p.name for p in (tmp_path / "outputs" / "runs").iterdir()] == ["first"]  # no second folder
     log = (run_dir / "train.log").read_text()
-    assert log.count("digits / mzi (zo+sm)") == 2 and "resuming from" in log and "max_epochs=2" in log
+    report = resumed.stdout.strip().splitlines()[-1]
+    assert report.startswith("digits / mzi (zo+sm): test/acc") and report in log
+    assert "resuming from" in log and "`Trainer.fit` stopped: `max_epochs=2`" in log
+    assert "`Trainer.fit` stopped" in resumed.stdout and "resuming from" in resumed.stdout
+    for noise in ("💡", "Tip:", "LeafSpec", "anonymous"):
+        assert noise not in resumed.stdout + resumed.stderr + log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs"] == 2
 
