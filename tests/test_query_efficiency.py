@@ -304,3 +304,27 @@ def test_query_efficient_preset_sets_only_method_keys():
     plain = compose_config(["task=synthetic_audio", "device=mrr"])
     assert cfg.zo != plain.zo or cfg.integrator != plain.integrator
     assert cfg.task == plain.task and cfg.device == plain.device
+
+
+# --------------------------------------------------------------------------- study report
+def test_query_study_table_and_plot_from_summaries(tmp_path):
+    import json
+
+    from astraora.report.query_study import main
+
+    def summary(task, variant, seed, acc, total):
+        d = tmp_path / "runs" / task / variant / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"status": "completed", "metrics": {"test/acc": acc},
+                                                    "queries": {"total": total, "zo": total - 10, "surrogate": 5}}))
+
+    summary("digits", "paper", 0, 0.90, 1000)
+    summary("digits", "paper", 1, 0.92, 1000)
+    summary("digits", "query_efficient", 0, 0.905, 250)
+    summary("digits", "query_efficient", 1, 0.915, 250)
+    summary("digits", "query_efficient", 5, 0.0, 250)  # not among the reported seeds
+    assert main(["--report-only", "--seeds", "0", "1", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "query_study.md").read_text()
+    assert "| query_efficient | 2 | 91.00 ± 0.71 | 250 | 0.250 | +0.00 |" in table
+    assert (tmp_path / "query_study.png").stat().st_size > 0
+    assert main(["--report-only", "--out", str(tmp_path / "empty")]) == 2

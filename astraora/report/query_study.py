@@ -74,12 +74,15 @@ def train(out: Path, task: str, variant: str, seed: int) -> dict | None:
     return json.loads(summary.read_text()) if summary.exists() else None
 
 
-def collect(out: Path) -> list[dict]:
-    """One row per (task, variant) with the mean over its finished seeds."""
+def collect(out: Path, seeds: list[int] | None = None) -> list[dict]:
+    """One row per (task, variant) with the mean over its finished seeds (those in ``seeds``)."""
     rows = []
     for task_dir in sorted((out / "runs").glob("*")):
         for variant in VARIANTS:
-            summaries = [json.loads(p.read_text()) for p in sorted((task_dir / variant).glob("seed*/summary.json"))]
+            paths = sorted((task_dir / variant).glob("seed*/summary.json"))
+            if seeds is not None:
+                paths = [p for p in paths if int(p.parent.name[4:]) in seeds]
+            summaries = [json.loads(p.read_text()) for p in paths]
             summaries = [s for s in summaries if s.get("status", "completed") == "completed"] or summaries
             if not summaries:
                 continue
@@ -157,8 +160,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def write(out: Path) -> list[dict]:
-    rows = collect(out)
+def write(out: Path, seeds: list[int] | None = None) -> list[dict]:
+    rows = collect(out, seeds)
     if not rows:
         return rows
     (out / "query_study.md").write_text(markdown(rows))
@@ -174,17 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASK_OVERRIDES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="seeds to run (default 0 1 2) and, with --report-only, to report (default: all finished)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings run at once")
     parser.add_argument("--out", type=Path, default=Path("outputs/query_study"))
     parser.add_argument("--report-only", action="store_true", help="write the table and plot from finished runs")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     if not args.report_only:
-        jobs = [(t, v, s) for s in args.seeds for t in args.tasks for v in args.variants]
+        jobs = [(t, v, s) for s in (args.seeds or [0, 1, 2]) for t in args.tasks for v in args.variants]
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             list(pool.map(lambda job: train(out, *job), jobs))
-    rows = write(out)
+    rows = write(out, args.seeds if args.report_only else None)
     if not rows:
         print(f"no finished runs under {out}", file=sys.stderr)
         return 2
