@@ -145,6 +145,7 @@ def _train(args, cwd, **kwargs):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(reason="rank 1's last validation accuracy still differs after a resume (BatchNorm statistics of "
                           "the other process); steps, queries, reprograms and every training row are equal", strict=False)
 def test_sigkill_of_both_processes_then_resume_equals_uninterrupted(tmp_path):
