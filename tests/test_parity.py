@@ -163,3 +163,11 @@ def test_output_bias_option(make_cfg):
     digital_opt, physical_opt = module.configure_optimizers()[0]
     in_group = lambda opt: any(p is layer.bias for g in opt.param_groups for p in g["params"])  # noqa: E731
     assert in_group(digital_opt) and not in_group(physical_opt)
+
+
+def test_mode_subset_and_extra_overrides(tmp_path: Path):
+    grid = parity.jobs(["pydoc_text"], ["mzi"], [0], ["exact+sm", "zo+sm"])
+    assert grid == [("pydoc_text", "mzi", "exact+sm", 0), ("pydoc_text", "mzi", "zo+sm", 0)]
+    hybrid = parity.command(tmp_path, "pydoc_text", "mzi", "zo+sm", 0, ("surrogate.rank=32",))
+    digital = parity.command(tmp_path, "pydoc_text", DIGITAL, DIGITAL, 0, ("surrogate.rank=32",))
+    assert "surrogate.rank=32" in hybrid and "surrogate.rank=32" not in digital

@@ -15,7 +15,8 @@ positive = worse: accuracy in points (×100), losses in percent of the reference
 
     python scripts/parity_study.py [--tasks digits pydoc_text image_folder synthetic_audio]
                                    [--devices mzi mrr slm] [--seeds 0] [--jobs 1] [--out outputs/parity]
-    python scripts/parity_study.py --report-only --out DIR     # table + plots from finished runs
+                                   [--modes digital exact exact+sm zo+exact zo+sm] [--set KEY=VALUE ...]
+    python scripts/parity_study.py --report-only [DIR ...] --out OUT   # report from finished runs
 
 Every run is an ordinary ``python train.py task=X device=Y mode=Z seed=S <study overrides>`` in
 ``OUT/runs/<task>/<device>/<mode>/seed<S>`` (the digital twin, one per task and seed, in
@@ -116,27 +117,28 @@ def run_dir(out: Path, task: str, device: str, mode: str, seed: int) -> Path:
     return base / DIGITAL / f"seed{seed}" if device == DIGITAL else base / device / mode / f"seed{seed}"
 
 
-def command(out: Path, task: str, device: str, mode: str, seed: int) -> list[str]:
-    """The ``train.py`` command line of one run of the study."""
-    extra = [f"task.root={out / 'data' / 'image_folder'}"] if task == "image_folder" else []
-    mode_override = [] if device == DIGITAL else [f"mode={mode}"]
-    return [sys.executable, str(ROOT / "train.py"), f"task={task}", f"device={device}", *mode_override,
-            f"seed={seed}", *TASK_OVERRIDES.get(task, []), *extra,
+def command(out: Path, task: str, device: str, mode: str, seed: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """The ``train.py`` command line of one run of the study; ``extra`` overrides go to the hybrid
+    runs only (e.g. ``surrogate.rank=32``: the digital twin has no surrogate)."""
+    data = [f"task.root={out / 'data' / 'image_folder'}"] if task == "image_folder" else []
+    hybrid = [] if device == DIGITAL else [f"mode={mode}", *extra]
+    return [sys.executable, str(ROOT / "train.py"), f"task={task}", f"device={device}", *hybrid,
+            f"seed={seed}", *TASK_OVERRIDES.get(task, []), *data,
             f"hydra.run.dir={run_dir(out, task, device, mode, seed)}", "logger=csv"]
 
 
-def jobs(tasks, devices, seeds) -> list[tuple[str, str, str, int]]:
-    """(task, device, mode, seed) of every run, seed-major (a cut-short study has whole seeds),
-    the digital twin once per task and seed."""
+def jobs(tasks, devices, seeds, columns=COLUMNS) -> list[tuple[str, str, str, int]]:
+    """(task, device, mode, seed) of every run of ``columns``, seed-major (a cut-short study has
+    whole seeds), the digital twin once per task and seed."""
     grid = []
     for seed in seeds:
         for task in tasks:
-            grid.append((task, DIGITAL, DIGITAL, seed))
-            grid += [(task, device, mode, seed) for device in devices for mode in MODES]
+            grid += [(task, DIGITAL, DIGITAL, seed)] if DIGITAL in columns else []
+            grid += [(task, device, mode, seed) for device in devices for mode in MODES if mode in columns]
     return grid
 
 
-def train(out: Path, task: str, device: str, mode: str, seed: int) -> bool:
+def train(out: Path, task: str, device: str, mode: str, seed: int, extra: tuple[str, ...] = ()) -> bool:
     """Run one training unless its summary.json exists; True when it exists afterwards."""
     directory = run_dir(out, task, device, mode, seed)
     if (directory / "summary.json").exists():
@@ -144,7 +146,7 @@ def train(out: Path, task: str, device: str, mode: str, seed: int) -> bool:
     directory.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with open(directory.parent / f"seed{seed}.log", "w") as log:
-        code = subprocess.run(command(out, task, device, mode, seed), cwd=ROOT, stdout=log,
+        code = subprocess.run(command(out, task, device, mode, seed, extra), cwd=ROOT, stdout=log,
                               stderr=subprocess.STDOUT).returncode
     print(f"{task} {device} {mode} seed {seed}: exit {code}, {time.time() - started:.0f} s", flush=True)
     return (directory / "summary.json").exists()
@@ -356,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASK_OVERRIDES), choices=list(TASK_OVERRIDES))
     parser.add_argument("--devices", nargs="+", default=list(DEVICES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--modes", nargs="+", default=list(COLUMNS), choices=list(COLUMNS),
+                        help="which of the five trainings to run (default all)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="extra",
+                        help="extra overrides of the hybrid runs (use a separate --out for them)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings run at once")
     parser.add_argument("--out", type=Path, default=Path("outputs/parity"))
     parser.add_argument("--report-only", nargs="*", metavar="DIR",
@@ -365,11 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only is None:
         if "image_folder" in args.tasks:
             make_image_folder(out / "data" / "image_folder")
-        grid = jobs(args.tasks, args.devices, args.seeds)
+        grid = jobs(args.tasks, args.devices, args.seeds, args.modes)
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-            list(pool.map(lambda job: train(out, *job), grid))
+            list(pool.map(lambda job: train(out, *job, tuple(args.extra)), grid))
     settings = None if args.report_only else {  # the study's own runs: say how they were run
-        task: " ".join(overrides) or "task defaults" for task, overrides in TASK_OVERRIDES.items()}
+        task: " ".join([*overrides, *args.extra]) or "task defaults" for task, overrides in TASK_OVERRIDES.items()}
     cells = write(out, args.report_only or None, settings)
     if not cells:
         print(f"parity: no finished runs under {out / 'runs'}", file=sys.stderr)
