@@ -82,25 +82,34 @@ def collect(out: Path, seeds: list[int] | None = None) -> list[dict]:
             paths = sorted((task_dir / variant).glob("seed*/summary.json"))
             if seeds is not None:
                 paths = [p for p in paths if int(p.parent.name[4:]) in seeds]
-            summaries = [json.loads(p.read_text()) for p in paths]
-            summaries = [s for s in summaries if s.get("status", "completed") == "completed"] or summaries
+            summaries = {int(p.parent.name[4:]): json.loads(p.read_text()) for p in paths}
+            summaries = {k: v for k, v in summaries.items() if v.get("status", "completed") == "completed"}
             if not summaries:
                 continue
-            kind = "classification" if "test/acc" in summaries[0].get("metrics", {}) else "language_model"
+            first = next(iter(summaries.values()))
+            kind = "classification" if "test/acc" in first.get("metrics", {}) else "language_model"
             name, higher = METRICS[kind]
-            values = [float(s["metrics"][name]) for s in summaries if name in s.get("metrics", {})]
-            queries = [float(s["queries"]["total"]) for s in summaries]
+            values = {seed: float(s["metrics"][name]) for seed, s in summaries.items() if name in s.get("metrics", {})}
             if not values:
                 continue
+            queries = {seed: float(summaries[seed]["queries"]["total"]) for seed in values}
             rows.append({"task": task_dir.name, "variant": variant, "metric": name, "higher_is_better": higher,
-                         "seeds": len(values), "value": sum(values) / len(values), "std": _std(values),
-                         "queries": sum(queries) / len(queries),
-                         "zo": sum(float(s["queries"]["zo"]) for s in summaries) / len(summaries),
-                         "surrogate": sum(float(s["queries"]["surrogate"]) for s in summaries) / len(summaries)})
+                         "seeds": len(values), "value": sum(values.values()) / len(values), "std": _std(list(values.values())),
+                         "queries": sum(queries.values()) / len(queries),
+                         "zo": sum(float(summaries[k]["queries"]["zo"]) for k in values) / len(values),
+                         "surrogate": sum(float(summaries[k]["queries"]["surrogate"]) for k in values) / len(values),
+                         "per_seed": values, "per_seed_queries": queries})
     for row in rows:
+        # paired with the paper's runs of the same seeds
         base = next((b for b in rows if b["task"] == row["task"] and b["variant"] == "paper"), None)
-        row["query_ratio"] = row["queries"] / base["queries"] if base else math.nan
-        row["difference"] = row["value"] - base["value"] if base else math.nan
+        common = sorted(set(row["per_seed"]) & set(base["per_seed"])) if base else []
+        if common:
+            row["difference"] = sum(row["per_seed"][k] - base["per_seed"][k] for k in common) / len(common)
+            row["query_ratio"] = sum(row["per_seed_queries"][k] for k in common) / sum(base["per_seed_queries"][k] for k in common)
+        else:
+            row["difference"] = row["query_ratio"] = math.nan
+    for row in rows:
+        row.pop("per_seed"), row.pop("per_seed_queries")
     return rows
 
 
@@ -112,8 +121,9 @@ def _std(values: list[float]) -> float:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The table: per task, each variant's metric (mean ± std over seeds), queries and the ratios
-    to the paper's settings. Accuracy differences in points (×100)."""
+    """The table: per task, each variant's metric (mean ± std over seeds), queries, and the query
+    ratio and metric difference to the paper's settings over the same seeds (paired). Accuracy
+    differences in points (×100)."""
     lines = []
     for task in dict.fromkeys(r["task"] for r in rows):
         task_rows = [r for r in rows if r["task"] == task]
@@ -121,7 +131,7 @@ def markdown(rows: list[dict]) -> str:
         scale, unit = (100, " pt") if metric.endswith("acc") else (1, "")
         role = "tuned on" if task == TUNED_ON else "held out (not tuned on)"
         lines += [f"**{task}** ({role}; `{' '.join(TASK_OVERRIDES.get(task, [])) or 'task defaults'}`, device=mzi)", "",
-                  f"| variant | seeds | {metric} | total queries | query ratio | Δ {metric}{unit} |",
+                  f"| variant | seeds | {metric} | total queries | query ratio | Δ {metric}{unit} vs paper, same seeds |",
                   "|---|---|---|---|---|---|"]
         for r in task_rows:
             value = f"{scale * r['value']:.2f} ± {scale * r['std']:.2f}" if scale != 1 else f"{r['value']:.4f} ± {r['std']:.4f}"
