@@ -80,7 +80,7 @@ def test_uniform_layout_with_many_settings_and_small_budgets(monkeypatch):
     torch.testing.assert_close(device.transfer(theta, x), reference(device, theta, x), rtol=1e-11, atol=1e-11)
 
 
-def test_work_buffers_are_reused_and_results_independent_of_previous_calls():
+def test_work_buffers_are_reused_and_results_independent_of_previous_calls(layout):
     device = MZIMesh(20, 20, seed=0, tile=2)
     x = torch.randn(5, 20, dtype=torch.float64)
     theta = settings(device, 3)

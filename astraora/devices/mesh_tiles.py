@@ -39,7 +39,7 @@ from torch import Tensor
 
 TRIMMED_MAX_SETTINGS = 8  # on a CPU, calls with up to this many settings use the trimmed layout
 TRIMMED_BUDGET = 512  # trimmed layout: tiles × settings whose blocks are built together
-UNIFORM_BUDGET_CPU = 1024  # uniform layout: tiles × settings whose blocks are built together
+UNIFORM_BUDGET_CPU = 2048  # uniform layout: tiles × settings whose blocks are built together
 UNIFORM_BUDGET_GPU = 1 << 16
 CellFn = Callable[[Tensor, Tensor], Tensor]  # (θ, φ) of shape S → (4, *S) complex: T00, T01, T10, T11
 
@@ -208,15 +208,21 @@ class TiledMesh:
         return groups
 
     # ----------------------------------------------------------------- application
-    def _state(self, size: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Two reused flat work buffers of ``size`` entries, zeroed."""
+    def _state(self, size: int, dtype: torch.dtype, device: torch.device, spare_zeros: int | None = None) -> tuple[Tensor, Tensor]:
+        """Two reused flat work buffers of ``size`` entries: the first zeroed, the second zeroed
+        too, or only its first and last ``spare_zeros`` entries (where every factor overwrites
+        the rest before it is read)."""
         key = (dtype, device)
         bufs = self._buffers.get(key)
         if bufs is None or bufs[0].numel() < size:
             bufs = self._buffers[key] = (torch.empty(size, dtype=dtype, device=device), torch.empty(size, dtype=dtype, device=device))
         cur, nxt = bufs[0][:size], bufs[1][:size]
         cur.zero_()
-        nxt.zero_()
+        if spare_zeros is None:
+            nxt.zero_()
+        else:
+            nxt[:spare_zeros].zero_()
+            nxt[-spare_zeros:].zero_()
         return cur, nxt
 
     def release(self) -> None:
@@ -262,8 +268,10 @@ class TiledMesh:
         on_cpu = theta.device.type == "cpu"
         uniform = not on_cpu or k > TRIMMED_MAX_SETTINGS
         theta_t = theta.T.contiguous()  # (2·cells, K): a slot's phases for all settings side by side
-        # Uniform: the windows of an odd factor run L rows past the last setting's state.
-        cur, nxt = self._state((k * rows + (L if uniform else 0)) * batch, cdtype, theta.device)
+        # Uniform: the windows of an odd factor run L rows past the last setting's state, and
+        # every factor writes all rows but the L at either end of the buffer (zero padding).
+        cur, nxt = self._state((k * rows + (L if uniform else 0)) * batch, cdtype, theta.device,
+                               spare_zeros=L * batch if uniform else None)
         cur[:k * rows * batch].view(k, rows, batch)[:, self.pad:self.pad + self.d_in].copy_(x.transpose(-1, -2))
         if uniform:
             tiles = rows // (2 * L)
