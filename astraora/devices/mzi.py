@@ -15,6 +15,10 @@ from astraora.errors import ConfigError
 ENGINES = ("tiles", "columns")
 
 
+def _complex(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
 class MZIMesh(Device):
     """Rectangular mesh of 2×2 MZI cells (the paper's cell): y = Re(U(θ) x)[:m].
 
@@ -81,19 +85,30 @@ class MZIMesh(Device):
 
             T = e^{iβ}/√2 · [[sin α + i sin β, −cos α + i cos β], [cos α + i cos β, sin α − i sin β]]
 
-        with α = (θ−φ)/2 and β = (θ+φ)/2. Multiplied out on real planes (sin/cos once, no
-        complex temporaries): with e^{iβ} = cos β + i sin β,
-        T00 = (cβ sα − sβ² + i sβ(sα + cβ))/√2,  T01 = (−cβ(cα + sβ) + i(cβ² − sβ cα))/√2,
-        T10 = (cβ(cα − sβ) + i(sβ cα + cβ²))/√2,  T11 = (cβ sα + sβ² + i sβ(sα − cβ))/√2.
+        with α = (θ−φ)/2 and β = (θ+φ)/2. Multiplied out on real planes, with c = cos β/√2 and
+        s = sin β/√2 (sin/cos once, no complex temporaries, written straight into the result):
+        T00 = c sα − s sβ + i s(sα + cβ),   T01 = −c(cα + sβ) + i(c cβ − s cα),
+        T10 = c(cα − sβ) + i(s cα + c cβ),  T11 = c sα + s sβ + i s(sα − cβ).
         """
         alpha, beta = (theta - phi) / 2, (theta + phi) / 2
         sin_a, cos_a, sin_b, cos_b = alpha.sin(), alpha.cos(), beta.sin(), beta.cos()
-        scale = 1 / math.sqrt(2)
-        cb_sa, sb2, cb_ca, sb_cb, cb2, sb_ca, sb_sa = (
-            cos_b * sin_a, sin_b * sin_b, cos_b * cos_a, sin_b * cos_b, cos_b * cos_b, sin_b * cos_a, sin_b * sin_a)
-        real = torch.stack([cb_sa - sb2, -cb_ca - sb_cb, cb_ca - sb_cb, cb_sa + sb2])
-        imag = torch.stack([sb_sa + sb_cb, cb2 - sb_ca, sb_ca + cb2, sb_sa - sb_cb])
-        return torch.complex(real * scale, imag * scale)
+        c, s = cos_b / math.sqrt(2), sin_b / math.sqrt(2)
+        c_sa, s_sb, c_cb, s_ca = c * sin_a, s * sin_b, c * cos_b, s * cos_a
+        if torch.is_grad_enabled() and (theta.requires_grad or phi.requires_grad):  # autograd: no out=
+            real = torch.stack([c_sa - s_sb, -c * (cos_a + sin_b), c * (cos_a - sin_b), c_sa + s_sb])
+            imag = torch.stack([s * (sin_a + cos_b), c_cb - s_ca, c_cb + s_ca, s * (sin_a - cos_b)])
+            return torch.complex(real, imag)
+        out = torch.empty((4, *theta.shape), dtype=_complex(theta.dtype), device=theta.device)
+        re, im = torch.view_as_real(out).unbind(-1)
+        torch.sub(c_sa, s_sb, out=re[0])
+        torch.mul(c, cos_a + sin_b, out=re[1]).neg_()
+        torch.mul(c, cos_a - sin_b, out=re[2])
+        torch.add(c_sa, s_sb, out=re[3])
+        torch.mul(s, sin_a + cos_b, out=im[0])
+        torch.sub(c_cb, s_ca, out=im[1])
+        torch.add(c_cb, s_ca, out=im[2])
+        torch.mul(s, sin_a - cos_b, out=im[3])
+        return out
 
     @classmethod
     def cell(cls, theta: Tensor, phi: Tensor) -> Tensor:
@@ -167,7 +182,16 @@ class MZIClassical(MZIMesh):
         """The classical cell for phases θ, φ (radians, same shape S) → (4, *S) complex
         T00, T01, T10, T11 = e^{iφ} sin θ, e^{iφ} cos θ, cos θ, −sin θ."""
         sin_t, cos_t, sin_p, cos_p = theta.sin(), theta.cos(), phi.sin(), phi.cos()
-        zero = torch.zeros_like(sin_t)
-        real = torch.stack([cos_p * sin_t, cos_p * cos_t, cos_t, -sin_t])
-        imag = torch.stack([sin_p * sin_t, sin_p * cos_t, zero, zero])
-        return torch.complex(real, imag)
+        if torch.is_grad_enabled() and (theta.requires_grad or phi.requires_grad):  # autograd: no out=
+            zero = torch.zeros_like(sin_t)
+            real = torch.stack([cos_p * sin_t, cos_p * cos_t, cos_t, -sin_t])
+            return torch.complex(real, torch.stack([sin_p * sin_t, sin_p * cos_t, zero, zero]))
+        out = torch.zeros((4, *theta.shape), dtype=_complex(theta.dtype), device=theta.device)
+        re, im = torch.view_as_real(out).unbind(-1)
+        torch.mul(cos_p, sin_t, out=re[0])
+        torch.mul(cos_p, cos_t, out=re[1])
+        re[2].copy_(cos_t)
+        torch.neg(sin_t, out=re[3])
+        torch.mul(sin_p, sin_t, out=im[0])
+        torch.mul(sin_p, cos_t, out=im[1])
+        return out
