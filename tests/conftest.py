@@ -78,3 +78,18 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def float64():
+    """Run a test with float64 as torch's default dtype (gradient checks against the oracle)."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(dtype)
+
+
+def random_batch(batch: int, n: int, m: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs x (batch, n) and upstream gradients g (batch, m), standard normal."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, n, generator=gen), torch.randn(batch, m, generator=gen)

@@ -22,24 +22,17 @@ from astraora.lit.module import HybridModule
 from astraora.rng import make_generator
 from astraora.surrogate.lowrank import best_rank_error
 from astraora.zo import ZOEstimator
-from conftest import compose_config, run_cli
+from conftest import compose_config, random_batch, run_cli
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def zo_estimator(samples=20, seed=0, **kwargs) -> ZOEstimator:
     return ZOEstimator(samples=samples, generator=make_generator(seed, "zo"), **kwargs)
 
 
-def data(batch: int, n: int, m: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, n, generator=gen), torch.randn(batch, m, generator=gen)
+data = random_batch
 
 
 def oracle_vjp(device, x, g) -> torch.Tensor:

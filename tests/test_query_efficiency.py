@@ -15,7 +15,7 @@ from astraora.ledger import QueryLedger
 from astraora.rng import make_generator
 from astraora.surrogate import LowRankSurrogate, make_integrator
 from astraora.zo import ZOEstimator
-from conftest import compose_config
+from conftest import compose_config, random_batch
 
 OPTIONS = {
     "orthogonal": dict(orthogonal=True),
@@ -27,21 +27,14 @@ OPTIONS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def zo_estimator(samples=12, seed=0, **kwargs) -> ZOEstimator:
     return ZOEstimator(samples=samples, generator=make_generator(seed, "zo"), **kwargs)
 
 
-def data(batch: int, n: int, m: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, n, generator=gen), torch.randn(batch, m, generator=gen)
+data = random_batch
 
 
 def linear_gradient(device: MatVec, x, g):
