@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from astraora.devices.base import zo_step_problem
 from astraora.errors import ConfigError
 from astraora.hybrid import MODES
+from astraora.surrogate.auto import AUTO
 from astraora.surrogate.integrators import INTEGRATORS, SKETCHES
 from astraora.zo import DIRECTIONS
 from astraora.zo.estimator import BETWEEN
@@ -101,7 +102,10 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
     _check_choice(cfg, "mode", MODES)
     _check_choice(cfg, "physical_optimizer.name", OPTIMIZERS)
     _check_real(cfg, "physical_optimizer.lr")
-    _check_int(cfg, "surrogate.rank", 1)
+    if _get(cfg, "surrogate.rank") != AUTO:
+        rank = _get(cfg, "surrogate.rank")
+        if isinstance(rank, bool) or not isinstance(rank, Integral) or rank < 1:
+            raise ConfigError(f"surrogate.rank={rank!r} is not allowed; choose 'auto' or an integer >= 1.")
     _check_real(cfg, "surrogate.health_threshold", allow_none=True)
     _check_int(cfg, "device.driver.max_retries", 0)
     _check_real(cfg, "device.driver.timeout_s", allow_none=True)
@@ -116,10 +120,10 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
                                   OmegaConf.select(cfg, "device.nonideal.queries", default="all"), _get(cfg, "zo.mu"))
         if problem:
             raise ConfigError(problem)
-    _check_choice(cfg, "integrator.name", list(INTEGRATORS))
+    _check_choice(cfg, "integrator.name", [*INTEGRATORS, AUTO])
     _check_int(cfg, "integrator.every", 1)
     _check_int(cfg, "integrator.rebuild_every", 0)
-    if _get(cfg, "integrator.name") == "psi_implicit":
+    if _get(cfg, "integrator.name") in ("psi_implicit", AUTO):
         _check_int(cfg, "integrator.samples", 1)
         _check_choice(cfg, "integrator.sketch", SKETCHES)
         if OmegaConf.select(cfg, "integrator.reuse_sketch", default=False) not in (True, False):

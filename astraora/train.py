@@ -159,7 +159,7 @@ def comparison_setting(cfg: DictConfig) -> dict:
                 "integrator": None, "hybrid": False, "seed": int(cfg.seed)}
     surrogate = str(cfg.mode).endswith("+sm")
     return {"task": cfg.task.name, "device": cfg.device.family, "mode": cfg.mode,
-            "rank": int(cfg.surrogate.rank) if surrogate else None,
+            "rank": (cfg.surrogate.rank if cfg.surrogate.rank == "auto" else int(cfg.surrogate.rank)) if surrogate else None,
             "M": int(cfg.zo.samples) if str(cfg.mode).startswith("zo") else None,
             "integrator": cfg.integrator.name if surrogate else None, "hybrid": True, "seed": int(cfg.seed)}
 
@@ -269,8 +269,9 @@ def summarize(cfg: DictConfig, module, trainer, metrics: dict, status: str, star
         queries = {p: totals[f"queries/{p}"] for p in queries}
         reprograms = totals["reprograms"]
         diag = module.diagnostics() if cfg.mode.endswith("+sm") else {}
+        ranks = sorted({layer.surrogate.rank for layer in layers.values()})  # `auto`: per layer
         surrogate = {
-            "rank": int(cfg.surrogate.rank),
+            "rank": ranks[0] if len(ranks) == 1 else ranks,
             "rel_error": diag.get("surrogate/rel_error"),
             "rel_error_best_rank_r": diag.get("surrogate/rel_error_best_rank_r"),
         }
@@ -283,7 +284,7 @@ def summarize(cfg: DictConfig, module, trainer, metrics: dict, status: str, star
         "epochs": int(trainer.current_epoch) if trainer is not None else 0,
         "wall_seconds": round(time.time() - started, 3), "status": status, "run_dir": str(output_dir),
         "config": {
-            "surrogate": {"rank": int(cfg.surrogate.rank)},
+            "surrogate": {"rank": cfg.surrogate.rank if cfg.surrogate.rank == "auto" else int(cfg.surrogate.rank)},
             "zo": {"samples": int(cfg.zo.samples), "direction": cfg.zo.direction, "two_sided": bool(cfg.zo.two_sided)},
             "integrator": {"name": cfg.integrator.name, "samples": cfg.integrator.get("samples")},
         },

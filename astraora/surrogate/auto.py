@@ -1,0 +1,58 @@
+"""Per-layer surrogate settings chosen from the layer's size: ``surrogate.rank: auto`` and
+``integrator=auto`` (resolved in :func:`astraora.build.make_layer_factory`, once per physical layer,
+since the layers of one model differ in size).
+
+* **rank** ``auto`` = ``min(k, max(AUTO_RANK_FLOOR, k // AUTO_RANK_DIVISOR))`` with k = min(d_in, d_out):
+  about a quarter of the layer's narrow side, never below the old fixed default 10 (layers up to
+  43 wide keep rank 10) and never above k. 64 → 64: 16; 128 → 128: 32; 512 → 1024: 128; 6144 → 192: 48.
+  docs/PARITY.md, "Surrogate rank and readout by layer size", has the measurements behind it.
+* **integrator** ``auto``: a full readout (``rebuild``, d_in queries) at each update when that costs
+  no more queries than one ``psi_implicit`` update (2r + 2·M_sm; 2r + M_sm with ``reuse_sketch``);
+  the readout's truncated SVD is then the best rank-r surrogate for fewer queries. Otherwise
+  ``psi_implicit`` with the given ``samples``/``sketch``/``reuse_sketch``. ``every`` and
+  ``rebuild_every`` apply to whichever is chosen.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+from astraora.errors import ConfigError
+
+AUTO = "auto"
+AUTO_RANK_FLOOR = 10
+AUTO_RANK_DIVISOR = 4
+PSI_KEYS = ("samples", "sketch", "reuse_sketch")
+
+
+def auto_rank(d_in: int, d_out: int) -> int:
+    """The ``surrogate.rank: auto`` rule for a d_in → d_out layer."""
+    k = min(int(d_in), int(d_out))
+    return min(k, max(AUTO_RANK_FLOOR, k // AUTO_RANK_DIVISOR))
+
+
+def resolve_rank(rank, d_in: int, d_out: int) -> int:
+    """``rank`` as an integer for a d_in → d_out layer: ``auto`` by :func:`auto_rank`, an integer as is."""
+    if rank == AUTO:
+        return auto_rank(d_in, d_out)
+    if isinstance(rank, bool) or not isinstance(rank, Integral):
+        raise ConfigError(f"surrogate.rank={rank!r} is not allowed; choose 'auto' or an integer >= 1.")
+    return int(rank)
+
+
+def psi_queries(rank: int, samples: int, reuse_sketch: bool = False) -> int:
+    """Queries of one psi_implicit update (ALGORITHM.md §4, §9)."""
+    return 2 * int(rank) + (1 if reuse_sketch else 2) * int(samples)
+
+
+def resolve_integrator(spec: dict, d_in: int, rank: int) -> dict:
+    """The integrator config for one layer: ``spec`` unchanged unless its name is ``auto``; then
+    ``rebuild`` when a full readout (d_in queries) costs no more than a psi_implicit update, else
+    ``psi_implicit``."""
+    spec = dict(spec)
+    if spec.get("name") != AUTO:
+        return spec
+    samples, reuse = int(spec.get("samples", 100)), bool(spec.get("reuse_sketch", False))
+    if int(d_in) <= psi_queries(rank, samples, reuse):
+        return {"name": "rebuild", "every": spec.get("every", 1), "rebuild_every": spec.get("rebuild_every", 0)}
+    return {**spec, "name": "psi_implicit"}

@@ -1,0 +1,88 @@
+"""``surrogate.rank: auto`` and ``integrator=auto``: the per-layer rules, their validation, and
+that layers are built with the resolved values."""
+
+from __future__ import annotations
+
+import pytest
+
+from astraora.build import build_model, hybrid_layers
+from astraora.config import validate
+from astraora.errors import ConfigError
+from astraora.surrogate.auto import auto_rank, psi_queries, resolve_integrator, resolve_rank
+from conftest import REPO, run_cli
+
+
+@pytest.mark.parametrize(("d_in", "d_out", "rank"), [
+    (4, 4, 4),          # narrower than the floor: capped at min(n, m)
+    (10, 3, 3),
+    (40, 40, 10),       # floor
+    (64, 64, 16),       # digits' MLP
+    (128, 128, 32),     # the GPT's last MLP
+    (512, 1024, 128),
+    (6144, 192, 48),
+])
+def test_auto_rank_rule(d_in, d_out, rank):
+    assert auto_rank(d_in, d_out) == rank
+    assert resolve_rank("auto", d_in, d_out) == rank
+    assert 1 <= rank <= min(d_in, d_out)
+
+
+def test_integer_rank_is_kept():
+    assert resolve_rank(10, 128, 128) == 10
+    assert resolve_rank(7, 64, 32) == 7
+    with pytest.raises(ConfigError, match=r"surrogate\.rank='big'"):
+        resolve_rank("big", 8, 8)
+
+
+def test_auto_integrator_picks_the_cheaper_update():
+    spec = {"name": "auto", "samples": 100, "sketch": "gaussian", "reuse_sketch": False, "every": 2, "rebuild_every": 0}
+    assert psi_queries(32, 100) == 264 and psi_queries(32, 100, reuse_sketch=True) == 164
+    # 128 inputs: a readout (128 queries) beats 2r + 2·M_sm = 264
+    assert resolve_integrator(spec, 128, 32) == {"name": "rebuild", "every": 2, "rebuild_every": 0}
+    assert resolve_integrator(spec, 264, 32)["name"] == "rebuild"       # a tie goes to the exact readout
+    wide = resolve_integrator(spec, 512, 128)                            # 512 > 2·128 + 200 = 456
+    assert wide == {**spec, "name": "psi_implicit"}
+    assert resolve_integrator({**spec, "reuse_sketch": True}, 200, 32)["name"] == "psi_implicit"  # 200 > 164
+    fixed = {"name": "psi_implicit", "samples": 100}
+    assert resolve_integrator(fixed, 16, 4) == fixed                     # not auto: unchanged
+
+
+def test_layers_are_built_with_resolved_values(make_cfg):
+    cfg = make_cfg("surrogate.rank=auto", "integrator=auto", "mode=zo+sm")
+    validate(cfg)
+    model = build_model(cfg, {"num_classes": 10, "in_features": 64})
+    layers = hybrid_layers(model)
+    assert layers
+    for layer in layers.values():
+        assert layer.surrogate.rank == auto_rank(layer.d_in, layer.d_out)
+        assert layer.integrator.name == ("rebuild" if layer.d_in <= 2 * layer.surrogate.rank + 200 else "psi_implicit")
+    fixed = hybrid_layers(build_model(make_cfg("surrogate.rank=7", "integrator=psi_implicit"),
+                                      {"num_classes": 10, "in_features": 64}))
+    assert {layer.surrogate.rank for layer in fixed.values()} == {7}
+    assert {layer.integrator.name for layer in fixed.values()} == {"psi_implicit"}
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("surrogate.rank=big", "surrogate.rank"), ("surrogate.rank=0", "surrogate.rank"),
+    ("integrator.name=sometimes", "integrator.name"),
+])
+def test_bad_values_name_the_key(make_cfg, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        validate(make_cfg(override))
+    assert "\n" not in str(err.value)
+    if key == "surrogate.rank":
+        assert "'auto'" in str(err.value)
+    else:
+        assert "'auto'" in str(err.value) and "psi_implicit" in str(err.value)
+
+
+def test_auto_integrator_options_are_validated(make_cfg):
+    with pytest.raises(ConfigError, match=r"integrator\.samples"):
+        validate(make_cfg("integrator=auto", "integrator.samples=0"))
+
+
+def test_bad_rank_exits_2_with_one_line(tmp_path):
+    result = run_cli(["surrogate.rank=big", f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "surrogate.rank" in lines[0] and "auto" in lines[0]
