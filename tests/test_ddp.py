@@ -1,4 +1,4 @@
-"""Data-parallel training (issue #12): seed-synchronised ZO, rank-0 surrogate, sharded data, DDP."""
+"""Data-parallel training: seed-synchronised ZO, rank-0 surrogate, sharded data, DDP."""
 
 from __future__ import annotations
 
