@@ -154,7 +154,7 @@ def test_wandb_offline_run_carries_the_summary_and_comparison_keys(make_cfg, mon
                 "surrogate/rel_error": summary["surrogate"]["rel_error"], "surrogate/rank": 4}
     assert {key: wb["summary"].get(key) for key in expected} == pytest.approx(expected)
     assert wb["config"]["setting"] == {"task": "digits", "device": "mzi", "mode": "zo+sm", "rank": 4, "M": 4,
-                                       "integrator": "psi_implicit", "hybrid": True, "seed": 0}
+                                       "integrator": "auto", "hybrid": True, "seed": 0}
     assert wb["run"].run_group == "digits" and wb["run"].job_type == "zo+sm"
     assert {"device:mzi", "mode:zo+sm", "task:digits", "hybrid"} <= set(wb["run"].tags)
     # every row has the x axis for "metric vs queries": val/acc rows too
