@@ -1,4 +1,4 @@
-"""The accuracy-parity study (issue #14): where the hybrid loses to its digital twin, and why.
+"""The accuracy-parity study: where the hybrid loses to its digital twin, and why.
 
 Per task and device, the same network is trained five ways (ALGORITHM.md §6): ``digital`` (the
 physical layer an ordinary Linear), ``exact`` (true gradients through the simulator: the device's
@@ -58,7 +58,7 @@ GAPS = {
     "combined": ("zo+sm", "exact"),
     "total": ("zo+sm", DIGITAL),
 }
-# The targets of issue #14 on the combined gap (zo+sm against exact), in the gap's unit.
+# The targets on the combined gap (zo+sm against exact), in the gap's unit.
 TARGETS = {"acc": 0.5, "loss": 1.0}
 # CPU-sized study settings per task (stated in the report): image_folder is the generated set of
 # make_image_folder (600 images of 32 × 32, 120 for test); synthetic_audio made harder than its
