@@ -113,6 +113,7 @@ TINY = ["task.max_epochs=8", "zo.samples=8", "integrator.samples=8", "surrogate.
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=5"]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """`python train.py trainer=ddp_cpu` (2 gloo processes) against one process, same global batch."""
     runs = {}
@@ -169,6 +170,7 @@ def test_sigkill_of_both_processes_then_resume_equals_uninterrupted(tmp_path):
     assert (run_dir / "metrics.csv").read_text() == (ref_dir / "metrics.csv").read_text()
 
 
+@pytest.mark.slow
 def test_device_failure_in_one_process_stops_both_with_exit_3(tmp_path):
     """A DeviceFailure in one process: every process stops (none hangs in the ZO all-reduce until
     the process-group timeout), last.ckpt is written and the run exits with code 3."""
