@@ -212,6 +212,7 @@ class HybridLayer(nn.Module):
         self.health_threshold = health_threshold
         self.theta_updates = 0
         self.capture_next_backward = False  # set by the trainer when it wants gradient cosines
+        self.measure_residual = True  # the trainer clears it on steps that log no residual
         self._captured: dict[str, Tensor] = {}
         self.last_residual: float | None = None
         self.sync: RankSync | None = None  # set by attach_sync under data-parallel training
@@ -263,7 +264,7 @@ class HybridLayer(nn.Module):
         if self.training and self.uses_surrogate and not bool(self.surrogate.initialized):
             self._on_rank0_then_broadcast(lambda: self.surrogate.readout(self.ledger))
         y = _PhysicalLayerFunction.apply(x2, self.device.theta, self)
-        if self.training and self.uses_surrogate:
+        if self.training and self.uses_surrogate and (self.measure_residual or self.health_threshold is not None):
             self._check_health(x2.detach(), y.detach())
         if self.scale is not None:
             y = self.scale * y
@@ -324,7 +325,7 @@ class HybridLayer(nn.Module):
                 self.integrator.step(self.surrogate, self.ledger, self.theta_updates)
                 return
             step, integ = self.theta_updates, self.integrator
-            if (integ.rebuild_every and step % integ.rebuild_every == 0) or step % integ.every == 0:
+            if integ.due(step):  # only then: the broadcast is a collective every process must join
                 self._on_rank0_then_broadcast(lambda: integ.step(self.surrogate, self.ledger, step))
 
     # ----------------------------------------------------------------- diagnostics (oracle)

@@ -225,10 +225,6 @@ class TiledMesh:
             nxt[-spare_zeros:].zero_()
         return cur, nxt
 
-    def release(self) -> None:
-        """Drop the reused work buffers."""
-        self._buffers.clear()
-
     def _blocks(self, cell: CellFn, theta_t: Tensor, group: _Group, eye: Tensor) -> Tensor:
         """The group's blocks for every setting, (K, tiles, 2L, 2L) in the group's tile order: the
         identity pushed through each tile's 2L − 1 local columns.

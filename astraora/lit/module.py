@@ -241,9 +241,10 @@ class HybridModule(L.LightningModule):
         schedulers = self.lr_schedulers()
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
         diagnose = self.diagnostics_every > 0 and self.global_step % self.diagnostics_every == 0
+        log_now = self._logs_this_step()
         for layer in self.physical.values():
             layer.capture_next_backward = diagnose
-        log_now = self._logs_this_step()
+            layer.measure_residual = log_now  # the health check itself runs whenever a threshold is set
         theta_before = [t.detach().clone() for t in self.theta_parameters()] if log_now else []
         total_before = sum(layer.ledger.total for layer in self.physical.values())  # this process's, no collective
 

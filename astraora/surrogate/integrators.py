@@ -42,13 +42,17 @@ class Integrator:
             raise ConfigError(f"integrator.rebuild_every={rebuild_every} must be >= 0 (0 = never).")
         self.every, self.rebuild_every = int(every), int(rebuild_every)
 
+    def due(self, step: int) -> bool:
+        """Whether the ``step``-th θ-update (1-based) runs a rebuild or an update."""
+        return bool(self.rebuild_every and step % self.rebuild_every == 0) or step % self.every == 0
+
     def step(self, surrogate: LowRankSurrogate, ledger: QueryLedger, step: int) -> bool:
         """Called after the ``step``-th θ-update (1-based). Returns True when the factors changed."""
+        if not self.due(step):
+            return False
         if self.rebuild_every and step % self.rebuild_every == 0:
             surrogate.readout(ledger)
             return True
-        if step % self.every:
-            return False
         return self.update(surrogate, ledger)
 
     def update(self, surrogate: LowRankSurrogate, ledger: QueryLedger) -> bool:
