@@ -74,6 +74,40 @@ class HybridModule(L.LightningModule):
         ignore += [name for name, _ in self.named_buffers() if ".surrogate." in f".{name}"]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignore)
 
+    def shared_buffers(self) -> list[Tensor]:
+        """The digital network's floating-point buffers (BatchNorm running statistics): under
+        DDP the same on every process, like the parameters. The physical layers' buffers are
+        their own (the surrogate's are broadcast from rank 0, a device's follow its generators)."""
+        physical = tuple(f"{name}." for name in self.physical)
+        return [b for name, b in self.model.named_buffers()
+                if b.is_floating_point() and not name.startswith(physical)]
+
+    @torch.no_grad()
+    def average_buffers(self) -> None:
+        """Under DDP, after every step: each process's :meth:`shared_buffers` replaced by their
+        mean over the processes, so every process holds the same model (what a checkpoint, written
+        by rank 0, stores and a resume restores everywhere). Each process's BatchNorm updated its
+        running statistics from its own part of the batch; their mean is the running mean one
+        process would have over the whole global batch. (DDP's own buffer broadcast does not
+        cover this: under manual optimisation it runs only on the first forward of a new wrapper,
+        i.e. at the start of a run and again, differently, after a resume; torch's SyncBatchNorm
+        runs on GPUs only.)"""
+        world = world_size()
+        if world == 1:
+            return
+        groups: dict[torch.dtype, list[Tensor]] = {}
+        for b in self.shared_buffers():
+            groups.setdefault(b.dtype, []).append(b)
+        for buffers in groups.values():
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            if self._sync is not None:  # leaves with a DeviceFailure if another process stopped
+                total = self._sync.sum(flat, "buffers")
+            else:
+                total = flat.clone()
+                torch.distributed.all_reduce(total)
+            for b, mean in zip(buffers, (total / world).split([b.numel() for b in buffers])):
+                b.copy_(mean.view_as(b))
+
     def on_train_start(self) -> None:
         restore, self._buffers_to_restore = getattr(self, "_buffers_to_restore", None), None
         if restore:
@@ -86,7 +120,8 @@ class HybridModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         """Figures of a data-parallel run: floats exchanged per step for ZO and by DDP for the
-        digital gradients, and how far θ and U, S, V differ between the processes (0 expected)."""
+        digital gradients, and how far θ, U, S, V and the digital buffers differ between the
+        processes (0 expected)."""
         if self._sync is None:
             return
         sync, steps = self._sync, max(1, self.global_step - self._step_at_start)
@@ -94,6 +129,7 @@ class HybridModule(L.LightningModule):
         ignored = set(getattr(ddp, "parameters_to_ignore", ()))
         states = [t for layer in self.physical.values()
                   for t in (layer.theta, layer.surrogate.U, layer.surrogate.S, layer.surrogate.V)]
+        states += self.shared_buffers()
         divergence = torch.stack([(t.detach() - sync.broadcast(t.detach().clone(), "check")).abs().max() for t in states])
         torch.distributed.all_reduce(divergence, op=torch.distributed.ReduceOp.MAX)
         self.distributed_info = {
@@ -118,7 +154,8 @@ class HybridModule(L.LightningModule):
             return
         mine = {
             "layers": {name: layer.get_extra_state() for name, layer in self.physical.items()},
-            # running metric states and buffers (BatchNorm statistics: each process's own on the CPU)
+            # running metric states and buffers (the digital ones are the same everywhere, see
+            # average_buffers; a physical layer's may be its process's own)
             "metrics": {k: v for k, v in checkpoint["state_dict"].items() if self._is_per_rank_state(k)},
             "rng_states": checkpoint.get("rng_states"),
         }
@@ -263,6 +300,7 @@ class HybridModule(L.LightningModule):
                 layer.after_optimizer_step()
         for scheduler in schedulers:
             scheduler.step()
+        self.average_buffers()
 
         for layer in self.physical.values():
             layer.capture_next_backward = False
