@@ -42,7 +42,10 @@ def test_auto_integrator_picks_the_cheaper_update():
     assert resolve_integrator(spec, 264, 32)["name"] == "rebuild"       # a tie goes to the exact readout
     wide = resolve_integrator(spec, 512, 128)                            # 512 > 2·128 + 200 = 456
     assert wide == {**spec, "name": "psi_implicit"}
-    assert resolve_integrator({**spec, "reuse_sketch": True}, 200, 32)["name"] == "psi_implicit"  # 200 > 164
+    # a fixed sketch is kept only where M_sm >= n, and then a readout (n <= M_sm queries) is cheaper
+    # anyway: 200 inputs > M_sm, so psi_implicit would cost 264 > 200
+    assert resolve_integrator({**spec, "reuse_sketch": True}, 200, 32)["name"] == "rebuild"
+    assert resolve_integrator({**spec, "reuse_sketch": True}, 300, 32)["name"] == "psi_implicit"
     fixed = {"name": "psi_implicit", "samples": 100}
     assert resolve_integrator(fixed, 16, 4) == fixed                     # not auto: unchanged
 

@@ -52,7 +52,8 @@ def resolve_integrator(spec: dict, d_in: int, rank: int) -> dict:
     spec = dict(spec)
     if spec.get("name") != AUTO:
         return spec
-    samples, reuse = int(spec.get("samples", 100)), bool(spec.get("reuse_sketch", False))
+    samples = int(spec.get("samples", 100))
+    reuse = bool(spec.get("reuse_sketch", False)) and samples >= int(d_in)  # a fixed sketch needs M_sm >= n
     if int(d_in) <= psi_queries(rank, samples, reuse):
         return {"name": "rebuild", "every": spec.get("every", 1), "rebuild_every": spec.get("rebuild_every", 0)}
     return {**spec, "name": "psi_implicit"}

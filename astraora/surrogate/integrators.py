@@ -17,6 +17,7 @@ it by a full readout every that many θ-updates (combinable with ``psi_implicit`
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -25,6 +26,8 @@ from torch import Tensor
 from astraora.errors import ConfigError
 from astraora.ledger import QueryLedger
 from astraora.surrogate.lowrank import LowRankSurrogate, truncated_svd
+
+log = logging.getLogger(__name__)
 
 SKETCHES = ("gaussian", "orthogonal")
 UNCHANGED_RTOL = 1e-12  # psi_implicit skips its update when ‖θ₁ − θ₀‖ ≤ this · ‖θ₀‖
@@ -100,6 +103,9 @@ class PsiImplicitIntegrator(Integrator):
         reuse_sketch: draw Z once and keep its readings at θ₁; the next update reuses them as its
             θ₀ readings when they are still readings of the device at θ₀: taken at exactly that
             θ, with the same (simulated) drift, and the same Z. Otherwise Z is queried at θ₀ too.
+            Only where M_sm ≥ n: a fixed Z of fewer rows than the layer has inputs never probes
+            the n − M_sm input directions outside its row space, so the L-step would stay blind
+            to them for the whole run; such a layer draws a fresh Z per update (a warning says so).
         generator: draws the sketches.
     """
 
@@ -117,9 +123,19 @@ class PsiImplicitIntegrator(Integrator):
         self._fixed_z: Tensor | None = None  # Z when reused
         self._cache: dict | None = None  # {"theta", "drift", "readings"}: Z's readings at the last θ₁
         self.reused = 0  # updates that took their θ₀ readings of Z from the cache
+        self._warned = False
+
+    def reuses(self, n: int) -> bool:
+        """Whether a layer with n inputs keeps a fixed sketch (``reuse_sketch`` and M_sm ≥ n)."""
+        return self.reuse_sketch and self.samples >= n
 
     def _sketch(self, n: int, dtype: torch.dtype, device) -> Tensor:
-        if not self.reuse_sketch:
+        if not self.reuses(n):
+            if self.reuse_sketch and not self._warned:
+                self._warned = True
+                log.warning("integrator.reuse_sketch: off for a layer with n = %d inputs > M_sm = %d (a fixed sketch "
+                            "would never probe %d of its input directions); it draws a fresh sketch per update.",
+                            n, self.samples, n - self.samples)
             return self.draw_sketch(n, dtype).to(device)
         if self._fixed_z is None or self._fixed_z.shape[1] != n:
             self._fixed_z, self._cache = self.draw_sketch(n, dtype).to(device), None
@@ -163,7 +179,8 @@ class PsiImplicitIntegrator(Integrator):
             return False
         Z = self._sketch(V.shape[0], V.dtype, V.device)
         probes = torch.cat([V.T, Z])  # (r + M_sm, n): Vᵀ for the K-step, Z for the L-step
-        cached = self._cached_readings(ledger.device, theta0) if self.reuse_sketch else None
+        reuse = self.reuses(V.shape[0])
+        cached = self._cached_readings(ledger.device, theta0) if reuse else None
         if cached is None:
             # θ₀ then θ₁ as one batched call (θ₁ last, so the hardware stays at θ₁).
             Y0, Y1 = ledger.query_settings(probes, torch.stack([theta0, theta1]), "surrogate", first_may_match=True)
@@ -171,7 +188,7 @@ class PsiImplicitIntegrator(Integrator):
             Y0 = torch.cat([ledger.query(V.T, "surrogate", theta=theta0), cached])
             Y1 = ledger.query(probes, "surrogate", theta=theta1)
             self.reused += 1
-        if self.reuse_sketch:
+        if reuse:
             self._cache = {"theta": theta1.clone(), "drift": self._drift(ledger.device), "readings": Y1[r:].clone()}
         D = Y1 - Y0
         P1 = D[:r].T  # ΔA V, (m, r)
