@@ -350,6 +350,14 @@ def test_query_study_table_and_plot_from_summaries(tmp_path):
     summary("digits", "query_efficient", 5, 0.0, 250)  # not among the reported seeds
     assert main(["--report-only", "--seeds", "0", "1", "--out", str(tmp_path)]) == 0
     table = (tmp_path / "query_study.md").read_text()
-    assert "| query_efficient | 2 | 91.00 ± 0.71 | 250 | 0.250 | +0.00 |" in table
+    assert "| query_efficient | 2 | 91.00 ± 0.71 | 250 | 0.250 | +0.00 ± 0.50 |" in table  # paired +0.5, −0.5 pt
     assert (tmp_path / "query_study.png").stat().st_size > 0
     assert main(["--report-only", "--out", str(tmp_path / "empty")]) == 2
+
+
+def test_query_study_image_folder_runs_on_the_generated_folder(tmp_path):
+    from astraora.report.query_study import command, image_root, run_dir
+    directory = run_dir(tmp_path, "image_folder", "query_efficient", 3)
+    cmd = command("image_folder", "query_efficient", 3, directory)
+    assert f"task.root={image_root(tmp_path)}" in cmd and "experiment=query_efficient" in cmd and "seed=3" in cmd
+    assert not any(arg.startswith("task.root") for arg in command("digits", "paper", 0, run_dir(tmp_path, "digits", "paper", 0)))

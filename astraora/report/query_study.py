@@ -2,7 +2,7 @@
 query-saving option (ALGORITHM.md §9), a table of test metric against total hardware queries and
 a Pareto plot per task.
 
-    python scripts/query_study.py [--tasks digits synthetic_audio pydoc_text] [--variants ...]
+    python scripts/query_study.py [--tasks digits synthetic_audio pydoc_text image_folder] [--variants ...]
                                   [--seeds 0 1 2] [--jobs 2] [--out outputs/query_study]
 
 Every run is an ordinary ``python train.py task=X device=mzi <variant overrides> seed=S`` in
@@ -47,7 +47,11 @@ TASK_OVERRIDES: dict[str, list[str]] = {
     "digits": [],
     "synthetic_audio": ["task.datamodule.noise=1.5", "task.datamodule.num_classes=8", "task.datamodule.clips_per_class=128"],
     "pydoc_text": ["task.max_epochs=1"],
+    # a second image task, held out: the generated texture folder of the parity study
+    "image_folder": ["task.datamodule.image_size=32", "task.datamodule.batch_size=32", "task.max_epochs=8",
+                     "task.datamodule.test_fraction=0.2", "task.datamodule.num_workers=0"],
 }
+DEFAULT_TASKS = ["digits", "synthetic_audio", "pydoc_text"]
 # the metric compared, and whether higher is better
 METRICS = {"classification": ("test/acc", True), "language_model": ("test/loss", False)}
 TUNED_ON = "digits"
@@ -57,9 +61,14 @@ def run_dir(out: Path, task: str, variant: str, seed: int) -> Path:
     return out / "runs" / task / variant / f"seed{seed}"
 
 
+def image_root(out: Path) -> Path:
+    return out / "data" / "image_folder"
+
+
 def command(task: str, variant: str, seed: int, directory: Path, device: str = "mzi") -> list[str]:
+    data = [f"task.root={image_root(directory.parents[3])}"] if task == "image_folder" else []
     return [sys.executable, str(ROOT / "train.py"), f"task={task}", f"device={device}", f"seed={seed}",
-            *TASK_OVERRIDES.get(task, []), *VARIANTS[variant], f"hydra.run.dir={directory}", "logger=csv"]
+            *TASK_OVERRIDES.get(task, []), *data, *VARIANTS[variant], f"hydra.run.dir={directory}", "logger=csv"]
 
 
 def train(out: Path, task: str, variant: str, seed: int) -> dict | None:
@@ -104,10 +113,12 @@ def collect(out: Path, seeds: list[int] | None = None) -> list[dict]:
         base = next((b for b in rows if b["task"] == row["task"] and b["variant"] == "paper"), None)
         common = sorted(set(row["per_seed"]) & set(base["per_seed"])) if base else []
         if common:
-            row["difference"] = sum(row["per_seed"][k] - base["per_seed"][k] for k in common) / len(common)
+            paired = [row["per_seed"][k] - base["per_seed"][k] for k in common]
+            row["difference"] = sum(paired) / len(paired)
+            row["difference_se"] = _std(paired) / math.sqrt(len(paired))
             row["query_ratio"] = sum(row["per_seed_queries"][k] for k in common) / sum(base["per_seed_queries"][k] for k in common)
         else:
-            row["difference"] = row["query_ratio"] = math.nan
+            row["difference"] = row["difference_se"] = row["query_ratio"] = math.nan
     for row in rows:
         row.pop("per_seed"), row.pop("per_seed_queries")
     return rows
@@ -131,11 +142,13 @@ def markdown(rows: list[dict]) -> str:
         scale, unit = (100, " pt") if metric.endswith("acc") else (1, "")
         role = "tuned on" if task == TUNED_ON else "held out (not tuned on)"
         lines += [f"**{task}** ({role}; `{' '.join(TASK_OVERRIDES.get(task, [])) or 'task defaults'}`, device=mzi)", "",
-                  f"| variant | seeds | {metric} | total queries | query ratio | Δ {metric}{unit} vs paper, same seeds |",
+                  f"| variant | seeds | {metric} | total queries | query ratio | Δ {metric}{unit} vs paper, same seeds (± s.e.) |",
                   "|---|---|---|---|---|---|"]
         for r in task_rows:
             value = f"{scale * r['value']:.2f} ± {scale * r['std']:.2f}" if scale != 1 else f"{r['value']:.4f} ± {r['std']:.4f}"
             diff = f"{scale * r['difference']:+.2f}" if scale != 1 else f"{r['difference']:+.4f}"
+            if r["seeds"] > 1 and not math.isnan(r.get("difference_se", math.nan)):
+                diff += f" ± {scale * r['difference_se']:.2f}" if scale != 1 else f" ± {r['difference_se']:.4f}"
             lines.append(f"| {r['variant']} | {r['seeds']} | {value} | {r['queries']:,.0f} | {r['query_ratio']:.3f} | {diff} |")
         lines.append("")
     return "\n".join(lines)
@@ -185,7 +198,7 @@ def write(out: Path, seeds: list[int] | None = None) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASK_OVERRIDES))
+    parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=list(TASK_OVERRIDES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="seeds to run (default 0 1 2) and, with --report-only, to report (default: all finished)")
@@ -195,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out.resolve()
     if not args.report_only:
+        if "image_folder" in args.tasks:
+            from astraora.report.parity import make_image_folder
+            make_image_folder(image_root(out))
         jobs = [(t, v, s) for s in (args.seeds or [0, 1, 2]) for t in args.tasks for v in args.variants]
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             list(pool.map(lambda job: train(out, *job), jobs))
