@@ -83,6 +83,23 @@ class ResumeStateCallback(L.Callback):
             states = per_rank[trainer.global_rank]["rng_states"]
         if not states:
             return
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        if not progress.get("is_last_batch", True):
+            # Taken in the middle of an epoch: the uninterrupted run went on to the next batch
+            # without drawing from the generators, whereas the resumed run first starts the epoch's
+            # loaders (each DataLoader iterator draws a seed from torch's generator): the states
+            # are set when that batch starts, so its dropout masks are the uninterrupted run's.
+            self._pending = states
+            return
+        self._set_states(states)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        states, self._pending = getattr(self, "_pending", None), None
+        if states is not None:
+            self._set_states(states)
+
+    @staticmethod
+    def _set_states(states: dict) -> None:
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
