@@ -415,7 +415,9 @@ class ClassificationModule(HybridModule):
         acc(logits.detach(), y)
         self.log(f"{stage}/acc", acc, prog_bar=True, on_step=stage == "train", on_epoch=True)
         if stage != "train":
-            self.log(f"{stage}/loss", loss, prog_bar=stage == "val", on_epoch=True)
+            # under DDP each process evaluates its shard: the epoch's loss is their mean (the
+            # accuracy metric gathers its counts itself)
+            self.log(f"{stage}/loss", loss, prog_bar=stage == "val", on_epoch=True, sync_dist=True)
         return loss
 
 
