@@ -4,7 +4,10 @@ synthetic source for tests and offline smoke runs.
 Audio is decoded with soundfile, downmixed to mono, resampled to ``sample_rate`` and padded or
 cropped to ``duration`` seconds; items are standardised log-mel spectrograms. Every batch is
 ``(x, y)``: ``x`` float32 ``(B, n_mels, frames)`` with ``frames = samples // hop + 1`` (10 ms hop),
-``y`` int64 class indices ``(B,)``. Training items get a random crop and SpecAugment-style masks.
+``y`` int64 class indices ``(B,)``. Training items get a random crop and SpecAugment-style masks,
+drawn from torch's global generator, which the training loader seeds per item from
+``(seed, epoch, index)`` (:class:`astraora.data.common.SeededItems`): the same with any number of
+workers, under DDP and after a mid-epoch resume.
 """
 
 from __future__ import annotations
@@ -132,7 +135,8 @@ class AudioTensors(Clips):
 class AudioDataModule(ClassificationDataModule):
     """The audio knobs every source shares: ``sample_rate`` (Hz), ``duration`` (s), ``n_mels`` and the
     SpecAugment widths ``freq_mask`` (mel bins) and ``time_mask`` (frames). Subclasses set
-    ``self.classes`` in ``build_splits``."""
+    ``self.classes`` in ``build_splits``. Training items' random crop and masks are drawn per item
+    from ``(seed, epoch, index)`` (see :class:`ClassificationDataModule`)."""
 
     def __init__(self, data_dir=None, seed: int = 0, batch_size: int = 64, num_workers: int | None = None,
                  sample_rate: int = 16000, duration: float = 1.0, n_mels: int = 80, freq_mask: int = 0,

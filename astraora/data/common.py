@@ -1,12 +1,15 @@
-"""Helpers every DataModule shares: where data lives, the missing-dataset message, seeded splits."""
+"""Helpers every DataModule shares: where data lives, the missing-dataset message, seeded splits,
+resumable training loaders and seeded augmentation."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from astraora.errors import DatasetNotFoundError
 from astraora.rng import derive_seed
@@ -66,10 +69,12 @@ class ResumableSampler(Sampler[int]):
         seed: the run seed.
         shuffle: a fresh permutation per epoch (training) or 0..n-1 in order.
         on_epoch: called with the epoch number by :meth:`set_epoch` (e.g. to redraw text windows).
+        keys: yield ``(epoch, index)`` keys instead of indices, for a :class:`SeededItems` dataset
+            (the key carries the epoch into DataLoader workers, persistent ones included).
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, on_epoch=None):
-        self.n, self.seed, self.shuffle, self.on_epoch = int(n), int(seed), shuffle, on_epoch
+    def __init__(self, n: int, seed: int, shuffle: bool = True, on_epoch=None, keys: bool = False):
+        self.n, self.seed, self.shuffle, self.on_epoch, self.keys = int(n), int(seed), shuffle, on_epoch, bool(keys)
         self.epoch, self._skip = 0, 0
         self.rank, self.world_size, self.global_batch, self.drop_last = 0, 1, 1, False
 
@@ -102,7 +107,8 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, "data", str(self.epoch))))
         else:
             order = torch.arange(self.n)
-        return iter(self._share(order, self._skip).tolist())
+        indices = self._share(order, self._skip).tolist()
+        return iter([(self.epoch, i) for i in indices] if self.keys else indices)
 
     def _share(self, order, skip: int):
         """This process's indices of ``order`` from global position ``skip`` on."""
@@ -154,3 +160,40 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict) -> None:
         self.sampler.set_epoch(state["epoch"])
         self.sampler.skip(state["batches_done"] * self.batch_size * self.sampler.world_size)  # global samples
+
+
+@contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """Run a block with torch's global CPU generator seeded to ``seed``, and give the generator its
+    previous state back afterwards: the block's draws neither depend on nor shift anyone else's."""
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+class SeededItems(Dataset):
+    """A training dataset whose random augmentation depends on ``(seed, epoch, index)`` alone.
+
+    Keys are ``(epoch, index)`` pairs, as a :class:`ResumableSampler` with ``keys=True`` yields them;
+    item ``index`` of ``dataset`` is built with torch's global CPU generator seeded from
+    ``derive_seed(seed, "augment", epoch, index)`` (see :func:`seeded_global_rng`). Every random
+    transform that draws from that generator (torchvision's and torchaudio's do) therefore gives the
+    same result however the items are fetched: in order or not, one batch ahead or not, in the main
+    process or in any DataLoader worker, on any DDP process, and after a resume. The distribution of
+    each draw is unchanged; only where its randomness comes from is fixed. Draws from Python's
+    ``random`` or NumPy are not covered.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with seeded_global_rng(derive_seed(self.seed, "augment", epoch, index)):
+            return self.dataset[index]

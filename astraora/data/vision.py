@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from astraora.data.common import ResumableLoader, ResumableSampler, default_num_workers, eval_shard, missing_dataset, resolve_data_dir, seeded_split
+from astraora.data.common import (ResumableLoader, ResumableSampler, SeededItems, default_num_workers, eval_shard, missing_dataset,
+                                  resolve_data_dir, seeded_split)
 from astraora.errors import ConfigError, DataFileError, DatasetNotFoundError
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,11 @@ class ClassificationDataModule(L.LightningDataModule):
 
     Subclasses implement ``build_splits()`` (train, val, test datasets) and ``model_kwargs()``;
     downloadable ones also ``prepare_data()``. ``setup`` builds the splits once for all stages.
+
+    The training loader serves each epoch in an order fixed by ``(seed, epoch)`` and builds every
+    training item under a generator seeded from ``(seed, epoch, index)`` (see
+    :class:`astraora.data.common.SeededItems`), so random augmentation is the same with any number of
+    workers, under DDP and after a mid-epoch resume. Validation and test items are not augmented.
     """
 
     def __init__(self, data_dir=None, seed: int = 0, batch_size: int = 64, num_workers: int | None = None):
@@ -75,10 +81,11 @@ class ClassificationDataModule(L.LightningDataModule):
         )
         if not train:
             return DataLoader(dataset, sampler=eval_shard(len(dataset), self), **settings)
-        # the epoch's order depends on (seed, epoch) only and survives a mid-epoch resume;
-        # a last training batch of one sample would break BatchNorm
-        return ResumableLoader(dataset, ResumableSampler(len(dataset), self.seed), self,
-                               drop_last=len(dataset) > self.batch_size, **settings)
+        # the epoch's order depends on (seed, epoch) only and survives a mid-epoch resume; each
+        # item's augmentation depends on (seed, epoch, index) only (the sampler's keys carry the
+        # epoch into the workers); a last training batch of one sample would break BatchNorm
+        return ResumableLoader(SeededItems(dataset, self.seed), ResumableSampler(len(dataset), self.seed, keys=True),
+                               self, drop_last=len(dataset) > self.batch_size, **settings)
 
 
 def fetch(name: str, present: Callable[[], bool], download: Callable[[], object] | None,
@@ -255,7 +262,8 @@ class CIFAR10DataModule(ClassificationDataModule):
 
     Downloaded (with checksum) when missing and ``download`` is true. The official 50k training set
     is split (seeded) into train and val (``val_fraction``); the official test batch is the test
-    split. Training adds random crops with 4-pixel zero padding and horizontal flips.
+    split. Training adds random crops with 4-pixel zero padding and horizontal flips (when
+    ``augment``), drawn per item from ``(seed, epoch, index)`` so that a resumed run repeats them.
     Batches: ``x (B, 3, 32, 32)`` float32 standardised per channel, ``y (B,)`` int64.
     """
 
@@ -434,8 +442,8 @@ class ImageFolderDataModule(ClassificationDataModule):
     """Any ``root/<class>/<image>`` tree (torchvision ImageFolder semantics), given by ``task.root``.
 
     Images are converted to ``channels`` (1: grey, 3: RGB), resized on the short side to
-    ``image_size`` and centre-cropped square; training adds horizontal flips when ``augment``.
-    Splits as in :func:`split_class_tree`. Batches: ``x (B, channels, image_size, image_size)``
+    ``image_size`` and centre-cropped square; training adds horizontal flips when ``augment``,
+    drawn per item from ``(seed, epoch, index)`` so that a resumed run repeats them. Splits as in :func:`split_class_tree`. Batches: ``x (B, channels, image_size, image_size)``
     float32 in [-1, 1], ``y (B,)`` int64 in sorted class-name order.
     """
 
