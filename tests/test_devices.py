@@ -112,6 +112,8 @@ def test_yaml_holds_paper_constants():
         (MRRBank, {"coupling": 1.0}, "device.coupling"),
         (MRRBank, {"init_low": 1.0, "init_high": 0.0}, "device.init_high"),
         (MZIMesh, {"init_std": -1.0}, "device.init_std"),
+        (MZIMesh, {"modes": 4}, "device.modes"),  # fewer wires than max(n, m) = 5
+        (MZIClassical, {"modes": 6.5}, "device.modes"),
         (Monarch, {"init_halfwidth": -1.0}, "device.init_halfwidth"),
         (Monarch, {"block_size": 0}, "device.block_size"),
         (SLM, {"nonideal": {"queries": "some"}}, "device.nonideal.queries"),
@@ -157,6 +159,20 @@ def test_mzi_sizes(n, m, size):
     device = make(MZIMesh, n, m)
     assert device.modes == size and device.theta_shape() == (size * (size - 1),)
     assert device.theta.shape == (size * (size - 1),) and device.matrix().shape == (m, n)
+
+
+@pytest.mark.parametrize("cls", [MZIMesh, MZIClassical])
+def test_wider_mesh_is_the_top_left_block_of_its_unitary(cls):
+    """device.modes = N > max(n, m): the layer is Re(U)[:m, :n] of the N-wire mesh, by either
+    engine, with N(N − 1) phases."""
+    device = make(cls, 3, 5, modes=9)
+    assert device.modes == 10 and device.theta_shape() == (90,)
+    block = device.unitary().real[:5, :3]
+    assert close(device.matrix(), block)
+    x = randn(4, 3, seed=7)
+    tiles = device.transfer(device.theta.detach()[None], x)[0]
+    device.engine = "columns"
+    assert close(device.transfer(device.theta.detach()[None], x)[0], tiles) and close(tiles, x @ block.T)
 
 
 def test_mzi_init_distribution():

@@ -22,7 +22,7 @@ def _complex(dtype: torch.dtype) -> torch.dtype:
 class MZIMesh(Device):
     """Rectangular mesh of 2×2 MZI cells (the paper's cell): y = Re(U(θ) x)[:m].
 
-    N = max(n, m) rounded up to even; x is zero-padded to N. The mesh has N columns; column c
+    N = max(n, m) (or ``modes``) rounded up to even; x is zero-padded to N. The mesh has N columns; column c
     starts at wire s = c mod 2 and holds N/2 − s cells on the wire pairs (s, s+1), (s+2, s+3), …,
     so N(N−1)/2 cells with two phases each: p = N(N−1). U = C_{N−1} ⋯ C_1 C_0 with C_c the
     block-diagonal matrix of column c's cells (identity on the wires it leaves alone).
@@ -47,10 +47,14 @@ class MZIMesh(Device):
         tile: L, the tile size of the ``tiles`` engine, or None: 4 for meshes of up to 192 wires,
             8 above (the fastest we measured on CPUs: small blocks keep the per-tile build cheap
             where batches are small, larger ones make better GEMMs).
+        modes: N, the mesh's wires, or None: max(n, m) (rounded up to even). A wider mesh
+            (N > max(n, m)) realises Re(U)[:m, :n] as a sub-block of a larger unitary, which
+            constrains the layer less (its singular values need not be those of a unitary's
+            real part); it has N(N − 1) phases to train.
     """
 
     def __init__(self, d_in: int, d_out: int, *, init_center: float = math.pi / 2, init_std: float | None = None,
-                 engine: str = "tiles", tile: int | None = None, **kwargs):
+                 engine: str = "tiles", tile: int | None = None, modes: int | None = None, **kwargs):
         if init_std is not None and init_std < 0:
             raise ConfigError(f"device.init_std={init_std} must be >= 0 (or null for 1/√N).")
         if engine not in ENGINES:
@@ -58,6 +62,10 @@ class MZIMesh(Device):
         if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
             raise ConfigError(f"device.tile={tile!r} must be an integer >= 1 (or null: automatic).")
         size = max(int(d_in), int(d_out), 1)
+        if modes is not None:
+            if isinstance(modes, bool) or not isinstance(modes, int) or modes < size:
+                raise ConfigError(f"device.modes={modes!r} must be an integer >= max(n, m) = {size} (or null: max(n, m)).")
+            size = modes
         self.modes = size + size % 2  # N
         # Per column c: its first wire s = c mod 2 and its number of cells N/2 − s.
         self.columns = [(c % 2, self.modes // 2 - c % 2) for c in range(self.modes)]
