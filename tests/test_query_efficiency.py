@@ -213,10 +213,12 @@ def test_guided_history_and_every_counter_are_checkpointed():
 
 
 # --------------------------------------------------------------------------- fixed sketch
-def _tracked(reuse: bool, steps: int = 4, drift: float = 0.0, noise: float = 0.0, rebuild_at: tuple = (), forget: bool = False):
+def _tracked(reuse: bool, steps: int = 4, drift: float = 0.0, noise: float = 0.0, rebuild_at: tuple = (), forget: bool = False,
+             n: int = 6, M_sm: int = 7):
     """A psi_implicit surrogate following θ through ``steps`` random moves; ``forget`` drops the
-    cache before every update (the same fixed Z, queried fresh at θ₀)."""
-    n, m, r, M_sm = 6, 8, 3, 7  # a fixed sketch is kept only where M_sm >= n
+    cache before every update (the same fixed Z, queried fresh at θ₀). A fixed sketch is kept only
+    where M_sm >= n."""
+    m, r = 8, 3
     device = MZIMesh(n, m, seed=0, name="d", nonideal={"drift_std": drift, "output_noise": noise})
     ledger = QueryLedger(device)
     sur = LowRankSurrogate(n, m, r, tuple(device.theta.shape))
@@ -272,24 +274,11 @@ def test_reused_sketch_with_output_noise_tracks_as_well_as_fresh_readings():
 def test_fixed_sketch_is_not_kept_where_it_has_fewer_rows_than_the_layer_has_inputs(caplog):
     """M_sm < n: a fixed Z would never probe n − M_sm input directions, so every update draws a
     fresh one (2r + 2·M_sm queries each, nothing reused), with one warning."""
-    n, m, r, M_sm = 8, 6, 3, 5
-    device = MZIMesh(n, m, seed=0, name="d")
-    ledger = QueryLedger(device)
-    sur = LowRankSurrogate(n, m, r, tuple(device.theta.shape))
-    integ = make_integrator("psi_implicit", generator=make_generator(0, "sketch"), samples=M_sm, reuse_sketch=True)
-    sur.readout(ledger)
-    gen = torch.Generator().manual_seed(1)
-    sketches = []
     with caplog.at_level("WARNING"):
-        for step in range(1, 4):
-            with torch.no_grad():
-                device.theta.add_(0.05 * torch.randn(device.theta.shape, generator=gen))
-            before = ledger.queries["surrogate"]
-            integ.step(sur, ledger, step)
-            assert ledger.queries["surrogate"] - before == 2 * r + 2 * M_sm
-            sketches.append(integ.generator.get_state().clone())
-    assert integ.reused == 0 and integ._cache is None and not integ.reuses(n) and integ.reuses(M_sm)
-    assert not torch.equal(sketches[0], sketches[1])  # a new Z was drawn for each update
+        _, integ, counts, (r, M_sm) = _tracked(reuse=True, n=8, M_sm=5)
+    assert counts == [2 * r + 2 * M_sm] * 4
+    assert integ.reused == 0 and integ._cache is None and integ._fixed_z is None
+    assert not integ.reuses(8) and integ.reuses(5)
     assert sum("reuse_sketch" in record.message for record in caplog.records) == 1
 
 

@@ -52,20 +52,26 @@ def test_resume_after_crash_equals_uninterrupted(make_cfg):
     assert (crashed / "metrics.csv").read_text() == ref_rows
 
 
+def assert_mid_epoch_resume_is_exact(make_cfg, overrides: list[str]) -> None:
+    """A run crashed at step 7 (last checkpoint: step 6, mid-epoch) and resumed ends exactly like
+    the uninterrupted run: summary metrics and every metrics.csv row."""
+    reference = run(make_cfg(*overrides, out="reference"))
+    crashed_cfg = make_cfg(*overrides, out="crashed")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crashed_cfg, callbacks=[Crash(step=7)])
+    crashed = Path(crashed_cfg.paths.output_dir)
+    resumed = run(make_cfg(*overrides, f"resume={crashed}", out="elsewhere"))
+    assert comparable(resumed) == comparable(reference)
+    assert (crashed / "metrics.csv").read_text() == (Path(reference["run_dir"]) / "metrics.csv").read_text()
+
+
 def test_mid_epoch_resume_with_dropout_equals_uninterrupted(make_cfg):
     """Dropout draws from torch's global generator: a resume from a mid-epoch checkpoint (step 6
     of 4-batch epochs) gives the next batch the masks the uninterrupted run drew."""
     tiny = ["task=pydoc_text", "task.model.dropout=0.2", "task.model.n_layer=1", "task.model.n_embd=32",
             "task.model.n_head=2", "task.model.block_size=16", "task.datamodule.samples_per_epoch=256",
             "task.generate.max_new_tokens=5", *RUN[:-2], "surrogate.rank=4"]
-    reference = run(make_cfg(*tiny, out="reference"))
-    crashed_cfg = make_cfg(*tiny, out="crashed")
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(crashed_cfg, callbacks=[Crash(step=7)])
-    crashed = Path(crashed_cfg.paths.output_dir)
-    resumed = run(make_cfg(*tiny, f"resume={crashed}", out="elsewhere"))
-    assert comparable(resumed) == comparable(reference)
-    assert (crashed / "metrics.csv").read_text() == (Path(reference["run_dir"]) / "metrics.csv").read_text()
+    assert_mid_epoch_resume_is_exact(make_cfg, tiny)
 
 
 def test_resume_from_epoch_checkpoint_file(make_cfg):
@@ -145,11 +151,4 @@ def test_mid_epoch_resume_with_augmentation_equals_uninterrupted(make_cfg, worke
     tiny = ["task=synthetic_audio", f"task.datamodule.num_workers={workers}", "task.datamodule.clips_per_class=24", "task.datamodule.batch_size=8",
             "task.datamodule.n_mels=16", "task.model.channels=8", "task.model.embedding_dim=8",
             "task.model.attention_channels=8", *RUN[:-2], "surrogate.rank=4"]
-    reference = run(make_cfg(*tiny, out="reference"))
-    crashed_cfg = make_cfg(*tiny, out="crashed")
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(crashed_cfg, callbacks=[Crash(step=7)])
-    crashed = Path(crashed_cfg.paths.output_dir)
-    resumed = run(make_cfg(*tiny, f"resume={crashed}", out="elsewhere"))
-    assert comparable(resumed) == comparable(reference)
-    assert (crashed / "metrics.csv").read_text() == (Path(reference["run_dir"]) / "metrics.csv").read_text()
+    assert_mid_epoch_resume_is_exact(make_cfg, tiny)
