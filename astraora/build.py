@@ -32,12 +32,22 @@ def instantiate(config, **kwargs):
         raise
 
 
+# keys of a conf/device entry that configure the run around the device, not its constructor
+RUN_KEYS = ("family", "driver", "theta_lr")
+
+
+def device_spec(device_cfg: DictConfig | dict) -> dict:
+    """A ``conf/device`` entry as constructor arguments (without :data:`RUN_KEYS`)."""
+    spec = OmegaConf.to_container(device_cfg, resolve=True) if OmegaConf.is_config(device_cfg) else dict(device_cfg)
+    for key in RUN_KEYS:
+        spec.pop(key, None)
+    return spec
+
+
 def make_device(device_cfg: DictConfig | dict, d_in: int, d_out: int, seed: int, name: str):
-    """A device from its ``conf/device`` entry; ``family`` and ``driver`` are not constructor arguments."""
-    spec = OmegaConf.to_container(device_cfg, resolve=True) if isinstance(device_cfg, DictConfig) else dict(device_cfg)
-    spec.pop("family", None)
-    spec.pop("driver", None)
-    return instantiate(spec, d_in=d_in, d_out=d_out, seed=seed, name=name, _convert_="all")
+    """A device from its ``conf/device`` entry (see :data:`RUN_KEYS` for the keys that are not
+    constructor arguments)."""
+    return instantiate(device_spec(device_cfg), d_in=d_in, d_out=d_out, seed=seed, name=name, _convert_="all")
 
 
 def make_layer_factory(cfg: DictConfig) -> LayerFactory:

@@ -99,6 +99,19 @@ def test_yaml_instantiates(family):
     assert device.query(torch.randn(3, 6)).shape == (3, 4)
 
 
+def test_theta_learning_rate_defaults_to_the_device_family():
+    """physical_optimizer.lr follows the family's `theta_lr` (mrr: 3e-2), else 1e-2; an explicit
+    value wins, and the paper presets keep the paper's 1e-2 on any device."""
+    from conftest import compose_config
+
+    def lr(*overrides):
+        return compose_config(list(overrides)).physical_optimizer.lr
+
+    assert lr("device=mrr") == 3e-2 and lr("device=mzi") == lr("device=slm") == lr("device=digital") == 1e-2
+    assert lr("device=mrr", "physical_optimizer.lr=0.005") == 0.005
+    assert lr("device=mrr", "experiment=paper_urbansound8k_cpu") == lr("device=mrr", "experiment=ablation_modes") == 1e-2
+
+
 def test_yaml_holds_paper_constants():
     mrr = OmegaConf.load(CONF_DIR / "mrr.yaml")
     assert (mrr.loss, mrr.coupling, mrr.init_low, mrr.init_high) == (0.8, 0.9, 0.01, math.pi / 4)

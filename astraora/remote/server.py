@@ -284,9 +284,7 @@ class DeviceServer:
 # --------------------------------------------------------------------- from a config
 def device_opener(device_cfg, max_width: int) -> tuple[Opener, str]:
     """The opener for ``device_cfg`` (a ``conf/device`` entry) and a description of it."""
-    from omegaconf import OmegaConf
-
-    from astraora.build import instantiate, make_device
+    from astraora.build import device_spec, instantiate, make_device
 
     family = device_cfg.get("family")
     if family in NOT_SERVABLE:
@@ -299,10 +297,7 @@ def device_opener(device_cfg, max_width: int) -> tuple[Opener, str]:
         raise ConfigError(f"device._target_={target!r} does not name an importable class.") from None
 
     if isinstance(cls, type) and issubclass(cls, LabDevice):
-        spec = OmegaConf.to_container(device_cfg, resolve=True) if OmegaConf.is_config(device_cfg) else dict(device_cfg)
-        spec.pop("family", None)
-        spec.pop("driver", None)
-        lab = instantiate(spec, _convert_="all")
+        lab = instantiate(device_spec(device_cfg), _convert_="all")
         info = lab.info()
 
         def open_lab(d_in: int, d_out: int, seed: int, layer: str) -> LabDevice:
