@@ -88,3 +88,19 @@ def test_sharded_and_skipping_samplers_yield_the_same_keys():
     assert sorted(k for shard in shards for k in shard) == sorted(keys)
     whole.skip(4)
     assert list(whole) == keys[4:]
+
+
+def test_only_augmenting_training_sets_are_seeded_per_item(tmp_path):
+    """Per-item seeding costs ~16 µs an item: data without augmentation (digits, augment=false)
+    is served plainly; augmenting sets are wrapped."""
+    from astraora.data.vision import DigitsDataModule
+
+    digits = DigitsDataModule(seed=0)
+    digits.setup()
+    assert not isinstance(digits.train_dataloader().dataset, SeededItems)
+    augmented = cifar(tmp_path)
+    augmented.setup()
+    assert isinstance(augmented.train_dataloader().dataset, SeededItems)
+    plain = CIFAR10DataModule(tmp_path, seed=0, batch_size=4, val_fraction=0.2, augment=False, download=False, num_workers=0)
+    plain.setup()
+    assert not isinstance(plain.train_dataloader().dataset, SeededItems)

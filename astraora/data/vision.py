@@ -56,6 +56,11 @@ class ClassificationDataModule(L.LightningDataModule):
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         raise NotImplementedError
 
+    def augments(self) -> bool:
+        """Whether building a training item draws random numbers (then it is seeded per item);
+        data sets without augmentation skip that per-item cost."""
+        return bool(getattr(self, "augment", True))
+
     def model_kwargs(self) -> dict:
         raise NotImplementedError
 
@@ -84,7 +89,9 @@ class ClassificationDataModule(L.LightningDataModule):
         # the epoch's order depends on (seed, epoch) only and survives a mid-epoch resume; each
         # item's augmentation depends on (seed, epoch, index) only (the sampler's keys carry the
         # epoch into the workers); a last training batch of one sample would break BatchNorm
-        return ResumableLoader(SeededItems(dataset, self.seed), ResumableSampler(len(dataset), self.seed, keys=True),
+        seeded = self.augments()
+        return ResumableLoader(SeededItems(dataset, self.seed) if seeded else dataset,
+                               ResumableSampler(len(dataset), self.seed, keys=seeded),
                                self, drop_last=len(dataset) > self.batch_size, **settings)
 
 
@@ -141,6 +148,9 @@ class DigitsDataModule(ClassificationDataModule):
     ``data_dir`` is accepted like every task's but unused: the data ships with scikit-learn.
     """
 
+    def augments(self) -> bool:
+        return False  # items are fixed tensors
+
     def __init__(self, data_dir=None, seed: int = 0, batch_size: int = 64,
                  val_fraction: float = 0.15, test_fraction: float = 0.15, num_workers: int | None = 0):
         super().__init__(data_dir, seed, batch_size, num_workers)
@@ -188,6 +198,9 @@ class MNISTDataModule(ClassificationDataModule):
     set is split (seeded) into train and val (``val_fraction``); the official 10k set is the test
     split. Batches: ``x (B, 1, 28, 28)`` float32 standardised, ``y (B,)`` int64.
     """
+
+    def augments(self) -> bool:
+        return False  # items are fixed tensors
 
     FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
