@@ -141,7 +141,8 @@ def compare_steps(overrides: list[str] = (), steps: int = 10, rounds: int = 3) -
     """Training steps of ``python train.py <overrides>`` against the same with ``device=digital``:
     both modules built as :func:`astraora.train.run` builds them, trained in turns for ``steps``
     batches per round (``rounds`` rounds, the first batch of each round left out), timed from
-    batch start to batch end (forward, backward, ZO, optimizer steps, surrogate update, logging)."""
+    batch start to batch end (forward, backward, ZO, optimizer steps, surrogate update, logging),
+    with the run's ``cpu_threads``."""
     import lightning as L
     from hydra import compose, initialize_config_dir
 
@@ -160,6 +161,7 @@ def compare_steps(overrides: list[str] = (), steps: int = 10, rounds: int = 3) -
                 self.times.append(time.perf_counter() - self._start)
 
     torch.set_flush_denormal(True)  # as run() does
+    threads = torch.get_num_threads()
     runs = {}
     for name, extra in (("hybrid", []), ("digital", ["device=digital"])):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -170,6 +172,8 @@ def compare_steps(overrides: list[str] = (), steps: int = 10, rounds: int = 3) -
         runs[name] = (dm, build_module(cfg, dm), BatchTimer())
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if cfg.get("cpu_threads") and cfg.trainer.accelerator == "cpu":
+        torch.set_num_threads(int(cfg.cpu_threads))  # the run's threads, as run() sets them
     for _ in range(rounds):
         for dm, module, timer in runs.values():
             trainer = L.Trainer(max_epochs=1, limit_train_batches=steps + 1, limit_val_batches=0, logger=False,
@@ -178,5 +182,6 @@ def compare_steps(overrides: list[str] = (), steps: int = 10, rounds: int = 3) -
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 trainer.fit(module, dm)
+    torch.set_num_threads(threads)
     hybrid, digital = runs["hybrid"][2].times, runs["digital"][2].times
     return StepComparison(statistics.median(hybrid), statistics.median(digital), min(hybrid), min(digital), len(hybrid))
