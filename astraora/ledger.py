@@ -67,15 +67,20 @@ class QueryLedger:
 
     def counts(self) -> dict[str, int | float]:
         """Flat counters, as logged: ``queries/<purpose>``, ``queries/total``, ``reprograms``..."""
-        out = {f"queries/{p}": n for p, n in self.queries.items()}
-        out["queries/total"] = self.total
-        out["queries/oracle"] = self.oracle
-        out["reprograms"] = self.total_reprograms
-        out["queries/retries"] = self.retries
-        out["skipped/zo"] = self.skipped["zo"]
-        out["skipped/surrogate"] = self.skipped["surrogate"]
-        if getattr(self.device, "is_remote", False):
-            out["device/wait_seconds"] = self.wait_seconds
+        return self.counts_of(vars(self), remote=getattr(self.device, "is_remote", False))
+
+    @staticmethod
+    def counts_of(state: dict, remote: bool = False) -> dict[str, int | float]:
+        """:meth:`counts` of a ledger's counters (its attributes, or its :meth:`state_dict`)."""
+        out = {f"queries/{p}": n for p, n in state["queries"].items()}
+        out["queries/total"] = sum(state["queries"].values())
+        out["queries/oracle"] = state["oracle"]
+        out["reprograms"] = sum(state["reprograms"].values())
+        out["queries/retries"] = state["retries"]
+        out["skipped/zo"] = state["skipped"]["zo"]
+        out["skipped/surrogate"] = state["skipped"]["surrogate"]
+        if remote:
+            out["device/wait_seconds"] = state["wait_seconds"]
         return out
 
     # ----------------------------------------------------------------- hardware access

@@ -249,7 +249,7 @@ class StopTogether(L.Callback):
 
 def make_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
     callbacks: list[L.Callback] = [ResumeStateCallback(run_meta(cfg))]
-    if "ddp" in str(cfg.trainer.get("strategy", "")):
+    if uses_ddp(cfg):
         callbacks.append(StopTogether(output_dir / "checkpoints" / "last.ckpt"))
     ckpt = cfg.callbacks.get("checkpoint")
     if ckpt:
@@ -339,9 +339,14 @@ def build_module(cfg: DictConfig, dm: L.LightningDataModule, model_kwargs: dict 
     return LanguageModelModule(model, char_level=dm.char_level, **common)
 
 
+def uses_ddp(cfg: DictConfig) -> bool:
+    """Whether the trainer runs data-parallel processes (``trainer=ddp`` or ``ddp_cpu``)."""
+    return "ddp" in str(cfg.trainer.get("strategy", ""))
+
+
 def check_data_parallel(cfg: DictConfig) -> None:
     """Under DDP ``task.datamodule.batch_size`` is the global batch: it must split evenly."""
-    if "ddp" not in str(cfg.trainer.get("strategy", "")):
+    if not uses_ddp(cfg):
         return
     devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
     if not isinstance(devices, int) or devices < 1:

@@ -48,13 +48,20 @@ def default_num_workers() -> int:
     return 0 if cpus <= 2 else min(4, cpus - 1)
 
 
+def trainer_rank(datamodule) -> tuple[int, int]:
+    """(rank, world size) of this process in the datamodule's trainer; (0, 1) without one."""
+    trainer = getattr(datamodule, "trainer", None)
+    if trainer is None:
+        return 0, 1
+    return int(trainer.global_rank), int(getattr(trainer, "world_size", 1) or 1)
+
+
 def eval_shard(n: int, datamodule) -> list[int] | None:
     """Under DDP, this process's part of an evaluation split (samples rank, rank + W, ...; no
     sample repeated, so the metrics, summed over the processes, are those of one process);
     None when training alone."""
-    trainer = getattr(datamodule, "trainer", None)
-    world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
-    return list(range(trainer.global_rank, n, world)) if world > 1 else None
+    rank, world = trainer_rank(datamodule)
+    return list(range(rank, n, world)) if world > 1 else None
 
 
 class ResumableSampler(Sampler[int]):
@@ -141,11 +148,10 @@ class ResumableLoader(DataLoader):
     def __init__(self, dataset, sampler: ResumableSampler, datamodule, **kwargs):
         # Under DDP (Lightning's use_distributed_sampler off, see conf/trainer/ddp*.yaml) the
         # configured batch_size is the global batch: each process loads its 1/world_size slice.
-        trainer = getattr(datamodule, "trainer", None)
-        world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+        rank, world = trainer_rank(datamodule)
         if world > 1 and sampler.world_size == 1:
             batch = int(kwargs.get("batch_size", 1))
-            sampler.shard(trainer.global_rank, world, batch, drop_last=bool(kwargs.get("drop_last", False)))
+            sampler.shard(rank, world, batch, drop_last=bool(kwargs.get("drop_last", False)))
             kwargs["batch_size"] = batch // world
         super().__init__(dataset, sampler=sampler, **kwargs)
         self._datamodule = datamodule

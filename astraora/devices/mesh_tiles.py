@@ -44,6 +44,11 @@ UNIFORM_BUDGET_GPU = 1 << 16
 CellFn = Callable[[Tensor, Tensor], Tensor]  # (θ, φ) of shape S → (4, *S) complex: T00, T01, T10, T11
 
 
+def complex_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The complex dtype of a mesh's amplitudes for real phases of ``dtype``."""
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
 @dataclass
 class _Factor:
     """One block-diagonal factor as applied: ``tiles`` tiles covering the wire rows
@@ -259,7 +264,7 @@ class TiledMesh:
         and real rows x (B, n) or (K, B, n) → (K, B, m). No autograd."""
         k, L, rows = theta.shape[0], self.L, self.rows
         batch = x.shape[-2]
-        cdtype = torch.complex128 if theta.dtype == torch.float64 else torch.complex64
+        cdtype = complex_dtype(theta.dtype)
         eye = torch.eye(2 * L, dtype=cdtype, device=theta.device)
         on_cpu = theta.device.type == "cpu"
         uniform = not on_cpu or k > TRIMMED_MAX_SETTINGS

@@ -9,14 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from astraora.devices.base import Device, dense_transfer
-from astraora.devices.mesh_tiles import TiledMesh
+from astraora.devices.mesh_tiles import TiledMesh, complex_dtype
 from astraora.errors import ConfigError
 
 ENGINES = ("tiles", "columns")
-
-
-def _complex(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
 
 
 class MZIMesh(Device):
@@ -106,7 +102,7 @@ class MZIMesh(Device):
             real = torch.stack([c_sa - s_sb, -c * (cos_a + sin_b), c * (cos_a - sin_b), c_sa + s_sb])
             imag = torch.stack([s * (sin_a + cos_b), c_cb - s_ca, c_cb + s_ca, s * (sin_a - cos_b)])
             return torch.complex(real, imag)
-        out = torch.empty((4, *theta.shape), dtype=_complex(theta.dtype), device=theta.device)
+        out = torch.empty((4, *theta.shape), dtype=complex_dtype(theta.dtype), device=theta.device)
         re, im = torch.view_as_real(out).unbind(-1)
         torch.sub(c_sa, s_sb, out=re[0])
         torch.mul(c, cos_a + sin_b, out=re[1]).neg_()
@@ -194,7 +190,7 @@ class MZIClassical(MZIMesh):
             zero = torch.zeros_like(sin_t)
             real = torch.stack([cos_p * sin_t, cos_p * cos_t, cos_t, -sin_t])
             return torch.complex(real, torch.stack([sin_p * sin_t, sin_p * cos_t, zero, zero]))
-        out = torch.zeros((4, *theta.shape), dtype=_complex(theta.dtype), device=theta.device)
+        out = torch.zeros((4, *theta.shape), dtype=complex_dtype(theta.dtype), device=theta.device)
         re, im = torch.view_as_real(out).unbind(-1)
         torch.mul(cos_p, sin_t, out=re[0])
         torch.mul(cos_p, cos_t, out=re[1])

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from astraora.build import hybrid_layers, make_optimizer, make_scheduler
 from astraora.hybrid import RankSync
+from astraora.ledger import QueryLedger
 
 LEDGER_COUNTERS = ("queries", "reprograms", "oracle", "retries", "skipped", "wait_seconds")
 
@@ -172,12 +173,7 @@ class HybridModule(L.LightningModule):
             totals: dict = {}
             for r in per_rank:
                 for layer in r["layers"].values():
-                    ledger = layer["ledger"]
-                    counts = {f"queries/{p}": n for p, n in ledger["queries"].items()}
-                    counts.update({"queries/total": sum(ledger["queries"].values()), "queries/oracle": ledger["oracle"],
-                                   "reprograms": sum(ledger["reprograms"].values()), "queries/retries": ledger["retries"],
-                                   **{f"skipped/{k}": n for k, n in ledger["skipped"].items()}})
-                    for key, n in counts.items():
+                    for key, n in QueryLedger.counts_of(layer["ledger"]).items():
                         totals[key] = totals.get(key, 0) + n
             self._reduced_totals = totals
 

@@ -41,8 +41,15 @@ def resolve_rank(rank, d_in: int, d_out: int) -> int:
 
 
 def psi_queries(rank: int, samples: int, reuse_sketch: bool = False) -> int:
-    """Queries of one psi_implicit update (ALGORITHM.md §4, §9)."""
+    """Queries of one psi_implicit update (ALGORITHM.md §4, §9): 2r + 2·M_sm, or 2r + M_sm when
+    the sketch's θ₀ readings come from the previous update."""
     return 2 * int(rank) + (1 if reuse_sketch else 2) * int(samples)
+
+
+def keeps_fixed_sketch(reuse_sketch: bool, samples: int, d_in: int) -> bool:
+    """Whether ``reuse_sketch`` applies to a layer of d_in inputs: only where M_sm ≥ n (a fixed Z
+    of fewer rows never probes the other n − M_sm input directions)."""
+    return bool(reuse_sketch) and int(samples) >= int(d_in)
 
 
 def resolve_integrator(spec: dict, d_in: int, rank: int) -> dict:
@@ -53,7 +60,7 @@ def resolve_integrator(spec: dict, d_in: int, rank: int) -> dict:
     if spec.get("name") != AUTO:
         return spec
     samples = int(spec.get("samples", 100))
-    reuse = bool(spec.get("reuse_sketch", False)) and samples >= int(d_in)  # a fixed sketch needs M_sm >= n
+    reuse = keeps_fixed_sketch(spec.get("reuse_sketch", False), samples, d_in)
     if int(d_in) <= psi_queries(rank, samples, reuse):
         return {"name": "rebuild", "every": spec.get("every", 1), "rebuild_every": spec.get("rebuild_every", 0)}
     return {**spec, "name": "psi_implicit"}

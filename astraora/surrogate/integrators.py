@@ -25,6 +25,7 @@ from torch import Tensor
 
 from astraora.errors import ConfigError
 from astraora.ledger import QueryLedger
+from astraora.surrogate.auto import keeps_fixed_sketch, psi_queries
 from astraora.surrogate.lowrank import LowRankSurrogate, truncated_svd
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class PsiImplicitIntegrator(Integrator):
 
     def reuses(self, n: int) -> bool:
         """Whether a layer with n inputs keeps a fixed sketch (``reuse_sketch`` and M_sm ≥ n)."""
-        return self.reuse_sketch and self.samples >= n
+        return keeps_fixed_sketch(self.reuse_sketch, self.samples, n)
 
     def _sketch(self, n: int, dtype: torch.dtype, device) -> Tensor:
         if not self.reuses(n):
@@ -218,9 +219,8 @@ class PsiImplicitIntegrator(Integrator):
             self._fixed_z, self._cache, self.reused = state.get("fixed_z"), state.get("cache"), int(state.get("reused", 0))
 
     def queries_per_update(self, rank: int, reused: bool = False) -> int:
-        """Queries of one update (ALGORITHM.md §4, §9): 2r + 2·M_sm, or 2r + M_sm when Z's θ₀
-        readings come from the previous update."""
-        return 2 * rank + (1 if reused else 2) * self.samples
+        """Queries of one update (:func:`~astraora.surrogate.auto.psi_queries`)."""
+        return psi_queries(rank, self.samples, reused)
 
 
 INTEGRATORS = {"psi_implicit": PsiImplicitIntegrator, "exact": ExactIntegrator, "rebuild": RebuildIntegrator, "frozen": FrozenIntegrator}

@@ -44,17 +44,11 @@ class _DirectionStream:
         self.basis = basis  # (p, k') orthonormal, or None
         self.block: Tensor | None = None  # orthogonal rows not yet served
         self.pending: Tensor | None = None  # the negated twin of the last antithetic base row
-        self.block_sizes = [len(part) for part in torch.arange(p).tensor_split(zo.blocks)]
+        b = zo.blocks  # sizes of the coordinate blocks, as tensor_split cuts p (the first p mod b one longer)
+        self.block_sizes = [p // b + (i < p % b) for i in range(b)]
 
     def _plain(self, length: int) -> Tensor:
-        row = torch.empty(length, dtype=self.dtype, device=self.device)
-        if self.zo.direction == "rademacher":
-            row.copy_(torch.randint(0, 2, (length,), generator=self.gen, device=self.device)).mul_(2).sub_(1)
-        else:
-            torch.randn(length, generator=self.gen, dtype=self.dtype, device=self.device, out=row)
-            if self.zo.direction == "sphere":
-                row.mul_(math.sqrt(length) / row.norm())
-        return row
+        return self.zo.directions(1, length, self.dtype, self.device)[0]
 
     def _base(self) -> Tensor:
         zo = self.zo
@@ -100,6 +94,8 @@ class _DirectionStream:
         self.block, self.pending = saved[1], saved[2]
 
     def take(self, k: int, out: Tensor | None = None) -> Tensor:
+        if self.zo.plain:  # the paper's i.i.d. rows, drawn in one call
+            return self.zo.directions(k, self.p, self.dtype, self.device, out=out)
         u = torch.empty(k, self.p, dtype=self.dtype, device=self.device) if out is None else out[:k]
         for row in u:
             row.copy_(self._next())
@@ -270,9 +266,6 @@ class ZOEstimator:
         """The directions of one estimate, in order (``stream.take(k)``)."""
         return _DirectionStream(self, p, dtype, torch.device(device), self.guide_basis(dtype, torch.device(device)))
 
-    def _take(self, stream: _DirectionStream, k: int, p: int, dtype, device, out: Tensor) -> Tensor:
-        return self.directions(k, p, dtype, device, out=out) if self.plain else stream.take(k, out=out)
-
     def phi0_from_forward(self, device, batch: int, d_out: int, forward_output: bool) -> bool:
         """Whether φ(θ) is taken from the forward output: one-sided, ``reuse_forward``, a forward
         output given, and that output exactly what the ZO queries at θ measure
@@ -390,7 +383,7 @@ class ZOEstimator:
                 coefs = torch.empty(size, dtype=flat.dtype, device=flat.device)
             for start in range(0, size, chunk):
                 k = min(chunk, size - start)
-                u = self._take(stream, k, p, flat.dtype, flat.device, u_buffer)
+                u = stream.take(k, out=u_buffer)
                 coef = coefficients(u)
                 if self.reducer is not None:
                     coefs[start:start + k] = coef
@@ -405,7 +398,7 @@ class ZOEstimator:
                 stream.restore(saved)
                 for start in range(0, size, chunk):
                     k = min(chunk, size - start)
-                    u = self._take(stream, k, p, flat.dtype, flat.device, u_buffer)
+                    u = stream.take(k, out=u_buffer)
                     ghat.addmv_(u.T, coefs[start:start + k])
                     if self.adaptive_rse is not None:
                         unit_sq += (coefs[start:start + k].double().square() * u.double().square().sum(1)).sum()
