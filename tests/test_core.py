@@ -71,6 +71,22 @@ def test_ledger_forward_reprogram_when_theta_changed_and_oracle_not_counted():
         led.query(torch.randn(1, 4), "bogus")
 
 
+def test_ledger_counts_are_the_logged_keys_of_its_counters():
+    """counts() (what is logged and summed into summary.json) from a known history; the same map
+    applied to a checkpointed state (the data-parallel failure path) gives the same keys."""
+    device = MatVec(4, 3, seed=0, name="d")
+    led = QueryLedger(device)
+    led.query(torch.randn(2, 4), "forward")
+    led.query_settings(torch.randn(5, 4), device.theta.detach() + torch.randn(3, *device.theta.shape), "zo")
+    led.query(torch.randn(4, 4), "surrogate")
+    led.oracle_matrix()
+    led.skipped["surrogate"] += 1
+    expected = {"queries/forward": 2, "queries/zo": 15, "queries/surrogate": 4, "queries/total": 21,
+                "queries/oracle": 1, "reprograms": 1 + 3 + 1, "queries/retries": 0, "skipped/zo": 0, "skipped/surrogate": 1}
+    assert {k: v for k, v in led.counts().items() if k in expected} == expected
+    assert QueryLedger.counts_of(led.state_dict()) == led.counts()
+
+
 def test_ledger_retries_then_fails():
     device = MatVec(4, 3, seed=0, name="d", faults={"raise_prob": 1.0})
     led = QueryLedger(device, max_retries=2)
