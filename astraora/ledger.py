@@ -180,9 +180,10 @@ class QueryLedger:
 
 
 def _finite(y: Tensor) -> bool:
-    """Whether every reading is finite: NaN and ±Inf reach the min or the max (one pass over y,
-    no mask of y's size)."""
-    if y.numel() == 0:
+    """Whether every reading is finite. A finite sum proves it (NaN and ±Inf reach the sum); only
+    where the sum is not finite, which finite readings can also give by overflowing, do the min and
+    the max decide (no mask of y's size either way)."""
+    if y.numel() == 0 or bool(torch.isfinite(y.sum())):
         return True
     low, high = torch.aminmax(y)
     return bool(torch.isfinite(low) & torch.isfinite(high))

@@ -143,3 +143,20 @@ def test_bad_config_exit_code_two(tmp_path, args, key):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and key in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()  # a refused start leaves no run directory
+
+
+def test_finite_check_is_exact_where_the_sum_overflows():
+    """The ledger's check sums the readings first: a finite sum proves every reading finite; an
+    overflowing sum of finite readings must still pass, NaN and ±Inf anywhere must not."""
+    from astraora.ledger import _finite
+
+    big = torch.full((4, 3), 3e38)
+    assert not bool(torch.isfinite(big.sum())) and _finite(big)
+    assert _finite(torch.randn(5, 7)) and _finite(torch.empty(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = torch.randn(5, 7)
+        y[3, 2] = bad
+        assert not _finite(y)
+    y = torch.randn(5, 7)
+    y[0, 0], y[1, 1] = float("inf"), -float("inf")  # their sum is NaN; each alone is caught too
+    assert not _finite(y)

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from astraora.devices import native
+
 TRIMMED_MAX_SETTINGS = 8  # on a CPU, calls with up to this many settings use the trimmed layout
 TRIMMED_BUDGET = 512  # trimmed layout: tiles × settings whose blocks are built together
 UNIFORM_BUDGET_CPU = 2048  # uniform layout: tiles × settings whose blocks are built together
@@ -72,16 +74,18 @@ class _Group:
     theta_index: Tensor  # (L², tiles): where each slot's θ is in the flat θ (a cell's θ; 0 if empty)
     phi_index: Tensor  # the same for φ
     missing: Tensor | None  # flat indices into (L², tiles) of the empty slots (identity), or None
+    slot_cell: Tensor  # (L², tiles) int64: each slot's cell, −1 where empty (the native build)
 
 
 def _group(factors: list[_Factor], index: np.ndarray, slots: int) -> _Group:
     """A group from its slots' cell indices in tile order, kept slot-major: (slots, tiles)."""
     index = index.reshape(-1, slots).T.copy()
+    slot_cell = torch.from_numpy(index.copy())
     missing = np.nonzero(index.reshape(-1) < 0)[0]
     index = np.maximum(index, 0)
     return _Group(factors=factors, tiles=sum(f.tiles for f in factors),
                   theta_index=torch.from_numpy(2 * index), phi_index=torch.from_numpy(2 * index + 1),
-                  missing=torch.from_numpy(missing) if len(missing) else None)
+                  missing=torch.from_numpy(missing) if len(missing) else None, slot_cell=slot_cell)
 
 
 class TiledMesh:
@@ -133,6 +137,7 @@ class TiledMesh:
                 support[r] = support[r + 1] = support[r] | support[r + 1]
             cols = np.nonzero(support[r0:r0 + 2 * (s1 - s0)].any(0))[0]
             self.steps.append((s0, s1, r0, int(cols[0]), int(cols[-1]) + 1))
+        self._steps_array = np.array(self.steps, dtype=np.int32)  # for the native kernel
         # State rows: L zero wires above the mesh (every window starts at row d·L ≥ 0), at least L
         # below it (the uniform layout's last odd window reaches L rows past a setting), a
         # multiple of 2L in all.
@@ -238,6 +243,8 @@ class TiledMesh:
         runs over long contiguous vectors, then transposed once for the GEMMs. ``theta_t`` is θᵀ
         (2·cells, K)."""
         L, k = self.L, theta_t.shape[1]
+        if cell in native.CELLS and native.supports(theta_t):  # entries and blocks in one compiled pass
+            return native.cell_blocks(native.CELLS[cell], theta_t, group.slot_cell, self._steps_array, L)
         if group.theta_index.device != theta_t.device:
             group.theta_index, group.phi_index = group.theta_index.to(theta_t.device), group.phi_index.to(theta_t.device)
             group.missing = None if group.missing is None else group.missing.to(theta_t.device)
@@ -246,6 +253,8 @@ class TiledMesh:
             flat = coef.view(4, -1, k)
             flat[:, group.missing] = 0
             flat[0::3, group.missing] = 1  # an empty slot is the identity: T00 = T11 = 1
+        if native.supports(coef):  # the same loop below, compiled, in one pass (devices/tile_blocks.c)
+            return native.tile_blocks(coef, self._steps_array, L)
         blocks = eye[:, :, None, None].expand(2 * L, 2 * L, group.tiles, k).clone()
         for s0, s1, r0, c0, c1 in self.steps:
             count = s1 - s0
@@ -268,7 +277,11 @@ class TiledMesh:
         eye = torch.eye(2 * L, dtype=cdtype, device=theta.device)
         on_cpu = theta.device.type == "cpu"
         uniform = not on_cpu or k > TRIMMED_MAX_SETTINGS
-        theta_t = theta.T.contiguous()  # (2·cells, K): a slot's phases for all settings side by side
+        # (2·cells, K): a slot's phases for all settings side by side; the native build with a
+        # built-in cell reads them through θ's own strides, the rest wants them contiguous
+        theta_t = theta.T if cell in native.CELLS and native.supports(theta) else theta.T.contiguous()
+        # a factor's blocks times the state: the native kernel where it runs (CPU), else the BLAS
+        product = native.tile_gemm if native.supports(eye) else (lambda a, b, out: torch.bmm(a, b, out=out))
         # Uniform: the windows of an odd factor run L rows past the last setting's state, and
         # every factor writes all rows but the L at either end of the buffer (zero padding).
         cur, nxt = self._state((k * rows + (L if uniform else 0)) * batch, cdtype, theta.device,
@@ -281,8 +294,8 @@ class TiledMesh:
                 blocks = self._blocks(cell, theta_t, group, eye).view(k, tiles, len(group.factors), 2 * L, 2 * L)
                 for f, factor in enumerate(group.factors):
                     span = slice(factor.row0 * batch, (factor.row0 + k * rows) * batch)
-                    torch.bmm(blocks[:, :, f].flatten(0, 1), cur[span].view(k * tiles, 2 * L, batch),
-                              out=nxt[span].view(k * tiles, 2 * L, batch))
+                    product(blocks[:, :, f].flatten(0, 1), cur[span].view(k * tiles, 2 * L, batch),
+                            nxt[span].view(k * tiles, 2 * L, batch))
                     cur, nxt = nxt, cur
         else:
             state, spare = cur.view(k, rows, batch), nxt.view(k, rows, batch)
@@ -294,9 +307,10 @@ class TiledMesh:
                     src = state[:, span].unflatten(1, (factor.tiles, 2 * L))
                     dst = spare[:, span].unflatten(1, (factor.tiles, 2 * L))
                     for i in range(k):
-                        torch.bmm(blocks[i, first:first + factor.tiles], src[i], out=dst[i])
+                        product(blocks[i, first:first + factor.tiles], src[i], dst[i])
                     first += factor.tiles
                     state, spare = spare, state
             cur = state.flatten()
         out = cur[:k * rows * batch].view(k, rows, batch)[:, self.pad:self.pad + self.d_out]
-        return out.real.transpose(-1, -2).clone()  # (K, B, m)
+        # (K, B, m), contiguous (a clone would keep the transposed strides, and its readers copy again)
+        return torch.empty((k, batch, self.d_out), dtype=theta.dtype, device=theta.device).copy_(out.real.transpose(-1, -2))

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from astraora.devices import native
 from astraora.devices.base import Device, dense_transfer
 from astraora.devices.mesh_tiles import TiledMesh, complex_dtype
 from astraora.errors import ConfigError
@@ -199,3 +200,8 @@ class MZIClassical(MZIMesh):
         torch.mul(sin_p, sin_t, out=im[0])
         torch.mul(sin_p, cos_t, out=im[1])
         return out
+
+
+# the two cells whose entries the native block build computes itself (devices/tile_blocks.c)
+native.CELLS[MZIMesh.cell_entries] = native.CELL_PAPER
+native.CELLS[MZIClassical.cell_entries] = native.CELL_CLASSICAL
