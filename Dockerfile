@@ -7,6 +7,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     WANDB_MODE=offline \
     ASTRAORA_DATA_DIR=/app/data
 
+# gcc: the MZI engine's native CPU kernels are compiled on first use (astraora/devices/native.py)
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY astraora ./astraora

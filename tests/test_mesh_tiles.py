@@ -284,3 +284,30 @@ def test_native_kernel_is_cached_per_source_flags_and_cpu(monkeypatch, tmp_path)
     assert not [p for p in (tmp_path / "kernels").iterdir() if p.suffix != ".so" or p not in built]  # no temporaries left
     monkeypatch.setattr(native, "_cpu_signature", lambda: "another cpu")
     assert native.library_path("cc") != built[0]
+
+
+def test_native_block_build_split_between_threads_gives_the_same_numbers(monkeypatch):
+    """With torch on several threads the block build is cut into ranges of tiles run on a thread
+    pool: bit for bit the single-threaded blocks (the products then go to the BLAS: the outputs
+    agree to round-off)."""
+    native_or_skip()
+    device = MZIMesh(21, 18, seed=3, tile=2)
+    theta, x = settings(device, 23, dtype=torch.float32), torch.randn(9, 21)
+    tiled = device.tiled(21, 18)
+    group = tiled._plan(True, 4)[0]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_blocks = native.cell_blocks(native.CELL_PAPER, theta.T, group.slot_cell, tiled._steps_array, 2)
+        one = device.transfer(theta, x)
+        monkeypatch.setattr(native, "MIN_WORK_PER_THREAD", 1)
+        calls = []
+        monkeypatch.setattr(native, "_split", lambda call, items, work, split=native._split: (calls.append(items), split(call, items, work)))
+        torch.set_num_threads(3)
+        several_blocks = native.cell_blocks(native.CELL_PAPER, theta.T, group.slot_cell, tiled._steps_array, 2)
+        several = device.transfer(theta, x)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls and native._pool is not None and native._pool._max_workers >= 3
+    assert torch.equal(one_blocks, several_blocks)
+    torch.testing.assert_close(one, several, rtol=1e-5, atol=1e-6)

@@ -280,8 +280,9 @@ class TiledMesh:
         # (2·cells, K): a slot's phases for all settings side by side; the native build with a
         # built-in cell reads them through θ's own strides, the rest wants them contiguous
         theta_t = theta.T if cell in native.CELLS and native.supports(theta) else theta.T.contiguous()
-        # a factor's blocks times the state: the native kernel where it runs (CPU), else the BLAS
-        product = native.tile_gemm if native.supports(eye) else (lambda a, b, out: torch.bmm(a, b, out=out))
+        # a factor's blocks times the state: the native kernel where it is the faster (small blocks,
+        # one thread on a CPU), else the BLAS
+        product = native.tile_gemm if native.gemm_wins(eye, 2 * L) else (lambda a, b, out: torch.bmm(a, b, out=out))
         # Uniform: the windows of an odd factor run L rows past the last setting's state, and
         # every factor writes all rows but the L at either end of the buffer (zero padding).
         cur, nxt = self._state((k * rows + (L if uniform else 0)) * batch, cdtype, theta.device,

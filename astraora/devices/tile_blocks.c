@@ -9,7 +9,8 @@
  * picks the formula, CELL_PAPER or CELL_CLASSICAL, the same as MZIMesh.cell_entries and
  * MZIClassical.cell_entries. steps: per local column (s0, s1, r0, c0, c1): its slots [s0, s1), the
  * first row r0 of its wire pairs (r0 + 2j, r0 + 2j + 1) and the block columns [c0, c1) that can be
- * non-zero there. Complex numbers are (re, im) pairs.
+ * non-zero there. Only tiles [t_begin, t_end) are built (callers split the tiles between threads).
+ * Complex numbers are (re, im) pairs.
  *
  * Settings are processed CHUNK at a time with real and imaginary parts in separate arrays, so the
  * innermost loops run over settings and vectorise; a tile's blocks for a chunk stay in L1.
@@ -50,12 +51,13 @@ static inline void sincos_f64(double x, double *sp, double *cp) {
 
 #define DEFINE_BUILD(NAME, T, SINCOS)                                                              \
 void NAME(const T *coef, const T *theta_t, int64_t cs, int64_t ks, const int64_t *slot_cell, int cell, \
-          T *out, int64_t K, int64_t tiles, int64_t L, const int32_t *steps, int64_t nsteps) {     \
+          T *out, int64_t K, int64_t tiles, int64_t t_begin, int64_t t_end, int64_t L,             \
+          const int32_t *steps, int64_t nsteps) {                                                  \
     const int64_t W = 2 * L, L2 = L * L, plane = L2 * tiles * K;                                   \
     const T half_sqrt2 = (T)0.70710678118654752440;                                                \
     T bre[W * W * CHUNK], bim[W * W * CHUNK];                                                      \
     T cr[4][CHUNK], ci[4][CHUNK];                                                                  \
-    for (int64_t t = 0; t < tiles; t++) {                                                          \
+    for (int64_t t = t_begin; t < t_end; t++) { /* a range of the tiles: threads split them */     \
         for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {                                                \
             const int64_t kc = K - k0 < CHUNK ? K - k0 : CHUNK;                                    \
             memset(bre, 0, sizeof(bre));                                                           \
