@@ -165,6 +165,13 @@ class Cell:
     gaps: dict[str, tuple[float, float | None, int] | None] = field(default_factory=dict)
 
     @property
+    def seeds(self) -> list:
+        """The seeds this device was trained with (the digital twin's only where it has no run):
+        the task's digital twin may have more seeds than a device."""
+        own = {seed for column in COLUMNS if column != DIGITAL for seed in self.values.get(column, {})}
+        return sorted(own or set(self.values.get(DIGITAL, {})), key=str)
+
+    @property
     def unit(self) -> str:
         return "pt" if self.metric.endswith("acc") else "%"
 
@@ -251,8 +258,7 @@ def markdown(cells: list[Cell], settings: dict[str, str] | None = None) -> str:
                   "total vs digital", f"combined ≤ {target:g} {unit}"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for cell in task_cells:
-            seeds = sorted({seed for column in COLUMNS for seed in cell.values.get(column, {})}, key=str)
-            row = [cell.device, ", ".join(map(str, seeds))]
+            row = [cell.device, ", ".join(map(str, cell.seeds))]
             row += [_format(cell.mean(column), 100 if unit == "pt" else 1, ".2f" if unit == "pt" else ".4f")
                     for column in COLUMNS]
             row += [_format(cell.gaps.get(name) and cell.gaps[name][:2], 1, "+.2f")
@@ -282,9 +288,8 @@ def write_csv(cells: list[Cell], path: Path) -> None:
         writer = csv.DictWriter(file, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for cell in cells:
-            seeds = sorted({seed for column in COLUMNS for seed in cell.values.get(column, {})}, key=str)
             row = {"task": cell.task, "device": cell.device, "metric": cell.metric, "unit": cell.unit,
-                   "seeds": ";".join(map(str, seeds)), "target": cell.target,
+                   "seeds": ";".join(map(str, cell.seeds)), "target": cell.target,
                    "meets_target": "" if cell.meets_target is None else cell.meets_target}
             for column in COLUMNS:
                 mean_std = cell.mean(column) or (None, None)
