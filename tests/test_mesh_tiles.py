@@ -308,6 +308,6 @@ def test_native_block_build_split_between_threads_gives_the_same_numbers(monkeyp
         several = device.transfer(theta, x)
     finally:
         torch.set_num_threads(threads)
-    assert calls and native._pool is not None and native._pool._max_workers >= 3
+    assert calls and native._pool is not None and native._pool_size >= 3
     assert torch.equal(one_blocks, several_blocks)
     torch.testing.assert_close(one, several, rtol=1e-5, atol=1e-6)

@@ -197,6 +197,7 @@ def gemm_wins(like: Tensor, width: int) -> bool:
 # on the number of threads. (The products go to the BLAS on several threads: gemm_wins.)
 MIN_WORK_PER_THREAD = 1 << 22  # complex multiply-adds (≈ 0.5 ms) below which a call stays on one thread
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 
 def _split(call, items: int, work_per_item: int) -> None:
@@ -204,9 +205,11 @@ def _split(call, items: int, work_per_item: int) -> None:
     if threads <= 1:
         call(0, items)
         return
-    global _pool
-    if _pool is None or _pool._max_workers < threads:
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="astraora-native")
+    global _pool, _pool_size
+    if _pool is None or _pool_size < threads:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool, _pool_size = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="astraora-native"), threads
     bounds = [items * i // threads for i in range(threads + 1)]
     futures = [_pool.submit(call, bounds[i], bounds[i + 1]) for i in range(1, threads)]
     call(bounds[0], bounds[1])  # the calling thread takes the first range
