@@ -301,7 +301,7 @@ class StepTimer(L.Callback):
     @staticmethod
     def _queries(pl_module) -> dict[str, int]:
         totals = pl_module.query_totals()
-        return {p: totals[f"queries/{p}"] for p in (*PURPOSES, "total")}
+        return {p: totals.get(f"queries/{p}", 0) for p in (*PURPOSES, "total")}  # a digital twin has none
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = (pl_module.global_step, self.diagnostics.seconds, self.readout.seconds, self._queries(pl_module))

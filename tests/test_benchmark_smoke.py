@@ -32,3 +32,14 @@ def test_benchmark_core_quick(tmp_path):
         step = result["devices"][family]["step"]
         assert step["match"] and step["total"] == step["expected_total"] == expected
         assert step["measured"] == {"forward": 32, "zo": 100 * q, "surrogate": 220, "readout": 0}
+
+
+def test_time_epoch_with_its_digital_twin():
+    """scripts/time_epoch.py --with-digital: the digital twin has no physical layer and so no query
+    counters (it stopped with a KeyError after timing the hybrid)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "scripts" / "time_epoch.py"), "task=audio_folder", "device=mzi", "--with-digital",
+           "--steps", "2", "--warmup", "1", "--train-size", "200", "--model-kwargs", '{"num_classes": 4}']
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "hybrid / digital:" in proc.stdout and "per epoch" in proc.stdout
