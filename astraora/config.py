@@ -100,6 +100,9 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
         return
     check_target(cfg, "device._target_")
     _check_choice(cfg, "mode", MODES)
+    if OmegaConf.select(cfg, "physical_scheduler") is not None:
+        _check_choice(cfg, "physical_scheduler.name", SCHEDULERS)
+        _check_int(cfg, "physical_scheduler.warmup_steps", 0)
     _check_choice(cfg, "physical_optimizer.name", OPTIMIZERS)
     _check_real(cfg, "physical_optimizer.lr")
     if _get(cfg, "surrogate.rank") != AUTO:

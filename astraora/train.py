@@ -332,6 +332,7 @@ def build_module(cfg: DictConfig, dm: L.LightningDataModule, model_kwargs: dict 
         optimizer=OmegaConf.to_container(cfg.task.optimizer, resolve=True),
         physical_optimizer=OmegaConf.to_container(cfg.physical_optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        physical_scheduler=OmegaConf.to_container(cfg.physical_scheduler, resolve=True) if "physical_scheduler" in cfg else None,
         diagnostics_every=cfg.callbacks.diagnostics.every_n_steps,
     )
     if cfg.task.kind == "classification":

@@ -155,3 +155,26 @@ def test_slurm_launcher_preset_composes():
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["launcher=slurm"], return_hydra_config=True)
     assert "submitit" in cfg.hydra.launcher._target_ and cfg.trainer.accelerator == "gpu"
+
+
+def test_physical_scheduler_follows_scheduler_unless_set():
+    """θ's schedule is the digital one by default (`physical_scheduler` interpolates `scheduler`);
+    `physical_scheduler.name=constant` keeps θ's rate while the digital rate decays; a bad name is
+    refused before training, naming the key."""
+    from astraora.build import instantiate
+    from astraora.train import build_module
+
+    def factors(*overrides):
+        cfg = compose_config(["task.model.hidden=8", *overrides])
+        validate(cfg, import_targets=False)
+        dm = instantiate(cfg.task.datamodule)
+        dm.setup("fit")
+        _, (digital, theta) = build_module(cfg, dm).configure_optimizers()
+        # without a trainer the schedule spans one step: cosine ends at 0, constant stays at 1
+        return digital.lr_lambdas[0](1), theta.lr_lambdas[0](1)
+
+    assert factors() == (pytest.approx(0.0), pytest.approx(0.0))
+    assert factors("scheduler.name=constant") == (1.0, 1.0)
+    assert factors("physical_scheduler.name=constant") == (pytest.approx(0.0), 1.0)
+    with pytest.raises(ConfigError, match="physical_scheduler.name"):
+        validate(compose_config(["physical_scheduler.name=linear"]), import_targets=False)

@@ -43,15 +43,17 @@ class HybridModule(L.LightningModule):
         physical_optimizer: spec of θ's optimizer (paper: Adam, lr 1e-2); it also trains the
             layers' output scales s, with weight decay 0.
         scheduler: {name: cosine|constant, warmup_steps}, applied per step to both.
+        physical_scheduler: θ's own schedule where it differs (None: ``scheduler``).
         diagnostics_every: run the oracle diagnostics every that many steps (0: never).
     """
 
     def __init__(self, model: nn.Module, optimizer: dict, physical_optimizer: dict, scheduler: dict,
-                 diagnostics_every: int = 50):
+                 diagnostics_every: int = 50, physical_scheduler: dict | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.model = model
         self.optimizer_spec, self.physical_optimizer_spec, self.scheduler_spec = optimizer, physical_optimizer, scheduler
+        self.physical_scheduler_spec = scheduler if physical_scheduler is None else physical_scheduler
         self.diagnostics_every = int(diagnostics_every)
         self.physical = hybrid_layers(model)
         self._sync: RankSync | None = None
@@ -246,7 +248,8 @@ class HybridModule(L.LightningModule):
             if self.scale_parameters():
                 groups.append({"params": self.scale_parameters(), "weight_decay": 0.0})
             optimizers.append(make_optimizer(groups, self.physical_optimizer_spec))
-        schedulers = [make_scheduler(opt, self.scheduler_spec, total) for opt in optimizers]
+        specs = [self.scheduler_spec, self.physical_scheduler_spec]
+        schedulers = [make_scheduler(opt, spec, total) for opt, spec in zip(optimizers, specs)]
         return optimizers, schedulers
 
     def total_training_steps(self) -> int:
