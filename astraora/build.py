@@ -33,7 +33,7 @@ def instantiate(config, **kwargs):
 
 
 # keys of a conf/device entry that configure the run around the device, not its constructor
-RUN_KEYS = ("family", "driver", "theta_lr")
+RUN_KEYS = ("family", "driver", "theta_lr", "theta_schedule")
 
 
 def device_spec(device_cfg: DictConfig | dict) -> dict:

@@ -176,5 +176,10 @@ def test_physical_scheduler_follows_scheduler_unless_set():
     assert factors() == (pytest.approx(0.0), pytest.approx(0.0))
     assert factors("scheduler.name=constant") == (1.0, 1.0)
     assert factors("physical_scheduler.name=constant") == (pytest.approx(0.0), 1.0)
+    # a family's own default (slm: theta_schedule constant), and the paper presets' cosine for θ
+    assert factors("device=slm") == (pytest.approx(0.0), 1.0)
+    assert factors("device=slm", "physical_scheduler.name=cosine") == (pytest.approx(0.0), pytest.approx(0.0))
+    assert factors("device=slm", "experiment=ablation_modes", "surrogate.rank=4") == (pytest.approx(0.0), pytest.approx(0.0))
+    assert factors("device=mrr") == (pytest.approx(0.0), pytest.approx(0.0))
     with pytest.raises(ConfigError, match="physical_scheduler.name"):
         validate(compose_config(["physical_scheduler.name=linear"]), import_targets=False)
