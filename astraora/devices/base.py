@@ -223,8 +223,7 @@ class Device(nn.Module):
 
     def effective_theta(self, theta: Tensor) -> Tensor:
         """θ as the hardware realises it: drift, crosstalk, then quantization. theta: (K, *shape)."""
-        if self.nonideal.drift_std or bool(self.drift.any()):  # (a zero drift is skipped: a pass over K·p)
-            theta = theta + self.drift
+        theta = theta + self.drift
         if self.nonideal.crosstalk:
             theta = theta + self.nonideal.crosstalk * self.neighbour_sum(theta)
         if self.nonideal.phase_bits:
