@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from astraora.build import make_device
 from astraora.devices import SLM, Device, MatVec, Monarch, MRRBank, MZIClassical, MZIMesh
 from astraora.devices.base import wrap_phase
+from astraora.devices.dense import mrr_mean_weight, mrr_transmission
 from astraora.errors import ConfigError, DeviceFault
 
 FAMILIES = [MatVec, SLM, MRRBank, MZIMesh, MZIClassical, Monarch]
@@ -112,9 +113,29 @@ def test_theta_learning_rate_defaults_to_the_device_family():
     assert lr("device=mrr", "experiment=paper_urbansound8k_cpu") == lr("device=mrr", "experiment=ablation_modes") == 1e-2
 
 
+@pytest.mark.parametrize("loss, coupling", [(0.8, 0.9), (0.9, 0.9), (0.95, 0.9), (0.99, 0.99)])
+def test_mrr_auto_init_centres_the_weights(loss, coupling):
+    """init_high=auto: the initial weights average zero (within sampling error), where the paper's
+    [0.01, π/4] puts their mean at +0.47 (a = 0.8, r = 0.9)."""
+    bank = MRRBank(64, 128, loss=loss, coupling=coupling, seed=0)
+    weights = 2 * mrr_transmission(bank.theta.double(), loss, coupling) - 1
+    assert abs(weights.mean().item()) < 3 * weights.std().item() / math.sqrt(weights.numel())
+    assert weights.min() < -0.05 and weights.max() > 0.05
+    assert 0.01 < bank.init_high < math.pi and bank.theta.min() >= 0.01 and bank.theta.max() <= bank.init_high
+    if (loss, coupling) == (0.8, 0.9):
+        assert bank.init_high == pytest.approx(0.2517, abs=1e-3)
+        paper = MRRBank(64, 128, init_high=math.pi / 4, seed=0)
+        paper_weights = 2 * mrr_transmission(paper.theta.double(), loss, coupling) - 1
+        assert paper_weights.mean().item() == pytest.approx(0.471, abs=0.02)
+    # the mean over the range, by quadrature, against a brute-force sample average
+    assert mrr_mean_weight(0.01, math.pi / 4, 0.8, 0.9) == pytest.approx(
+        (2 * mrr_transmission(torch.linspace(0.01, math.pi / 4, 200001, dtype=torch.float64), 0.8, 0.9) - 1).mean().item(),
+        abs=1e-5)
+
+
 def test_yaml_holds_paper_constants():
     mrr = OmegaConf.load(CONF_DIR / "mrr.yaml")
-    assert (mrr.loss, mrr.coupling, mrr.init_low, mrr.init_high) == (0.8, 0.9, 0.01, math.pi / 4)
+    assert (mrr.loss, mrr.coupling, mrr.init_low, mrr.init_high) == (0.8, 0.9, 0.01, "auto")
     assert OmegaConf.load(CONF_DIR / "mzi.yaml").init_center == math.pi / 2
 
 
@@ -124,6 +145,9 @@ def test_yaml_holds_paper_constants():
         (MRRBank, {"loss": 1.5}, "device.loss"),
         (MRRBank, {"coupling": 1.0}, "device.coupling"),
         (MRRBank, {"init_low": 1.0, "init_high": 0.0}, "device.init_high"),
+        (MRRBank, {"init_high": "paper"}, "device.init_high"),
+        (MRRBank, {"loss": 0.5}, "device.init_high"),  # weights all positive: no zero-mean range
+        (MRRBank, {"init_low": -0.5}, "device.init_low"),
         (MZIMesh, {"init_std": -1.0}, "device.init_std"),
         (MZIMesh, {"modes": 4}, "device.modes"),  # fewer wires than max(n, m) = 5
         (MZIClassical, {"modes": 6.5}, "device.modes"),

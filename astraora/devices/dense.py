@@ -66,16 +66,26 @@ class MRRBank(Device):
     Args:
         loss: round-trip amplitude transmission a (paper: 0.8).
         coupling: self-coupling coefficient r (paper: 0.9).
-        init_low, init_high: φ ~ U[init_low, init_high] (paper: [0.01, π/4]).
+        init_low, init_high: φ ~ U[init_low, init_high]. The paper's range is [0.01, π/4]; its
+            weights average 0.47 (a = 0.8, r = 0.9), a common mode 6.5× the layer's next singular
+            value that the digital layers around it cannot undo. ``init_high="auto"`` (the default)
+            is the upper end at which the weights average zero for this bank's a and r
+            (0.25 rad for the paper's; docs/PARITY.md, "The MRR bank's initial weights").
     """
 
     def __init__(self, d_in: int, d_out: int, *, loss: float = 0.8, coupling: float = 0.9,
-                 init_low: float = 0.01, init_high: float = math.pi / 4, **kwargs):
+                 init_low: float = 0.01, init_high: float | str = "auto", **kwargs):
         if not (0 < loss <= 1 and 0 < coupling < 1):
             raise ConfigError(f"device.loss={loss} must be in (0, 1] and device.coupling={coupling} in (0, 1).")
+        self.loss, self.coupling = float(loss), float(coupling)
+        if init_high == "auto":
+            if not 0 <= init_low < math.pi:
+                raise ConfigError(f"device.init_high=auto needs device.init_low in [0, π), got {init_low}.")
+            init_high = zero_mean_init_high(float(init_low), self.loss, self.coupling)
+        elif isinstance(init_high, str):
+            raise ConfigError(f"device.init_high={init_high!r} must be a number or 'auto'.")
         if init_high < init_low:
             raise ConfigError(f"device.init_high={init_high} must be >= device.init_low={init_low}.")
-        self.loss, self.coupling = float(loss), float(coupling)
         self.init_low, self.init_high = float(init_low), float(init_high)
         super().__init__(d_in, d_out, **kwargs)
 
@@ -93,3 +103,35 @@ class MRRBank(Device):
 
     def transfer(self, theta: Tensor, x: Tensor) -> Tensor:
         return dense_transfer(2 * mrr_transmission(theta, self.loss, self.coupling) - 1, x)
+
+
+def mrr_mean_weight(low: float, high: float, loss: float, coupling: float, points: int = 4097) -> float:
+    """E[2·t(φ) − 1] for φ ~ U[low, high] (Simpson's rule in float64; the weight itself at low = high)."""
+    if high <= low:
+        return float(2 * mrr_transmission(torch.tensor(low, dtype=torch.float64), loss, coupling) - 1)
+    phi = torch.linspace(low, high, points, dtype=torch.float64)
+    w = 2 * mrr_transmission(phi, loss, coupling) - 1
+    simpson = torch.ones(points, dtype=torch.float64)
+    simpson[1:-1:2], simpson[2:-1:2] = 4.0, 2.0
+    return float((w * simpson).sum() / (3 * (points - 1)))
+
+
+def zero_mean_init_high(low: float, loss: float, coupling: float) -> float:
+    """The upper end h ∈ (low, π] of φ ~ U[low, h] at which the bank's weights average zero.
+
+    The weight rises monotonically from its resonance minimum at φ = 0 to its maximum at π, so the
+    mean over [low, h] rises with h and the zero is found by bisection. A bank whose weights are
+    all positive from ``low`` on (weak resonance), or average below zero even over [low, π], has
+    no such h: a ConfigError asks for a number.
+    """
+    lo_mean, hi_mean = mrr_mean_weight(low, low, loss, coupling), mrr_mean_weight(low, math.pi, loss, coupling)
+    if not lo_mean < 0 < hi_mean:
+        raise ConfigError(
+            f"device.init_high=auto: the weights of this bank (device.loss={loss}, device.coupling={coupling}) "
+            f"average {lo_mean:+.3f} at φ = device.init_low={low} and {hi_mean:+.3f} over [{low}, π], so no "
+            "range [init_low, h] averages zero; set device.init_high to a number.")
+    a, b = low, math.pi
+    for _ in range(60):
+        mid = 0.5 * (a + b)
+        a, b = (mid, b) if mrr_mean_weight(low, mid, loss, coupling) < 0 else (a, mid)
+    return 0.5 * (a + b)
