@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from numbers import Integral, Real
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from astraora.devices.base import zo_step_problem
 from astraora.errors import ConfigError
@@ -44,6 +44,16 @@ def _check_real(cfg, key: str, positive: bool = True, allow_none: bool = False) 
         raise ConfigError(f"{key}={value!r} must be a number.")
     if positive and not value > 0:
         raise ConfigError(f"{key}={value} must be > 0.")
+
+
+def _check_betas(cfg, key: str) -> None:
+    """Adam's (β1, β2): absent or null for torch's (0.9, 0.999), else two numbers in [0, 1)."""
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None:
+        return
+    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else None
+    if items is None or len(items) != 2 or not all(isinstance(b, Real) and not isinstance(b, bool) and 0 <= b < 1 for b in items):
+        raise ConfigError(f"{key}={value!r} is not allowed; give two numbers in [0, 1), e.g. [0.9, 0.999].")
 
 
 def _check_choice(cfg, key: str, allowed) -> None:
@@ -93,6 +103,7 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
     check_target(cfg, "task.model._target_")
     _check_choice(cfg, "task.optimizer.name", OPTIMIZERS)
     _check_real(cfg, "task.optimizer.lr")
+    _check_betas(cfg, "task.optimizer.betas")
     _check_choice(cfg, "scheduler.name", SCHEDULERS)
     _check_int(cfg, "scheduler.warmup_steps", 0)
     _check_int(cfg, "trainer.max_epochs", -1)
@@ -105,6 +116,7 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
         _check_int(cfg, "physical_scheduler.warmup_steps", 0)
     _check_choice(cfg, "physical_optimizer.name", OPTIMIZERS)
     _check_real(cfg, "physical_optimizer.lr")
+    _check_betas(cfg, "physical_optimizer.betas")
     if _get(cfg, "surrogate.rank") != AUTO:
         rank = _get(cfg, "surrogate.rank")
         if isinstance(rank, bool) or not isinstance(rank, Integral) or rank < 1:

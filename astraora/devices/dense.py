@@ -67,8 +67,8 @@ class MRRBank(Device):
         loss: round-trip amplitude transmission a (paper: 0.8).
         coupling: self-coupling coefficient r (paper: 0.9).
         init_low, init_high: φ ~ U[init_low, init_high]. The paper's range is [0.01, π/4]; its
-            weights average 0.47 (a = 0.8, r = 0.9), a common mode 6.5× the layer's next singular
-            value that the digital layers around it cannot undo. ``init_high="auto"`` (the default)
+            weights average 0.47 (a = 0.8, r = 0.9): a common mode (6.5× the next singular value
+            of a 128 × 64 bank) that the digital layers around it cannot undo. ``init_high="auto"`` (the default)
             is the upper end at which the weights average zero for this bank's a and r
             (0.25 rad for the paper's; docs/PARITY.md, "The MRR bank's initial weights").
     """
