@@ -13,7 +13,7 @@ from torch import nn
 from astraora.errors import AstraoraError, ConfigError
 from astraora.hybrid import HybridLayer
 from astraora.rng import make_generator
-from astraora.surrogate.auto import resolve_integrator, resolve_rank
+from astraora.surrogate.auto import readout_rank, resolve_integrator, resolve_rank
 from astraora.zo import ZOEstimator
 
 LayerFactory = Callable[[int, int, str], nn.Module]
@@ -63,8 +63,10 @@ def make_layer_factory(cfg: DictConfig) -> LayerFactory:
         device = make_device(cfg.device, d_in, d_out, cfg.seed, name)
         zo = ZOEstimator(**zo_cfg, generator=make_generator(cfg.seed, name, "zo")) if cfg.mode.startswith("zo") else None
         rank = resolve_rank(cfg.surrogate.rank, d_in, d_out)  # `auto`: by this layer's size
+        integrator = resolve_integrator(integrator_cfg, d_in, rank)
+        rank = readout_rank(cfg.surrogate.rank, integrator, d_in, d_out, rank)  # `auto` + a full readout: all of it
         return HybridLayer(
-            device, mode=cfg.mode, rank=rank, zo=zo, integrator=resolve_integrator(integrator_cfg, d_in, rank),
+            device, mode=cfg.mode, rank=rank, zo=zo, integrator=integrator,
             output_scale=cfg.surrogate.output_scale, output_bias=cfg.surrogate.get("output_bias", False),
             health_threshold=cfg.surrogate.health_threshold,
             max_retries=driver.max_retries, timeout_s=driver.timeout_s, seed=cfg.seed, name=name,

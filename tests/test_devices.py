@@ -430,3 +430,22 @@ def test_slow_fault_delays_the_query():
     start = time.perf_counter()
     device.query(randn(2, 5))
     assert time.perf_counter() - start >= 0.05
+
+
+def test_adam_betas_reach_the_optimizer_and_bad_ones_are_refused():
+    """physical_optimizer.betas / task.optimizer.betas: null keeps torch's (0.9, 0.999); a pair in
+    [0, 1) reaches Adam; anything else is refused before training, naming the key."""
+    from conftest import compose_config
+
+    from astraora.build import make_optimizer
+    from astraora.config import validate
+
+    param = [torch.nn.Parameter(torch.zeros(2))]
+    cfg = compose_config(["physical_optimizer.betas=[0.95,0.99]"])
+    validate(cfg)
+    assert make_optimizer(param, cfg.physical_optimizer).defaults["betas"] == (0.95, 0.99)
+    assert make_optimizer(param, compose_config([]).physical_optimizer).defaults["betas"] == (0.9, 0.999)
+    for key, bad in [("physical_optimizer.betas", "[0.9,1.0]"), ("physical_optimizer.betas", "[0.9]"),
+                     ("task.optimizer.betas", "[0.9,-0.1]")]:
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            validate(compose_config([f"+{key}={bad}" if key.startswith("task") else f"{key}={bad}"]))

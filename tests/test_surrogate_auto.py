@@ -8,7 +8,7 @@ import pytest
 from astraora.build import build_model, hybrid_layers
 from astraora.config import validate
 from astraora.errors import ConfigError
-from astraora.surrogate.auto import auto_rank, psi_queries, resolve_integrator, resolve_rank
+from astraora.surrogate.auto import auto_rank, psi_queries, readout_rank, resolve_integrator, resolve_rank
 from conftest import REPO, run_cli
 
 
@@ -50,6 +50,16 @@ def test_auto_integrator_picks_the_cheaper_update():
     assert resolve_integrator(fixed, 16, 4) == fixed                     # not auto: unchanged
 
 
+def test_readout_keeps_full_rank_only_under_auto():
+    rebuild, psi = {"name": "rebuild", "every": 1}, {"name": "psi_implicit", "samples": 100}
+    assert readout_rank("auto", rebuild, 192, 32, auto_rank(192, 32)) == 32      # was 10
+    assert readout_rank("auto", rebuild, 64, 128, auto_rank(64, 128)) == 64      # was 16
+    assert readout_rank("auto", psi, 512, 1024, auto_rank(512, 1024)) == 128     # the paper's CIFAR head: unchanged
+    assert readout_rank(10, rebuild, 192, 32, 10) == 10                          # an explicit rank is kept
+    # the integrator is chosen at the rule's rank first: 6144 → 192 stays implicit at rank 48
+    assert resolve_integrator({"name": "auto", "samples": 100}, 6144, auto_rank(6144, 192))["name"] == "psi_implicit"
+
+
 def test_layers_are_built_with_resolved_values(make_cfg):
     cfg = make_cfg("surrogate.rank=auto", "integrator=auto", "mode=zo+sm")
     validate(cfg)
@@ -57,8 +67,10 @@ def test_layers_are_built_with_resolved_values(make_cfg):
     layers = hybrid_layers(model)
     assert layers
     for layer in layers.values():
-        assert layer.surrogate.rank == auto_rank(layer.d_in, layer.d_out)
-        assert layer.integrator.name == ("rebuild" if layer.d_in <= 2 * layer.surrogate.rank + 200 else "psi_implicit")
+        readout = layer.d_in <= 2 * auto_rank(layer.d_in, layer.d_out) + 200
+        assert layer.integrator.name == ("rebuild" if readout else "psi_implicit")
+        # a full readout keeps the whole matrix; the implicit update the rule's rank
+        assert layer.surrogate.rank == (min(layer.d_in, layer.d_out) if readout else auto_rank(layer.d_in, layer.d_out))
     fixed = hybrid_layers(build_model(make_cfg("surrogate.rank=7", "integrator=psi_implicit"),
                                       {"num_classes": 10, "in_features": 64}))
     assert {layer.surrogate.rank for layer in fixed.values()} == {7}

@@ -11,6 +11,10 @@ since the layers of one model differ in size).
   the readout's truncated SVD is then the best rank-r surrogate for fewer queries. Otherwise
   ``psi_implicit`` with the given ``samples``/``sketch``/``reuse_sketch``. ``every`` and
   ``rebuild_every`` apply to whichever is chosen.
+* Where the update is a full readout (``rebuild``), ``auto`` keeps the whole matrix: rank k. The
+  readout has measured all of it, so truncating to a quarter saved no query and threw away most of
+  the input gradient (relative error 0.75 at rank 10 of a 192 → 32 layer). docs/PARITY.md, "Full
+  rank where the surrogate is read out".
 """
 
 from __future__ import annotations
@@ -37,6 +41,14 @@ def resolve_rank(rank, d_in: int, d_out: int) -> int:
         return auto_rank(d_in, d_out)
     if isinstance(rank, bool) or not isinstance(rank, Integral):
         raise ConfigError(f"surrogate.rank={rank!r} is not allowed; choose 'auto' or an integer >= 1.")
+    return int(rank)
+
+
+def readout_rank(rank_setting, integrator: dict, d_in: int, d_out: int, rank: int) -> int:
+    """The rank a layer's surrogate keeps: min(d_in, d_out) when ``surrogate.rank`` is ``auto`` and
+    the layer's integrator is a full readout (``rebuild``), else ``rank`` as resolved."""
+    if rank_setting == AUTO and integrator.get("name") == "rebuild":
+        return min(int(d_in), int(d_out))
     return int(rank)
 
 
