@@ -64,7 +64,7 @@ def make_layer_factory(cfg: DictConfig) -> LayerFactory:
         zo = ZOEstimator(**zo_cfg, generator=make_generator(cfg.seed, name, "zo")) if cfg.mode.startswith("zo") else None
         rank = resolve_rank(cfg.surrogate.rank, d_in, d_out)  # `auto`: by this layer's size
         integrator = resolve_integrator(integrator_cfg, d_in, rank)
-        rank = readout_rank(cfg.surrogate.rank, integrator, d_in, d_out, rank)  # `auto` + a full readout: all of it
+        rank = readout_rank(cfg.surrogate.get("readout_rank", "same"), integrator, d_in, d_out, rank)
         return HybridLayer(
             device, mode=cfg.mode, rank=rank, zo=zo, integrator=integrator,
             output_scale=cfg.surrogate.output_scale, output_bias=cfg.surrogate.get("output_bias", False),

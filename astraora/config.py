@@ -10,7 +10,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from astraora.devices.base import zo_step_problem
 from astraora.errors import ConfigError
 from astraora.hybrid import MODES
-from astraora.surrogate.auto import AUTO
+from astraora.surrogate.auto import AUTO, READOUT_RANKS
 from astraora.surrogate.integrators import INTEGRATORS, SKETCHES
 from astraora.zo import DIRECTIONS
 from astraora.zo.estimator import BETWEEN
@@ -122,6 +122,8 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
         if isinstance(rank, bool) or not isinstance(rank, Integral) or rank < 1:
             raise ConfigError(f"surrogate.rank={rank!r} is not allowed; choose 'auto' or an integer >= 1.")
     _check_real(cfg, "surrogate.health_threshold", allow_none=True)
+    if OmegaConf.select(cfg, "surrogate.readout_rank") is not None:
+        _check_choice(cfg, "surrogate.readout_rank", READOUT_RANKS)
     _check_int(cfg, "device.driver.max_retries", 0)
     _check_real(cfg, "device.driver.timeout_s", allow_none=True)
     if str(_get(cfg, "mode")).startswith("zo"):

@@ -50,14 +50,14 @@ def test_auto_integrator_picks_the_cheaper_update():
     assert resolve_integrator(fixed, 16, 4) == fixed                     # not auto: unchanged
 
 
-def test_readout_keeps_full_rank_only_under_auto():
+def test_readout_rank_full_keeps_the_whole_matrix_only_where_it_is_read_out():
     rebuild, psi = {"name": "rebuild", "every": 1}, {"name": "psi_implicit", "samples": 100}
-    assert readout_rank("auto", rebuild, 192, 32, auto_rank(192, 32)) == 32      # was 10
-    assert readout_rank("auto", rebuild, 64, 128, auto_rank(64, 128)) == 64      # was 16
-    assert readout_rank("auto", psi, 512, 1024, auto_rank(512, 1024)) == 128     # the paper's CIFAR head: unchanged
-    assert readout_rank(10, rebuild, 192, 32, 10) == 10                          # an explicit rank is kept
-    # the integrator is chosen at the rule's rank first: 6144 → 192 stays implicit at rank 48
-    assert resolve_integrator({"name": "auto", "samples": 100}, 6144, auto_rank(6144, 192))["name"] == "psi_implicit"
+    assert readout_rank("same", rebuild, 192, 32, auto_rank(192, 32)) == 10      # the default: the rule's rank
+    assert readout_rank("full", rebuild, 192, 32, auto_rank(192, 32)) == 32
+    assert readout_rank("full", rebuild, 64, 128, 7) == 64                       # whatever `rank` says
+    assert readout_rank("full", psi, 512, 1024, auto_rank(512, 1024)) == 128     # an implicit update: unchanged
+    with pytest.raises(ConfigError, match=r"surrogate\.readout_rank"):
+        readout_rank("all", rebuild, 8, 8, 2)
 
 
 def test_layers_are_built_with_resolved_values(make_cfg):
@@ -67,10 +67,10 @@ def test_layers_are_built_with_resolved_values(make_cfg):
     layers = hybrid_layers(model)
     assert layers
     for layer in layers.values():
-        readout = layer.d_in <= 2 * auto_rank(layer.d_in, layer.d_out) + 200
-        assert layer.integrator.name == ("rebuild" if readout else "psi_implicit")
-        # a full readout keeps the whole matrix; the implicit update the rule's rank
-        assert layer.surrogate.rank == (min(layer.d_in, layer.d_out) if readout else auto_rank(layer.d_in, layer.d_out))
+        assert layer.surrogate.rank == auto_rank(layer.d_in, layer.d_out)
+        assert layer.integrator.name == ("rebuild" if layer.d_in <= 2 * layer.surrogate.rank + 200 else "psi_implicit")
+    full = hybrid_layers(build_model(make_cfg("surrogate.readout_rank=full", "mode=zo+sm"), {"num_classes": 10, "in_features": 64}))
+    assert {(layer.surrogate.rank, layer.integrator.name) for layer in full.values()} == {(64, "rebuild")}  # 64 → 64, read out
     fixed = hybrid_layers(build_model(make_cfg("surrogate.rank=7", "integrator=psi_implicit"),
                                       {"num_classes": 10, "in_features": 64}))
     assert {layer.surrogate.rank for layer in fixed.values()} == {7}
@@ -79,7 +79,7 @@ def test_layers_are_built_with_resolved_values(make_cfg):
 
 @pytest.mark.parametrize(("override", "key"), [
     ("surrogate.rank=big", "surrogate.rank"), ("surrogate.rank=0", "surrogate.rank"),
-    ("integrator.name=sometimes", "integrator.name"),
+    ("integrator.name=sometimes", "integrator.name"), ("surrogate.readout_rank=all", "surrogate.readout_rank"),
 ])
 def test_bad_values_name_the_key(make_cfg, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
@@ -87,6 +87,8 @@ def test_bad_values_name_the_key(make_cfg, override, key):
     assert "\n" not in str(err.value)
     if key == "surrogate.rank":
         assert "'auto'" in str(err.value)
+    elif key == "surrogate.readout_rank":
+        assert "'same'" in str(err.value) and "'full'" in str(err.value)
     else:
         assert "'auto'" in str(err.value) and "psi_implicit" in str(err.value)
 
