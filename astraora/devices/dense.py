@@ -68,9 +68,10 @@ class MRRBank(Device):
         coupling: self-coupling coefficient r (paper: 0.9).
         init_low, init_high: φ ~ U[init_low, init_high]. The paper's range is [0.01, π/4]; its
             weights average 0.47 (a = 0.8, r = 0.9): a common mode (6.5× the next singular value
-            of a 128 × 64 bank) that the digital layers around it cannot undo. ``init_high="auto"`` (the default)
-            is the upper end at which the weights average zero for this bank's a and r
-            (0.25 rad for the paper's; docs/PARITY.md, "The MRR bank's initial weights").
+            of a 128 × 64 bank) that the digital layers around it cannot undo.
+            ``init_high="auto"`` (the default) is the upper end at which the weights average zero
+            for this bank's a and r (0.25 rad for the paper's; docs/PARITY.md, "The MRR bank's
+            initial weights").
     """
 
     def __init__(self, d_in: int, d_out: int, *, loss: float = 0.8, coupling: float = 0.9,

@@ -13,7 +13,7 @@ since the layers of one model differ in size).
   ``rebuild_every`` apply to whichever is chosen.
 * ``surrogate.readout_rank``: ``same`` (default) keeps the rank above where the update is a full
   readout; ``full`` keeps the whole matrix there (rank k, no extra query: the readout measured all
-  of it). ``full`` gained 1–2 pt on short audio runs and lost 1–2 pt on longer image runs, so it is
+  of it). ``full`` gained 1–2 pt on short audio runs and lost about 1 pt on longer image runs, so it is
   an option, not the default: docs/PARITY.md, "Full rank where the surrogate is read out".
 """
 
