@@ -89,11 +89,11 @@ def hybrid_layers(model: nn.Module) -> dict[str, HybridLayer]:
 
 def make_optimizer(params, spec: DictConfig | dict) -> torch.optim.Optimizer:
     name, lr, wd = spec["name"], float(spec["lr"]), float(spec.get("weight_decay", 0.0))
-    betas = tuple(float(b) for b in spec["betas"]) if spec.get("betas") is not None else (0.9, 0.999)
+    adam = {} if spec.get("betas") is None else {"betas": tuple(float(b) for b in spec["betas"])}  # else torch's
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=betas)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, **adam)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=betas)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, **adam)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(spec.get("momentum", 0.9)))
     raise ConfigError(f"optimizer name={name!r} is not allowed; choose one of ['adam', 'adamw', 'sgd'].")

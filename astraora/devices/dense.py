@@ -99,19 +99,22 @@ class MRRBank(Device):
 
     def weight_range(self) -> tuple[float, float]:
         """[2·t_min − 1, 2·t_max − 1]: t is smallest at φ = 0 and largest at φ = π."""
-        t = mrr_transmission(torch.tensor([0.0, math.pi], dtype=torch.float64), self.loss, self.coupling)
-        return float(2 * t[0] - 1), float(2 * t[1] - 1)
+        w = mrr_weight(torch.tensor([0.0, math.pi], dtype=torch.float64), self.loss, self.coupling)
+        return float(w[0]), float(w[1])
 
     def transfer(self, theta: Tensor, x: Tensor) -> Tensor:
-        return dense_transfer(2 * mrr_transmission(theta, self.loss, self.coupling) - 1, x)
+        return dense_transfer(mrr_weight(theta, self.loss, self.coupling), x)
+
+
+def mrr_weight(phi: Tensor, loss: float, coupling: float) -> Tensor:
+    """The bank's weight of a ring at round-trip phase φ: 2·t(φ) − 1."""
+    return 2 * mrr_transmission(phi, loss, coupling) - 1
 
 
 def mrr_mean_weight(low: float, high: float, loss: float, coupling: float, points: int = 4097) -> float:
-    """E[2·t(φ) − 1] for φ ~ U[low, high] (Simpson's rule in float64; the weight itself at low = high)."""
-    if high <= low:
-        return float(2 * mrr_transmission(torch.tensor(low, dtype=torch.float64), loss, coupling) - 1)
+    """E[2·t(φ) − 1] for φ ~ U[low, high], high > low (Simpson's rule in float64)."""
     phi = torch.linspace(low, high, points, dtype=torch.float64)
-    w = 2 * mrr_transmission(phi, loss, coupling) - 1
+    w = mrr_weight(phi, loss, coupling)
     simpson = torch.ones(points, dtype=torch.float64)
     simpson[1:-1:2], simpson[2:-1:2] = 4.0, 2.0
     return float((w * simpson).sum() / (3 * (points - 1)))
@@ -125,7 +128,8 @@ def zero_mean_init_high(low: float, loss: float, coupling: float) -> float:
     all positive from ``low`` on (weak resonance), or average below zero even over [low, π], has
     no such h: a ConfigError asks for a number.
     """
-    lo_mean, hi_mean = mrr_mean_weight(low, low, loss, coupling), mrr_mean_weight(low, math.pi, loss, coupling)
+    lo_mean = float(mrr_weight(torch.tensor(low, dtype=torch.float64), loss, coupling))  # the range's first weight
+    hi_mean = mrr_mean_weight(low, math.pi, loss, coupling)
     if not lo_mean < 0 < hi_mean:
         raise ConfigError(
             f"device.init_high=auto: the weights of this bank (device.loss={loss}, device.coupling={coupling}) "
