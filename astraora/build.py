@@ -14,7 +14,7 @@ from astraora.errors import AstraoraError, ConfigError
 from astraora.hybrid import HybridLayer
 from astraora.rng import make_generator
 from astraora.surrogate.auto import readout_rank, resolve_integrator, resolve_rank
-from astraora.zo import ZOEstimator
+from astraora.zo import make_estimator
 
 LayerFactory = Callable[[int, int, str], nn.Module]
 
@@ -61,7 +61,7 @@ def make_layer_factory(cfg: DictConfig) -> LayerFactory:
 
     def factory(d_in: int, d_out: int, name: str) -> nn.Module:
         device = make_device(cfg.device, d_in, d_out, cfg.seed, name)
-        zo = ZOEstimator(**zo_cfg, generator=make_generator(cfg.seed, name, "zo")) if cfg.mode.startswith("zo") else None
+        zo = make_estimator(zo_cfg, generator=make_generator(cfg.seed, name, "zo")) if cfg.mode.startswith("zo") else None
         rank = resolve_rank(cfg.surrogate.rank, d_in, d_out)  # `auto`: by this layer's size
         integrator = resolve_integrator(integrator_cfg, d_in, rank)
         rank = readout_rank(cfg.surrogate.get("readout_rank", "same"), integrator, d_in, d_out, rank)

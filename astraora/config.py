@@ -12,7 +12,8 @@ from astraora.errors import ConfigError
 from astraora.hybrid import MODES
 from astraora.surrogate.auto import AUTO, READOUT_RANKS
 from astraora.surrogate.integrators import INTEGRATORS, SKETCHES
-from astraora.zo import DIRECTIONS
+from astraora.zo import COLORED_KEYS, ESTIMATOR_DIRECTIONS
+from astraora.zo.colored import colored_extra_keys
 from astraora.zo.estimator import BETWEEN
 
 TASK_KINDS = ("classification", "language_model")
@@ -127,12 +128,17 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
     _check_int(cfg, "device.driver.max_retries", 0)
     _check_real(cfg, "device.driver.timeout_s", allow_none=True)
     if str(_get(cfg, "mode")).startswith("zo"):
-        _check_int(cfg, "zo.samples", 1)
+        _check_choice(cfg, "zo.direction", ESTIMATOR_DIRECTIONS)
         _check_real(cfg, "zo.mu")
-        _check_choice(cfg, "zo.direction", DIRECTIONS)
-        if _get(cfg, "zo.chunk_size") != "auto":
-            _check_int(cfg, "zo.chunk_size", 1)
-        _check_query_options(cfg)
+        if _get(cfg, "zo.direction") == "colored":
+            extra = set(_get(cfg, "zo")) - set(COLORED_KEYS)
+            if extra:
+                raise ConfigError(colored_extra_keys(extra))
+        else:
+            _check_int(cfg, "zo.samples", 1)
+            if _get(cfg, "zo.chunk_size") != "auto":
+                _check_int(cfg, "zo.chunk_size", 1)
+            _check_query_options(cfg)
         problem = zo_step_problem(OmegaConf.select(cfg, "device.nonideal.phase_bits", default=0),
                                   OmegaConf.select(cfg, "device.nonideal.queries", default="all"), _get(cfg, "zo.mu"))
         if problem:

@@ -31,7 +31,7 @@ from astraora.ledger import QueryLedger
 from astraora.rng import make_generator
 from astraora.surrogate import LowRankSurrogate, make_integrator
 from astraora.surrogate.lowrank import best_rank_error
-from astraora.zo import ZOEstimator
+from astraora.zo import ColoredEstimator, ZOEstimator
 
 MODES = ("zo+sm", "exact+sm", "zo+exact", "exact")
 
@@ -173,7 +173,7 @@ class HybridLayer(nn.Module):
         device: the physical layer (owns θ as ``device.theta``).
         mode: one of ``zo+sm``, ``exact+sm``, ``zo+exact``, ``exact``.
         rank: surrogate rank r (1 ≤ r ≤ min(d_in, d_out)).
-        zo: a :class:`ZOEstimator` (needed for ``zo+*`` modes).
+        zo: a :class:`ZOEstimator` or :class:`ColoredEstimator` (needed for ``zo+*`` modes).
         integrator: name of the surrogate update rule and its schedule options
             (``name``, ``every``, ``samples``, ``sketch``, ``rebuild_every``).
         output_scale: learn a digital scalar s with y = s · query(x).
@@ -185,7 +185,7 @@ class HybridLayer(nn.Module):
         seed, name: the run seed and this layer's stable name (seed its generators).
     """
 
-    def __init__(self, device: Device, *, mode: str = "zo+sm", rank: int = 10, zo: ZOEstimator | None = None,
+    def __init__(self, device: Device, *, mode: str = "zo+sm", rank: int = 10, zo: ZOEstimator | ColoredEstimator | None = None,
                  integrator: dict | None = None, output_scale: bool = True, output_bias: bool = False,
                  health_threshold: float | None = None, max_retries: int = 3, timeout_s: float | None = None,
                  seed: int = 0, name: str = "physical"):
@@ -200,6 +200,8 @@ class HybridLayer(nn.Module):
             problem = zo_step_problem(device.nonideal.phase_bits, device.nonideal.queries, zo.mu)
             if problem:
                 raise ConfigError(problem)
+            if isinstance(zo, ColoredEstimator):
+                zo.offsets_of(device)  # refuses a device without declared entry-wise structure
         self.device, self.mode, self.name = device, mode, name
         self.ledger = QueryLedger(device, max_retries=max_retries, timeout_s=timeout_s)
         self.zo = zo

@@ -170,14 +170,15 @@ def wandb_group(group: str) -> str:
 
 def comparison_setting(cfg: DictConfig) -> dict:
     """The few settings a dashboard colours and groups runs by; what does not apply is None
-    (a digital run has no mode, rank or M; ``exact`` has no M; ``+exact`` modes no surrogate)."""
+    (a digital run has no mode, rank or M; ``exact`` and ``zo=colored`` have no M; ``+exact`` modes
+    no surrogate)."""
     if cfg.device.family == "digital":
         return {"task": cfg.task.name, "device": "digital", "mode": "digital", "rank": None, "M": None,
                 "integrator": None, "hybrid": False, "seed": int(cfg.seed)}
     surrogate = str(cfg.mode).endswith("+sm")
     return {"task": cfg.task.name, "device": cfg.device.family, "mode": cfg.mode,
             "rank": (cfg.surrogate.rank if cfg.surrogate.rank == "auto" else int(cfg.surrogate.rank)) if surrogate else None,
-            "M": int(cfg.zo.samples) if str(cfg.mode).startswith("zo") else None,
+            "M": int(cfg.zo.samples) if str(cfg.mode).startswith("zo") and cfg.zo.get("samples") is not None else None,
             "integrator": cfg.integrator.name if surrogate else None, "hybrid": True, "seed": int(cfg.seed)}
 
 
@@ -302,7 +303,8 @@ def summarize(cfg: DictConfig, module, trainer, metrics: dict, status: str, star
         "wall_seconds": round(time.time() - started, 3), "status": status, "run_dir": str(output_dir),
         "config": {
             "surrogate": {"rank": cfg.surrogate.rank if cfg.surrogate.rank == "auto" else int(cfg.surrogate.rank)},
-            "zo": {"samples": int(cfg.zo.samples), "direction": cfg.zo.direction, "two_sided": bool(cfg.zo.two_sided)},
+            "zo": {"samples": None if cfg.zo.get("samples") is None else int(cfg.zo.samples),  # none: zo=colored
+                   "direction": cfg.zo.direction, "two_sided": bool(cfg.zo.two_sided)},
             "integrator": {"name": cfg.integrator.name, "samples": cfg.integrator.get("samples")},
         },
         **distributed,

@@ -1,8 +1,8 @@
 """Black-box physical devices. A new device is one class here plus one YAML file in conf/device/."""
 
 from astraora.devices.base import Device, Faults, NonIdealities, dense_transfer
-from astraora.devices.dense import MatVec, MRRBank, SLM
+from astraora.devices.dense import EntrywiseDevice, MatVec, MRRBank, SLM
 from astraora.devices.monarch import Monarch
 from astraora.devices.mzi import MZIClassical, MZIMesh
 
-__all__ = ["Device", "Faults", "NonIdealities", "dense_transfer", "MatVec", "MRRBank", "SLM", "MZIMesh", "MZIClassical", "Monarch"]
+__all__ = ["Device", "Faults", "NonIdealities", "dense_transfer", "EntrywiseDevice", "MatVec", "MRRBank", "SLM", "MZIMesh", "MZIClassical", "Monarch"]

@@ -202,6 +202,12 @@ class Device(nn.Module):
         """
         raise NotImplementedError
 
+    def jacobian_offsets(self) -> tuple[int, ...] | None:
+        """The column offsets o such that entry A[i, j] depends only on θ[i, j + o]: the declared
+        sparsity of ∂A/∂θ that colored finite differences (``zo=colored``) rely on. None (the
+        default): a dense or unknown Jacobian, as in a mesh, where every phase moves many entries."""
+        return None
+
     def neighbour_sum(self, theta: Tensor) -> Tensor:
         """Sum of the physically neighbouring phase shifters of each entry of θ (K, *theta_shape).
 

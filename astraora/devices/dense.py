@@ -11,7 +11,23 @@ from astraora.devices.base import Device, dense_transfer
 from astraora.errors import ConfigError
 
 
-class MatVec(Device):
+class EntrywiseDevice(Device):
+    """A device with one control per matrix entry: θ has A's shape (m, n) and A[i, j] is a function
+    of θ[i, j] alone, or with thermal crosstalk (θ' = θ + c·(row neighbours), the base class's
+    :meth:`~Device.neighbour_sum`) of θ[i, j − 1 .. j + 1]."""
+
+    def theta_shape(self) -> tuple[int, ...]:
+        return (self.d_out, self.d_in)
+
+    def jacobian_offsets(self) -> tuple[int, ...] | None:
+        if not self.nonideal.crosstalk:
+            return (0,)
+        if type(self).neighbour_sum is Device.neighbour_sum:  # row neighbours: one entry each side
+            return (-1, 0, 1)
+        return None  # neighbours of a subclass's own: not declared
+
+
+class MatVec(EntrywiseDevice):
     """Unconstrained reference black box: θ are the m·n entries of A (not phases)."""
 
     is_phase_device = False
@@ -19,9 +35,6 @@ class MatVec(Device):
     def __init__(self, d_in: int, d_out: int, *, init_std: float | None = None, **kwargs):
         self.init_std = init_std
         super().__init__(d_in, d_out, **kwargs)
-
-    def theta_shape(self) -> tuple[int, ...]:
-        return (self.d_out, self.d_in)
 
     def init_theta(self, generator: torch.Generator) -> Tensor:
         std = self.init_std if self.init_std is not None else 1.0 / math.sqrt(self.d_in)
@@ -31,7 +44,7 @@ class MatVec(Device):
         return dense_transfer(theta, x)
 
 
-class SLM(Device):
+class SLM(EntrywiseDevice):
     """Phase-only spatial light modulator with real-part readout: A = cos(θ)/√n.
 
     θ ∈ R^{m×n}, initialised uniformly on [π/2 − init_halfwidth, π/2 + init_halfwidth].
@@ -40,9 +53,6 @@ class SLM(Device):
     def __init__(self, d_in: int, d_out: int, *, init_center: float = math.pi / 2, init_halfwidth: float = 0.1, **kwargs):
         self.init_center, self.init_halfwidth = float(init_center), float(init_halfwidth)
         super().__init__(d_in, d_out, **kwargs)
-
-    def theta_shape(self) -> tuple[int, ...]:
-        return (self.d_out, self.d_in)
 
     def init_theta(self, generator: torch.Generator) -> Tensor:
         u = torch.rand(self.theta_shape(), generator=generator)
@@ -60,7 +70,7 @@ def mrr_transmission(phi: Tensor, loss: float, coupling: float) -> Tensor:
     return torch.sqrt((a * a + r * r - 2 * a * r * cos_phi) / (1 + a * a * r * r - 2 * a * r * cos_phi))
 
 
-class MRRBank(Device):
+class MRRBank(EntrywiseDevice):
     """All-pass microring weight bank: θ = round-trip phases φ ∈ R^{m×n}, A = 2·t(φ) − 1.
 
     Args:
@@ -89,9 +99,6 @@ class MRRBank(Device):
             raise ConfigError(f"device.init_high={init_high} must be >= device.init_low={init_low}.")
         self.init_low, self.init_high = float(init_low), float(init_high)
         super().__init__(d_in, d_out, **kwargs)
-
-    def theta_shape(self) -> tuple[int, ...]:
-        return (self.d_out, self.d_in)
 
     def init_theta(self, generator: torch.Generator) -> Tensor:
         u = torch.rand(self.theta_shape(), generator=generator)

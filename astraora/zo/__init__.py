@@ -1,5 +1,17 @@
 """Zeroth-order estimators of the device's vector-Jacobian product."""
 
+from astraora.zo.colored import COLORED_KEYS, ColoredEstimator
 from astraora.zo.estimator import DIRECTIONS, ZOEstimator
 
-__all__ = ["ZOEstimator", "DIRECTIONS"]
+ESTIMATOR_DIRECTIONS = (*DIRECTIONS, ColoredEstimator.direction)
+
+
+def make_estimator(zo_cfg: dict, *, generator) -> ZOEstimator | ColoredEstimator:
+    """The estimator the ``zo`` config group names: colored finite differences for
+    ``direction: colored``, the random-direction estimator otherwise."""
+    if zo_cfg.get("direction") == ColoredEstimator.direction:
+        return ColoredEstimator(**{k: v for k, v in zo_cfg.items() if k != "direction"})
+    return ZOEstimator(**zo_cfg, generator=generator)
+
+
+__all__ = ["ZOEstimator", "ColoredEstimator", "DIRECTIONS", "ESTIMATOR_DIRECTIONS", "COLORED_KEYS", "make_estimator"]

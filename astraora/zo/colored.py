@@ -1,0 +1,125 @@
+"""Colored finite differences: the VJP ∇_θ φ for devices with one control per matrix entry.
+
+Where entry A[i, j] depends only on the controls θ[i, j + o] for a few declared column offsets o
+(:meth:`Device.jacobian_offsets`: (0,) for an SLM, an MRR bank or a matvec; (−1, 0, 1) with
+thermal crosstalk between row neighbours), controls whose columns differ by a multiple of
+k = max(o) − min(o) + 1 never move the same entry. Perturbing all controls of one such color
+(column ≡ c mod k) at once and reading the matrix out in full therefore gives every entry's
+derivative with respect to the one control of that color it depends on (Curtis, Powell and Reid's
+grouping for sparse Jacobians). With C = Gᵀ X (m × n):
+
+    D_c = (A(θ + μ·1_c) − A(θ)) / μ,    ∂φ/∂θ[i, j + o] += C[i, j] · D_c[i, j]  (j + o ≡ c mod k)
+
+k settings plus the readout at θ (2k settings two-sided), n queries each (the identity's rows):
+(k + 1)·n queries per estimate, independent of the batch. It is exact up to O(μ) (O(μ²)
+two-sided), where the random-direction estimator of ALGORITHM.md §3 carries a relative noise of
+about √(p/M). It relies on the declared structure: a device whose controls also move other entries
+(unmodelled crosstalk) gives a biased gradient, so it is refused for devices that declare none.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from astraora.errors import ConfigError
+from astraora.ledger import QueryLedger
+
+
+COLORED_KEYS = ("direction", "mu", "two_sided")
+
+
+def colored_extra_keys(keys) -> str:
+    """The error for zo keys that colored finite differences do not take."""
+    names = ", ".join(f"zo.{k}" for k in sorted(keys))
+    return (f"{names}: not used by zo.direction=colored, which takes only zo.mu and zo.two_sided (it draws no "
+            "random directions); select it as a whole group, zo=colored, not zo.direction=colored on top of zo=gaussian.")
+
+
+class ColoredEstimator:
+    """Colored finite-difference VJP for entry-wise devices (``zo=colored``).
+
+    Args:
+        mu: finite-difference step μ.
+        two_sided: central differences (2k settings) instead of one-sided (k + 1 settings).
+
+    Same interface as :class:`~astraora.zo.ZOEstimator` (``estimate``, ``queries_per_step``,
+    ``state_dict``, ``reducer``). With data-parallel training the estimate, linear in each
+    process's share of C, is averaged over the processes by ``reducer``.
+    """
+
+    direction = "colored"
+
+    def __init__(self, mu: float = 1e-4, two_sided: bool = False, *, generator: torch.Generator | None = None,
+                 **unused):
+        if unused:
+            raise ConfigError(colored_extra_keys(unused))
+        if not mu > 0:
+            raise ConfigError(f"zo.mu={mu} must be > 0.")
+        self.mu, self.two_sided = float(mu), bool(two_sided)
+        self.reducer: Callable[[Tensor], Tensor] | None = None
+        self.calls = 0
+        self.last_samples = 0  # settings measured by the last estimate (the colors)
+
+    @staticmethod
+    def offsets_of(device) -> tuple[int, ...]:
+        """The device's declared column offsets, or a ConfigError naming the key when it has none."""
+        offsets = getattr(device, "jacobian_offsets", lambda: None)()
+        if not offsets:
+            raise ConfigError(
+                f"zo.direction=colored needs a device with one control per matrix entry (device.family matvec, slm or "
+                f"mrr, with row-neighbour crosstalk at most); {type(device).__name__} declares no such structure: "
+                "use zo=gaussian.")
+        return tuple(int(o) for o in offsets)
+
+    @staticmethod
+    def colors(offsets: tuple[int, ...]) -> int:
+        return max(offsets) - min(offsets) + 1
+
+    def queries_per_step(self, batch: int, d_out: int, device=None, forward_output: bool = True,
+                         samples: int | None = None) -> int:
+        """(k + 1)·n one-sided, 2k·n two-sided, for the device's k colors and n inputs."""
+        k = self.colors(self.offsets_of(device))
+        return (2 * k if self.two_sided else k + 1) * device.d_in
+
+    @torch.no_grad()
+    def estimate(self, ledger: QueryLedger, x: Tensor, g: Tensor, y: Tensor | None = None) -> Tensor:
+        """ĝ ≈ ∇_θ Σ_b ⟨A(θ) x_b, g_b⟩ for inputs x (B, n) and upstream gradients g (B, m)."""
+        self.calls += 1
+        device = ledger.device
+        offsets = self.offsets_of(device)
+        k = self.colors(offsets)
+        theta = device.theta.detach()
+        m, n = theta.shape
+        eye = torch.eye(n, dtype=theta.dtype, device=theta.device)
+        column = torch.arange(n, device=theta.device)
+        masks = torch.stack([(column % k == c).to(theta.dtype).expand(m, n) for c in range(k)])  # (k, m, n)
+
+        def matrices(settings: Tensor) -> Tensor:  # (K, m, n) settings → (K, m, n) matrices
+            return ledger.query_settings(eye, settings, "zo").transpose(-2, -1)
+
+        if self.two_sided:
+            plus = matrices(theta + self.mu * masks)
+            minus = matrices(theta - self.mu * masks)
+            deriv = (plus - minus) / (2 * self.mu)
+        else:
+            both = matrices(torch.cat([theta.unsqueeze(0), theta + self.mu * masks]))
+            deriv = (both[1:] - both[:1]) / self.mu
+        self.last_samples = 2 * k if self.two_sided else k + 1
+        terms = (g.T @ x).to(theta.dtype) * deriv  # (k, m, n): C[i, j] · ∂A[i, j]/∂θ[i, j + o], o by color
+        ghat = torch.zeros_like(theta)
+        for c in range(k):
+            for o in offsets:
+                cols = column[((column + o) % k == c) & (column + o >= 0) & (column + o < n)]
+                ghat[:, cols + o] += terms[c][:, cols]
+        if self.reducer is not None:
+            ghat = self.reducer(ghat)
+        return ghat
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = int(state.get("calls", 0))
