@@ -12,8 +12,7 @@ from astraora.errors import ConfigError
 from astraora.hybrid import MODES
 from astraora.surrogate.auto import AUTO, READOUT_RANKS
 from astraora.surrogate.integrators import INTEGRATORS, SKETCHES
-from astraora.zo import COLORED_KEYS, ESTIMATOR_DIRECTIONS
-from astraora.zo.colored import colored_extra_keys
+from astraora.zo import ESTIMATOR_DIRECTIONS, colored_conflicts
 from astraora.zo.estimator import BETWEEN
 
 TASK_KINDS = ("classification", "language_model")
@@ -131,9 +130,9 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
         _check_choice(cfg, "zo.direction", ESTIMATOR_DIRECTIONS)
         _check_real(cfg, "zo.mu")
         if _get(cfg, "zo.direction") == "colored":
-            extra = set(_get(cfg, "zo")) - set(COLORED_KEYS)
-            if extra:
-                raise ConfigError(colored_extra_keys(extra))
+            problem = colored_conflicts(OmegaConf.to_container(_get(cfg, "zo"), resolve=True))
+            if problem:
+                raise ConfigError(problem)
         else:
             _check_int(cfg, "zo.samples", 1)
             if _get(cfg, "zo.chunk_size") != "auto":

@@ -178,8 +178,13 @@ def comparison_setting(cfg: DictConfig) -> dict:
     surrogate = str(cfg.mode).endswith("+sm")
     return {"task": cfg.task.name, "device": cfg.device.family, "mode": cfg.mode,
             "rank": (cfg.surrogate.rank if cfg.surrogate.rank == "auto" else int(cfg.surrogate.rank)) if surrogate else None,
-            "M": int(cfg.zo.samples) if str(cfg.mode).startswith("zo") and cfg.zo.get("samples") is not None else None,
+            "M": zo_samples(cfg) if str(cfg.mode).startswith("zo") else None,
             "integrator": cfg.integrator.name if surrogate else None, "hybrid": True, "seed": int(cfg.seed)}
+
+
+def zo_samples(cfg: DictConfig) -> int | None:
+    """M, the random directions per estimate; None for colored finite differences (none drawn)."""
+    return None if cfg.zo.direction == "colored" else int(cfg.zo.samples)
 
 
 def wandb_summary(summary: dict) -> dict:
@@ -303,8 +308,7 @@ def summarize(cfg: DictConfig, module, trainer, metrics: dict, status: str, star
         "wall_seconds": round(time.time() - started, 3), "status": status, "run_dir": str(output_dir),
         "config": {
             "surrogate": {"rank": cfg.surrogate.rank if cfg.surrogate.rank == "auto" else int(cfg.surrogate.rank)},
-            "zo": {"samples": None if cfg.zo.get("samples") is None else int(cfg.zo.samples),  # none: zo=colored
-                   "direction": cfg.zo.direction, "two_sided": bool(cfg.zo.two_sided)},
+            "zo": {"samples": zo_samples(cfg), "direction": cfg.zo.direction, "two_sided": bool(cfg.zo.two_sided)},
             "integrator": {"name": cfg.integrator.name, "samples": cfg.integrator.get("samples")},
         },
         **distributed,

@@ -1,6 +1,6 @@
 """Zeroth-order estimators of the device's vector-Jacobian product."""
 
-from astraora.zo.colored import COLORED_KEYS, ColoredEstimator
+from astraora.zo.colored import ColoredEstimator, colored_conflicts
 from astraora.zo.estimator import DIRECTIONS, ZOEstimator
 
 ESTIMATOR_DIRECTIONS = (*DIRECTIONS, ColoredEstimator.direction)
@@ -14,4 +14,4 @@ def make_estimator(zo_cfg: dict, *, generator) -> ZOEstimator | ColoredEstimator
     return ZOEstimator(**zo_cfg, generator=generator)
 
 
-__all__ = ["ZOEstimator", "ColoredEstimator", "DIRECTIONS", "ESTIMATOR_DIRECTIONS", "COLORED_KEYS", "make_estimator"]
+__all__ = ["ZOEstimator", "ColoredEstimator", "DIRECTIONS", "ESTIMATOR_DIRECTIONS", "colored_conflicts", "make_estimator"]

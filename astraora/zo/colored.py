@@ -28,14 +28,21 @@ from astraora.errors import ConfigError
 from astraora.ledger import QueryLedger
 
 
-COLORED_KEYS = ("direction", "mu", "two_sided")
+# keys of the zo group that only shape random directions: ignored here (summary.json records M as null)
+RANDOM_DIRECTION_KEYS = ("samples", "chunk_size", "reuse_forward", "guided_weight", "min_samples", "between")
+# query-efficiency options of the random-direction estimator, refused unless at their off values
+OFF_VALUES = {"orthogonal": False, "antithetic": False, "guided_k": 0, "blocks": 1, "adaptive_rse": None, "every": 1}
 
 
-def colored_extra_keys(keys) -> str:
-    """The error for zo keys that colored finite differences do not take."""
-    names = ", ".join(f"zo.{k}" for k in sorted(keys))
-    return (f"{names}: not used by zo.direction=colored, which takes only zo.mu and zo.two_sided (it draws no "
-            "random directions); select it as a whole group, zo=colored, not zo.direction=colored on top of zo=gaussian.")
+def colored_conflicts(zo: dict) -> str | None:
+    """The error for zo settings colored finite differences cannot honour, or None."""
+    unknown = sorted(set(zo) - {"direction", "mu", "two_sided", *RANDOM_DIRECTION_KEYS, *OFF_VALUES})
+    active = sorted(k for k, off in OFF_VALUES.items() if k in zo and zo[k] != off)
+    if not (unknown or active):
+        return None
+    names = ", ".join(f"zo.{k}={zo[k]!r}" for k in unknown + active)
+    return (f"{names}: not available with zo.direction=colored, which draws no random directions and "
+            f"measures every step; leave {', '.join('zo.' + k for k in OFF_VALUES)} off or use zo=gaussian.")
 
 
 class ColoredEstimator:
@@ -45,17 +52,20 @@ class ColoredEstimator:
         mu: finite-difference step μ.
         two_sided: central differences (2k settings) instead of one-sided (k + 1 settings).
 
-    Same interface as :class:`~astraora.zo.ZOEstimator` (``estimate``, ``queries_per_step``,
-    ``state_dict``, ``reducer``). With data-parallel training the estimate, linear in each
+    The random-direction keys of the zo group (``samples``, ``chunk_size``, ...) are accepted and
+    unused, so that ``zo.direction=colored`` works on top of any zo group; its query-efficiency
+    options must be off. Same interface as :class:`~astraora.zo.ZOEstimator` (``estimate``,
+    ``queries_per_step``, ``state_dict``, ``reducer``). With data-parallel training the estimate, linear in each
     process's share of C, is averaged over the processes by ``reducer``.
     """
 
     direction = "colored"
 
     def __init__(self, mu: float = 1e-4, two_sided: bool = False, *, generator: torch.Generator | None = None,
-                 **unused):
-        if unused:
-            raise ConfigError(colored_extra_keys(unused))
+                 **random_direction_settings):
+        problem = colored_conflicts(random_direction_settings)
+        if problem:
+            raise ConfigError(problem)
         if not mu > 0:
             raise ConfigError(f"zo.mu={mu} must be > 0.")
         self.mu, self.two_sided = float(mu), bool(two_sided)
