@@ -94,6 +94,24 @@ def test_training_over_loopback_equals_in_process(tmp_path):
     assert "device/wait_seconds" in header and "surrogate/rel_error" not in header
 
 
+def test_a_served_entrywise_device_declares_its_structure_for_colored_differences(tmp_path):
+    """The server's SLM or MRR bank declares its Jacobian's column offsets in `info`; zo=colored
+    then trains over the wire exactly as in-process. A served mesh declares none and is refused."""
+    crosstalk = ["device.nonideal.crosstalk=0.05"]
+    local = run(compose_config([*FAST, "device=mrr", *crosstalk, "zo=colored"], tmp_path / "local"))
+    with serving("device=mrr", *crosstalk) as server:
+        assert client(server).jacobian_offsets() == (-1, 0, 1)
+        # θ's rate: the MRR family's 3e-2 (conf/device/mrr.yaml) is not known to device=remote
+        remote = run(compose_config([*FAST, "device=remote", f"device.address={server.endpoint}", "device.timeout_s=10",
+                                     "zo=colored", "physical_optimizer.lr=3e-2"], tmp_path / "remote"))
+    for key in ("metrics", "queries", "reprograms", "steps"):
+        assert remote[key] == local[key], key
+    with serving("device=mzi") as server:
+        assert client(server).jacobian_offsets() is None
+        with pytest.raises(ConfigError, match="zo.direction=colored needs a device with one control per matrix entry"):
+            run(compose_config([*FAST, "device=remote", f"device.address={server.endpoint}", "zo=colored"], tmp_path / "mzi"))
+
+
 def test_remote_device_refuses_oracle_modes(tmp_path):
     with serving("device=slm") as server:
         cfg = compose_config([*FAST, "device=remote", f"device.address={server.endpoint}", "mode=exact+sm"], tmp_path)

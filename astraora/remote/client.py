@@ -284,6 +284,11 @@ class RemoteDevice(nn.Module):
         """Whether the forward output gives the ZO estimator φ(θ) exactly (the server's device says)."""
         return bool(self.info.get("phi_from_forward", (True, True))[int(compressed)])
 
+    def jacobian_offsets(self) -> tuple[int, ...] | None:
+        """The entry-wise structure the server's device declares (``zo=colored``), or None."""
+        offsets = self.info.get("jacobian_offsets")
+        return None if offsets is None else tuple(int(o) for o in offsets)
+
     def simulate(self, x: Tensor, theta: Tensor | None = None) -> Tensor:
         raise AstraoraError("device=remote has no simulator (mode=zo+sm only; oracle diagnostics are skipped).")
 

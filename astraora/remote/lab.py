@@ -37,6 +37,9 @@ class DeviceInfo:
             the forward output gives φ(θ) exactly, so the estimator need not query it again (a
             simulator's ``Device.forward_output_gives_phi``).
         nonideal: a simulator's non-idealities (the client checks its ZO step against them).
+        jacobian_offsets: for a device with one control per matrix entry (θ of shape (m, n)), the
+            column offsets o such that entry [i, j] depends only on θ[i, j + o] ([0]; [-1, 0, 1] with
+            crosstalk between row neighbours); None when not declared. ``zo=colored`` needs it.
     """
 
     identity: str
@@ -50,12 +53,14 @@ class DeviceInfo:
     needs_step: bool = False
     phi_from_forward: tuple[bool, bool] = (True, True)
     nonideal: dict | None = None
+    jacobian_offsets: tuple[int, ...] | None = None
 
     def to_json(self) -> dict:
         out = asdict(self)
         out["theta_shape"] = list(self.theta_shape)
         out["phi_from_forward"] = list(self.phi_from_forward)
         out["phase_range"] = None if self.phase_range is None else list(self.phase_range)
+        out["jacobian_offsets"] = None if self.jacobian_offsets is None else list(self.jacobian_offsets)
         return out
 
 
@@ -142,6 +147,7 @@ class SimulatedDevice(LabDevice):
             needs_step=bool(nonideal.drift_std),
             phi_from_forward=self._phi_from_forward(),
             nonideal=asdict(nonideal),
+            jacobian_offsets=self.device.jacobian_offsets(),
         )
 
     def _phi_from_forward(self) -> tuple[bool, bool]:
