@@ -33,15 +33,17 @@ def instantiate(config, **kwargs):
 
 
 # keys of a conf/device entry that configure the run around the device, not its constructor
-RUN_KEYS = ("family", "driver", "theta_lr", "theta_schedule")
+RUN_KEYS = ("family", "driver", "theta_lr", "theta_schedule", "zo_direction")
 
 
 def device_spec(device_cfg: DictConfig | dict) -> dict:
     """A ``conf/device`` entry as constructor arguments (without :data:`RUN_KEYS`)."""
-    spec = OmegaConf.to_container(device_cfg, resolve=True) if OmegaConf.is_config(device_cfg) else dict(device_cfg)
-    for key in RUN_KEYS:
-        spec.pop(key, None)
-    return spec
+    if not OmegaConf.is_config(device_cfg):
+        return {key: value for key, value in device_cfg.items() if key not in RUN_KEYS}
+    # run keys are left unresolved: they may refer to the rest of the run's config (slm's theta_lr
+    # to zo.direction), which a device entry loaded on its own (a device server) does not have
+    return {key: OmegaConf.to_container(device_cfg[key], resolve=True) if OmegaConf.is_config(device_cfg[key])
+            else device_cfg[key] for key in device_cfg if key not in RUN_KEYS}
 
 
 def make_device(device_cfg: DictConfig | dict, d_in: int, d_out: int, seed: int, name: str):

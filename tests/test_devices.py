@@ -101,16 +101,35 @@ def test_yaml_instantiates(family):
 
 
 def test_theta_learning_rate_defaults_to_the_device_family():
-    """physical_optimizer.lr follows the family's `theta_lr` (mrr: 3e-2), else 1e-2; an explicit
-    value wins, and the paper presets keep the paper's 1e-2 on any device."""
+    """physical_optimizer.lr follows the family's `theta_lr` (mrr: 3e-2; slm: 3e-3 with its colored
+    differences, 1e-2 with random directions), else 1e-2; an explicit value wins, and the paper
+    presets keep the paper's 1e-2 on any device."""
     from conftest import compose_config
 
     def lr(*overrides):
         return compose_config(list(overrides)).physical_optimizer.lr
 
-    assert lr("device=mrr") == 3e-2 and lr("device=mzi") == lr("device=slm") == lr("device=digital") == 1e-2
+    assert lr("device=mrr") == 3e-2 and lr("device=mzi") == lr("device=digital") == 1e-2
+    assert lr("device=slm") == lr("device=slm", "mode=exact") == 3e-3
+    assert lr("device=slm", "zo.direction=gaussian") == lr("device=slm", "zo=rademacher") == 1e-2
     assert lr("device=mrr", "physical_optimizer.lr=0.005") == 0.005
     assert lr("device=mrr", "experiment=paper_urbansound8k_cpu") == lr("device=mrr", "experiment=ablation_modes") == 1e-2
+
+
+def test_zo_estimator_defaults_to_the_device_family():
+    """zo.direction follows the family's `zo_direction` (slm: colored), else gaussian; the paper
+    presets and the query-efficiency preset keep random directions on every family."""
+    from conftest import compose_config
+
+    def direction(*overrides):
+        return compose_config(list(overrides)).zo.direction
+
+    assert direction("device=slm") == "colored"
+    assert direction("device=mzi") == direction("device=mrr") == direction("device=matvec") == "gaussian"
+    assert direction("device=slm", "zo.direction=gaussian") == "gaussian"
+    assert direction("device=mrr", "zo=colored") == "colored"
+    for preset in ("paper_cifar10", "paper_lm_cpu", "paper_urbansound8k_cpu", "query_efficient"):
+        assert direction("device=slm", f"experiment={preset}") == "gaussian", preset
 
 
 @pytest.mark.parametrize("loss, coupling", [(0.8, 0.9), (0.9, 0.9), (0.95, 0.9), (0.99, 0.99)])
