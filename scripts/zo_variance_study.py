@@ -46,6 +46,11 @@ def train_one(samples: int, seed: int, overrides: list[str]) -> None:
     cli_main()
 
 
+def finished(summary: Path) -> bool:
+    """A completed run's summary (an interrupted run writes one too, and is run again)."""
+    return summary.exists() and json.loads(summary.read_text()).get("status") == "completed"
+
+
 def run_dir(out: Path, task: str, device: str, samples: int, seed: int) -> Path:
     return out / "runs" / task / device / f"M{samples}" / f"seed{seed}"
 
@@ -54,7 +59,7 @@ def launch(out: Path, task: str, device: str, samples: int, seed: int) -> None:
     from astraora.report.parity import TASK_OVERRIDES
 
     directory = run_dir(out, task, device, samples, seed)
-    if (directory / "summary.json").exists():
+    if finished(directory / "summary.json"):
         return
     directory.mkdir(parents=True, exist_ok=True)
     data = [f"task.root={out / 'data' / 'image_folder'}"] if task == "image_folder" else []
@@ -73,6 +78,8 @@ def report(out: Path) -> str:
 
     rows = {}
     for path in sorted((out / "runs").glob("*/*/M*/seed*/summary.json")):
+        if not finished(path):
+            continue
         task, device, m = path.parts[-5], path.parts[-4], int(path.parts[-3][1:])
         metrics = json.loads(path.read_text())["metrics"]
         key = "test/acc" if "test/acc" in metrics else "test/loss"
