@@ -128,7 +128,7 @@ def test_zo_estimator_defaults_to_the_device_family():
     assert direction("device=mzi") == direction("device=mrr") == direction("device=matvec") == "gaussian"
     assert direction("device=slm", "zo.direction=gaussian") == "gaussian"
     assert direction("device=mrr", "zo=colored") == "colored"
-    for preset in ("paper_cifar10", "paper_lm_cpu", "paper_urbansound8k_cpu", "query_efficient"):
+    for preset in ("paper_cifar10", "paper_lm_cpu", "paper_urbansound8k_cpu", "query_efficient", "ablation_modes"):
         assert direction("device=slm", f"experiment={preset}") == "gaussian", preset
 
 
