@@ -130,3 +130,16 @@ def test_training_run_with_colored_differences(tmp_path):
     assert summary["config"]["zo"] == {"samples": None, "direction": "colored", "two_sided": False}
     # digits' MLP: one physical layer of n = 64 inputs, 3 steps, one color: 2 readouts per step
     assert summary["queries"]["zo"] == 3 * 2 * 64
+
+
+@numeric
+def test_data_parallel_mean_of_shard_estimates_is_the_batch_estimate():
+    """Each process estimates from its shard (its g is that of the shard's mean loss, twice the
+    whole batch's for two shards); the reducer's mean is the whole batch's estimate."""
+    device = SLM(6, 4, seed=2)
+    x, g = random_batch(8, 6, 4)
+    whole = ColoredEstimator().estimate(QueryLedger(device), x, g)
+    other = ColoredEstimator().estimate(QueryLedger(device), x[4:], 2 * g[4:])
+    estimator = ColoredEstimator()
+    estimator.reducer = lambda t: (t + other) / 2  # what RankSync.mean gives with two processes
+    assert torch.allclose(estimator.estimate(QueryLedger(device), x[:4], 2 * g[:4]), whole, atol=1e-9)

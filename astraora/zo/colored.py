@@ -55,14 +55,13 @@ class ColoredEstimator:
     The random-direction keys of the zo group (``samples``, ``chunk_size``, ...) are accepted and
     unused, so that ``zo.direction=colored`` works on top of any zo group; its query-efficiency
     options must be off. Same interface as :class:`~astraora.zo.ZOEstimator` (``estimate``,
-    ``queries_per_step``, ``state_dict``, ``reducer``). With data-parallel training the estimate, linear in each
-    process's share of C, is averaged over the processes by ``reducer``.
+    ``queries_per_step``, ``state_dict``, ``reducer``). With data-parallel training the estimate,
+    linear in each process's share of C, is averaged over the processes by ``reducer``.
     """
 
     direction = "colored"
 
-    def __init__(self, mu: float = 1e-4, two_sided: bool = False, *, generator: torch.Generator | None = None,
-                 **random_direction_settings):
+    def __init__(self, mu: float = 1e-4, two_sided: bool = False, **random_direction_settings):
         problem = colored_conflicts(random_direction_settings)
         if problem:
             raise ConfigError(problem)
