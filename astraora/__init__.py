@@ -1,3 +1,16 @@
 """astraora: train hybrid neural networks with black-box physical layers."""
 
+from omegaconf import OmegaConf
+
 __version__ = "0.1.0"
+
+
+def _if_colored(direction, colored, otherwise):
+    """``${if_colored:${zo.direction},A,B}``: A when θ's gradient comes from colored finite
+    differences, else B. A device family's θ rate for its estimator (conf/device/slm.yaml): a
+    coherent gradient moves Adam's steps further than a noisy one (docs/PARITY.md, "Colored finite
+    differences"). Registered on import of any astraora module, before a config is composed."""
+    return colored if direction == "colored" else otherwise
+
+
+OmegaConf.register_new_resolver("if_colored", _if_colored, replace=True)

@@ -20,16 +20,6 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "constant")
 
 
-def _if_colored(direction, colored, otherwise):
-    """``${if_colored:${zo.direction},A,B}``: A when θ's gradient comes from colored finite
-    differences, else B (a device family's θ rate for its estimator: a coherent gradient moves Adam's
-    steps further than a noisy one, docs/PARITY.md, "Colored finite differences")."""
-    return colored if direction == "colored" else otherwise
-
-
-OmegaConf.register_new_resolver("if_colored", _if_colored, replace=True)
-
-
 def _get(cfg: DictConfig, key: str):
     value = OmegaConf.select(cfg, key, throw_on_missing=False, default="__absent__")
     if value == "__absent__":
