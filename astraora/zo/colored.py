@@ -69,7 +69,6 @@ class ColoredEstimator:
             raise ConfigError(f"zo.mu={mu} must be > 0.")
         self.mu, self.two_sided = float(mu), bool(two_sided)
         self.reducer: Callable[[Tensor], Tensor] | None = None
-        self.calls = 0
         self.last_samples = 0  # settings measured by the last estimate (the colors)
 
     @staticmethod
@@ -96,7 +95,6 @@ class ColoredEstimator:
     @torch.no_grad()
     def estimate(self, ledger: QueryLedger, x: Tensor, g: Tensor, y: Tensor | None = None) -> Tensor:
         """ĝ ≈ ∇_θ Σ_b ⟨A(θ) x_b, g_b⟩ for inputs x (B, n) and upstream gradients g (B, m)."""
-        self.calls += 1
         device = ledger.device
         offsets = self.offsets_of(device)
         k = self.colors(offsets)
@@ -128,7 +126,7 @@ class ColoredEstimator:
         return ghat
 
     def state_dict(self) -> dict:
-        return {"calls": self.calls}
+        return {}  # no generator, no schedule: nothing to resume
 
     def load_state_dict(self, state: dict) -> None:
-        self.calls = int(state.get("calls", 0))
+        pass
