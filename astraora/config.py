@@ -133,7 +133,12 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
             problem = colored_conflicts(OmegaConf.to_container(_get(cfg, "zo"), resolve=True))
             if problem:
                 raise ConfigError(problem)
+            if OmegaConf.select(cfg, "zo.reuse_readout", default=True) not in (True, False):
+                raise ConfigError(f"zo.reuse_readout={_get(cfg, 'zo.reuse_readout')!r} must be true or false.")
         else:
+            if OmegaConf.select(cfg, "zo.reuse_readout", default=None) is not None:
+                raise ConfigError(f"zo.reuse_readout={_get(cfg, 'zo.reuse_readout')!r}: only with zo.direction=colored "
+                                  f"(random directions read no matrix out; zo.direction is {_get(cfg, 'zo.direction')!r}).")
             _check_int(cfg, "zo.samples", 1)
             if _get(cfg, "zo.chunk_size") != "auto":
                 _check_int(cfg, "zo.chunk_size", 1)

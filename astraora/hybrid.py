@@ -321,7 +321,7 @@ class HybridLayer(nn.Module):
     def after_optimizer_step(self) -> None:
         """Call once after each optimizer step on θ: advances drift, then updates the surrogate."""
         self.theta_updates += 1
-        self.device.step_drift()
+        self.ledger.step_drift()  # drops any reading taken before the drift step
         if self.uses_surrogate and bool(self.surrogate.initialized):
             if self.sync is None:
                 self.integrator.step(self.surrogate, self.ledger, self.theta_updates)

@@ -55,6 +55,7 @@ class QueryLedger:
         self.skipped = {"zo": 0, "surrogate": 0}
         self.wait_seconds = 0.0
         self._programmed: Tensor | None = None  # the θ the hardware holds now
+        self._reading: dict | None = None  # the last full readout: {"theta", "drift", "noisy", "matrix"}
 
     # ----------------------------------------------------------------- totals
     @property
@@ -115,6 +116,37 @@ class QueryLedger:
         self._programmed = thetas[-1].detach().clone()
         return y
 
+    def read_matrix(self, purpose: str = "readout") -> Tensor:
+        """Read A(θ) (m, n) out at the live θ with n queries (the identity's rows). The reading is
+        kept: :meth:`reading_at` hands it to a later caller that needs the same matrix."""
+        theta = self.device.theta.detach()
+        eye = torch.eye(self.device.d_in, dtype=theta.dtype, device=theta.device)
+        matrix = self.query(eye, purpose).T
+        self._reading = {"theta": theta.clone(), "drift": _drift_of(self.device),
+                         "noisy": _sees_nonidealities(self.device, purpose), "matrix": matrix.clone()}
+        return matrix
+
+    def reading_at(self, theta: Tensor, purpose: str) -> Tensor | None:
+        """The last :meth:`read_matrix` reading if it still is a reading of A(θ) as a query for
+        ``purpose`` would see it: taken at exactly this θ, under the same (simulated) drift, with
+        the same non-idealities in view (``nonideal.queries``); else None. A reading is one
+        measurement, noise included: reusing it spares its queries and changes nothing else."""
+        reading = self._reading
+        if reading is None or reading["noisy"] != _sees_nonidealities(self.device, purpose):
+            return None
+        if reading["theta"].shape != theta.shape or not torch.equal(reading["theta"], theta.detach()):
+            return None
+        drift = _drift_of(self.device)
+        if (drift is None) != (reading["drift"] is None) or (drift is not None and not torch.equal(drift, reading["drift"])):
+            return None
+        return reading["matrix"]
+
+    def step_drift(self) -> None:
+        """Advance the device's drift by one training step. A reading taken before no longer is one
+        of the device (a served chip's drift is not visible here), so it is dropped."""
+        self.device.step_drift()
+        self._reading = None
+
     def _send(self, x: Tensor, theta: Tensor, purpose: str, check: bool = True) -> Tensor:
         last_error: Exception | None = None
         for attempt in range(self.max_retries + 1):
@@ -161,6 +193,8 @@ class QueryLedger:
             "skipped": dict(self.skipped),
             "wait_seconds": self.wait_seconds,
             "programmed": None if self._programmed is None else self._programmed.cpu(),
+            "reading": None if self._reading is None else {k: v.cpu() if isinstance(v, Tensor) else v
+                                                           for k, v in self._reading.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -172,11 +206,27 @@ class QueryLedger:
         self.wait_seconds = float(state.get("wait_seconds", 0.0))  # absent in older checkpoints
         programmed = state["programmed"]
         self._programmed = None if programmed is None else programmed.to(self.device.theta.device)
+        reading = state.get("reading")  # absent in older checkpoints: the next step reads again
+        self._reading = None if reading is None else {
+            k: v.to(self.device.theta.device) if isinstance(v, Tensor) else v for k, v in reading.items()}
 
     @staticmethod
     def _check_purpose(purpose: str) -> None:
         if purpose not in PURPOSES:
             raise ValueError(f"unknown query purpose {purpose!r}; allowed: {PURPOSES}")
+
+
+def _sees_nonidealities(device: Device, purpose: str) -> bool:
+    """Whether a query for ``purpose`` sees the non-idealities; for a device that does not say (a
+    served chip), only the forward pass is assumed to see them (``nonideal.queries=forward`` is the
+    one setting under which purposes differ)."""
+    sees = getattr(device, "sees_nonidealities", None)
+    return sees(purpose) if sees is not None else purpose == "forward"
+
+
+def _drift_of(device: Device) -> Tensor | None:
+    drift = getattr(device, "drift", None)
+    return drift.detach().clone() if isinstance(drift, Tensor) else None
 
 
 def _finite(y: Tensor) -> bool:

@@ -121,6 +121,10 @@ def test_config_refuses_random_direction_options_naming_them():
         validate(compose_config(["device=slm", "zo=colored", "zo.mu=0"]))
     with pytest.raises(ConfigError, match="zo.guided_k=3"):
         ColoredEstimator(guided_k=3)
+    with pytest.raises(ConfigError, match=r"zo.reuse_readout='yes' must be true or false"):
+        validate(compose_config(["device=slm", "zo=colored", "zo.reuse_readout=yes"]))
+    with pytest.raises(ConfigError, match=r"zo.reuse_readout=True: only with zo.direction=colored.*'gaussian'"):
+        validate(compose_config(["device=mzi", "+zo.reuse_readout=true"]))
 
 
 def test_training_run_with_colored_differences(tmp_path):
@@ -128,8 +132,86 @@ def test_training_run_with_colored_differences(tmp_path):
     summary = run(cfg)
     assert summary["status"] == "completed"
     assert summary["config"]["zo"] == {"samples": None, "direction": "colored", "two_sided": False}
-    # digits' MLP: one physical layer of n = 64 inputs, 3 steps, one color: 2 readouts per step
-    assert summary["queries"]["zo"] == 3 * 2 * 64
+    # digits' MLP: one physical layer of n = 64 inputs, 3 steps, one color: 2 readings per step, but
+    # the first step reuses the surrogate's initial readout (debug=fast's M_sm = 4 makes the later
+    # updates psi_implicit, which reads no matrix out)
+    assert summary["queries"]["zo"] == (3 * 2 - 1) * 64
+
+
+@numeric
+@pytest.mark.parametrize("device", [SLM(7, 5, seed=3), MRRBank(7, 5, seed=1),
+                                    MatVec(8, 4, seed=2, nonideal={"crosstalk": 0.2})], ids=["slm", "mrr", "matvec-crosstalk"])
+def test_reuses_the_ledgers_readout_at_the_same_theta(device):
+    """After a full readout at the live θ the estimate reads only the k perturbed settings, and
+    its value is the one it gets when it reads A(θ) itself."""
+    x, g = random_batch(9, device.d_in, device.d_out)
+    k = ColoredEstimator.colors(device.jacobian_offsets())
+    fresh = QueryLedger(device)
+    expected = ColoredEstimator(reuse_readout=False).estimate(fresh, x, g)
+    ledger = QueryLedger(device)
+    ledger.read_matrix("readout")
+    estimator = ColoredEstimator()
+    assert torch.equal(estimator.estimate(ledger, x, g), expected)
+    assert ledger.queries["zo"] == k * device.d_in and estimator.last_samples == k
+    assert ledger.queries["readout"] == device.d_in and fresh.queries["zo"] == (k + 1) * device.d_in
+    # two-sided differences need no reading at θ: nothing to reuse
+    two = QueryLedger(device)
+    two.read_matrix("readout")
+    ColoredEstimator(two_sided=True).estimate(two, x, g)
+    assert two.queries["zo"] == 2 * k * device.d_in
+
+
+@numeric
+def test_a_reading_is_not_reused_once_theta_or_drift_moved_or_after_reuse_readout_false():
+    device = SLM(6, 4, seed=0, nonideal={"drift_std": 0.01})
+    x, g = random_batch(5, 6, 4)
+    ledger = QueryLedger(device)
+    ledger.read_matrix("readout")
+    assert ledger.reading_at(device.theta, "zo") is not None
+    ColoredEstimator(reuse_readout=False).estimate(ledger, x, g)
+    assert ledger.queries["zo"] == 2 * 6  # told not to
+    device.step_drift()  # the chip moved under the same θ: the reading is stale
+    assert ledger.reading_at(device.theta, "zo") is None
+    ColoredEstimator().estimate(ledger, x, g)
+    assert ledger.queries["zo"] == 2 * 2 * 6
+    ledger.read_matrix("readout")
+    with torch.no_grad():
+        device.theta.add_(1e-3)  # an optimizer step
+    assert ledger.reading_at(device.theta, "zo") is None
+    # the ledger's drift step drops a reading even where the drift is not visible (a served chip)
+    still = SLM(6, 4, seed=0)
+    still_ledger = QueryLedger(still)
+    still_ledger.read_matrix("readout")
+    still_ledger.step_drift()
+    assert still_ledger.reading_at(still.theta, "zo") is None
+    # a reading kept in a checkpoint is one after the restore
+    ledger.read_matrix("readout")
+    restored = QueryLedger(device)
+    restored.load_state_dict(ledger.state_dict())
+    assert torch.equal(restored.reading_at(device.theta, "zo"), ledger.reading_at(device.theta, "zo"))
+
+
+@numeric
+def test_a_reading_of_the_ideal_device_is_not_reused_for_a_query_that_sees_the_noise():
+    """With queries=forward only the forward pass sees the noise: a reading taken for the forward
+    pass is no ZO reading (none is made that way today, but the ledger must not mix them)."""
+    device = SLM(6, 4, seed=0, nonideal={"output_noise": 0.01, "queries": "forward"})
+    ledger = QueryLedger(device)
+    ledger.read_matrix("forward")
+    assert ledger.reading_at(device.theta, "zo") is None and ledger.reading_at(device.theta, "forward") is not None
+    ledger.read_matrix("readout")
+    assert ledger.reading_at(device.theta, "zo") is not None
+
+
+def test_training_reuses_the_auto_integrators_readouts_and_changes_nothing_else(tmp_path):
+    """With the auto integrator's full readout after every θ-update, each estimate reads only its
+    perturbed settings; the noise-free run is the same run as without reuse, for half the ZO queries."""
+    base = ["debug=fast", "device=slm", "zo=colored", "integrator.samples=100", "trainer.limit_val_batches=0"]
+    reused = run(compose_config(base, tmp_path / "reused"))
+    again = run(compose_config([*base, "zo.reuse_readout=false"], tmp_path / "again"))
+    assert reused["queries"]["zo"] == 3 * 64 and again["queries"]["zo"] == 3 * 2 * 64
+    assert reused["queries"]["readout"] == again["queries"]["readout"] == 4 * 64  # init + after each step
+    assert reused["metrics"] == again["metrics"]
 
 
 @numeric

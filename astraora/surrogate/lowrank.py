@@ -66,8 +66,7 @@ class LowRankSurrogate(nn.Module):
     def readout(self, ledger: QueryLedger) -> None:
         """Read A(θ) out with n queries (the identity) and keep its truncated rank-r SVD."""
         theta = ledger.device.theta.detach()
-        eye = torch.eye(ledger.device.d_in, dtype=self.U.dtype, device=self.U.device)
-        a = ledger.query(eye, "readout").T  # (m, n)
+        a = ledger.read_matrix("readout").to(self.U.dtype)  # (m, n); kept for colored differences
         self.set_factors(*truncated_svd(a, self.rank), theta)
 
     @torch.no_grad()

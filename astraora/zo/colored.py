@@ -11,7 +11,10 @@ grouping for sparse Jacobians). With C = Gᵀ X (m × n):
     D_c = (A(θ + μ·1_c) − A(θ)) / μ,    ∂φ/∂θ[i, j + o] += C[i, j] · D_c[i, j]  (j + o ≡ c mod k)
 
 k settings plus the readout at θ (2k settings two-sided), n queries each (the identity's rows):
-(k + 1)·n queries per estimate, independent of the batch. It is exact up to O(μ) (O(μ²)
+(k + 1)·n queries per estimate, independent of the batch. With ``reuse_readout`` (default) the
+readout at θ is not repeated when the ledger still holds one (:meth:`QueryLedger.reading_at`):
+the ``auto`` integrator reads A out in full after every θ-update, at the θ the next estimate
+starts from, so that estimate costs k·n queries. It is exact up to O(μ) (O(μ²)
 two-sided), where the random-direction estimator of ALGORITHM.md §3 carries a relative noise of
 about √(p/M). It relies on the declared structure: a device whose controls also move other entries
 (unmodelled crosstalk) gives a biased gradient, so it is refused for devices that declare none.
@@ -36,7 +39,7 @@ OFF_VALUES = {"orthogonal": False, "antithetic": False, "guided_k": 0, "blocks":
 
 def colored_conflicts(zo: dict) -> str | None:
     """The error for zo settings colored finite differences cannot honour, or None."""
-    unknown = sorted(set(zo) - {"direction", "mu", "two_sided", *RANDOM_DIRECTION_KEYS, *OFF_VALUES})
+    unknown = sorted(set(zo) - {"direction", "mu", "two_sided", "reuse_readout", *RANDOM_DIRECTION_KEYS, *OFF_VALUES})
     active = sorted(k for k, off in OFF_VALUES.items() if k in zo and zo[k] != off)
     if not (unknown or active):
         return None
@@ -51,6 +54,9 @@ class ColoredEstimator:
     Args:
         mu: finite-difference step μ.
         two_sided: central differences (2k settings) instead of one-sided (k + 1 settings).
+        reuse_readout: one-sided, take A(θ) from the ledger's last full readout when it is still a
+            reading of A(θ) (taken at this θ, same drift, same non-idealities in view) instead of
+            reading it again: k settings instead of k + 1. False reproduces the (k + 1)·n count.
 
     The random-direction keys of the zo group (``samples``, ``chunk_size``, ...) are accepted and
     unused, so that ``zo.direction=colored`` works on top of any zo group; its query-efficiency
@@ -61,13 +67,15 @@ class ColoredEstimator:
 
     direction = "colored"
 
-    def __init__(self, mu: float = 1e-4, two_sided: bool = False, **random_direction_settings):
+    def __init__(self, mu: float = 1e-4, two_sided: bool = False, reuse_readout: bool = True, **random_direction_settings):
         problem = colored_conflicts(random_direction_settings)
         if problem:
             raise ConfigError(problem)
         if not mu > 0:
             raise ConfigError(f"zo.mu={mu} must be > 0.")
-        self.mu, self.two_sided = float(mu), bool(two_sided)
+        if reuse_readout not in (True, False):
+            raise ConfigError(f"zo.reuse_readout={reuse_readout!r} must be true or false.")
+        self.mu, self.two_sided, self.reuse_readout = float(mu), bool(two_sided), bool(reuse_readout)
         self.reducer: Callable[[Tensor], Tensor] | None = None
         self.last_samples = 0  # settings measured by the last estimate (the colors)
 
@@ -88,7 +96,8 @@ class ColoredEstimator:
 
     def queries_per_step(self, batch: int, d_out: int, device=None, forward_output: bool = True,
                          samples: int | None = None) -> int:
-        """(k + 1)·n one-sided, 2k·n two-sided, for the device's k colors and n inputs."""
+        """(k + 1)·n one-sided, 2k·n two-sided, for the device's k colors and n inputs: the count
+        when no earlier readout can be reused (with one, k·n one-sided)."""
         k = self.colors(self.offsets_of(device))
         return (2 * k if self.two_sided else k + 1) * device.d_in
 
@@ -111,10 +120,16 @@ class ColoredEstimator:
             plus = matrices(theta + self.mu * masks)
             minus = matrices(theta - self.mu * masks)
             deriv = (plus - minus) / (2 * self.mu)
+            self.last_samples = 2 * k
         else:
-            both = matrices(torch.cat([theta.unsqueeze(0), theta + self.mu * masks]))
-            deriv = (both[1:] - both[:1]) / self.mu
-        self.last_samples = 2 * k if self.two_sided else k + 1
+            reading = ledger.reading_at(theta, "zo") if self.reuse_readout else None
+            if reading is None:
+                both = matrices(torch.cat([theta.unsqueeze(0), theta + self.mu * masks]))
+                base, plus = both[:1], both[1:]
+            else:
+                base, plus = reading.to(theta.dtype).unsqueeze(0), matrices(theta + self.mu * masks)
+            deriv = (plus - base) / self.mu
+            self.last_samples = k + (reading is None)
         terms = (g.T @ x).to(theta.dtype) * deriv  # (k, m, n): C[i, j] · ∂A[i, j]/∂θ[i, j + o], o by color
         ghat = torch.zeros_like(theta)
         for c in range(k):
