@@ -20,7 +20,7 @@ import zmq
 from hydra import compose, initialize_config_dir
 from torch import Tensor
 
-from astraora.build import make_device
+from astraora.build import device_spec, make_device
 from astraora.errors import ConfigError, DeviceFailure, DeviceFault
 from astraora.ledger import QueryLedger
 from astraora.remote import DeviceInfo, DeviceServer, LabDevice, RemoteDevice, RemoteError
@@ -101,15 +101,28 @@ def test_a_served_entrywise_device_declares_its_structure_for_colored_difference
     local = run(compose_config([*FAST, "device=mrr", *crosstalk, "zo=colored"], tmp_path / "local"))
     with serving("device=mrr", *crosstalk) as server:
         assert client(server).jacobian_offsets() == (-1, 0, 1)
-        # θ's rate: the MRR family's 3e-2 (conf/device/mrr.yaml) is not known to device=remote
+        # the MRR family's θ rate (3e-2, conf/device/mrr.yaml) is not known to device=remote: given as
+        # the family's own entry gives it (README, "Hardware in the loop")
         remote = run(compose_config([*FAST, "device=remote", f"device.address={server.endpoint}", "device.timeout_s=10",
-                                     "zo=colored", "physical_optimizer.lr=3e-2"], tmp_path / "remote"))
+                                     "zo=colored", "+device.theta_lr=3e-2"], tmp_path / "remote"))
     for key in ("metrics", "queries", "reprograms", "steps"):
         assert remote[key] == local[key], key
     with serving("device=mzi") as server:
         assert client(server).jacobian_offsets() is None
         with pytest.raises(ConfigError, match="zo.direction=colored needs a device with one control per matrix entry"):
             run(compose_config([*FAST, "device=remote", f"device.address={server.endpoint}", "zo=colored"], tmp_path / "mzi"))
+
+
+def test_a_served_chips_family_defaults_are_given_as_its_own_entry_gives_them():
+    """device=remote knows no family: θ's rate, θ's schedule and the estimator are the framework's
+    unless given with the keys the family entries use (conf/device/slm.yaml)."""
+    plain = compose_config(["device=remote"])
+    assert (plain.physical_optimizer.lr, plain.zo.direction) == (1e-2, "gaussian")
+    assert plain.physical_scheduler.name == plain.scheduler.name
+    slm = compose_config(["device=remote", "+device.zo_direction=colored", "+device.theta_lr=3e-3",
+                          "+device.theta_schedule=constant"])
+    assert (slm.physical_optimizer.lr, slm.zo.direction, slm.physical_scheduler.name) == (3e-3, "colored", "constant")
+    assert not {"theta_lr", "zo_direction", "theta_schedule"} & set(device_spec(slm.device))
 
 
 def test_remote_device_refuses_oracle_modes(tmp_path):
