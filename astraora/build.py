@@ -70,7 +70,7 @@ def make_layer_factory(cfg: DictConfig) -> LayerFactory:
         return HybridLayer(
             device, mode=cfg.mode, rank=rank, zo=zo, integrator=integrator,
             output_scale=cfg.surrogate.output_scale, output_bias=cfg.surrogate.get("output_bias", False),
-            health_threshold=cfg.surrogate.health_threshold,
+            health_threshold=cfg.surrogate.health_threshold, health_growth=cfg.surrogate.get("health_growth"),
             max_retries=driver.max_retries, timeout_s=driver.timeout_s, seed=cfg.seed, name=name,
         )
 

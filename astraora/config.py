@@ -122,6 +122,8 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
         if isinstance(rank, bool) or not isinstance(rank, Integral) or rank < 1:
             raise ConfigError(f"surrogate.rank={rank!r} is not allowed; choose 'auto' or an integer >= 1.")
     _check_real(cfg, "surrogate.health_threshold", allow_none=True)
+    if OmegaConf.select(cfg, "surrogate.health_growth") is not None:
+        _check_real(cfg, "surrogate.health_growth")  # > 0
     if OmegaConf.select(cfg, "surrogate.readout_rank") is not None:
         _check_choice(cfg, "surrogate.readout_rank", READOUT_RANKS)
     _check_int(cfg, "device.driver.max_retries", 0)

@@ -181,13 +181,19 @@ class HybridLayer(nn.Module):
             optimizer, like the bias of the digital twin's Linear).
         health_threshold: if set, a training forward whose residual ‖Y − X Âᵀ‖/‖Y‖ exceeds it
             triggers a full readout rebuild of the surrogate (counted as ``readout``).
+        health_growth: if set, a training forward whose residual exceeds (1 + health_growth) times
+            the residual first measured after the last full readout triggers a full readout (the
+            residual then is the best rank-r one on that data, so this bounds how far an
+            integrator that only approximates the update, such as psi_implicit, may drift). Free:
+            the residual comes from the forward pass's own queries.
         max_retries, timeout_s: the ledger's fault handling.
         seed, name: the run seed and this layer's stable name (seed its generators).
     """
 
     def __init__(self, device: Device, *, mode: str = "zo+sm", rank: int = 10, zo: ZOEstimator | ColoredEstimator | None = None,
                  integrator: dict | None = None, output_scale: bool = True, output_bias: bool = False,
-                 health_threshold: float | None = None, max_retries: int = 3, timeout_s: float | None = None,
+                 health_threshold: float | None = None, health_growth: float | None = None,
+                 max_retries: int = 3, timeout_s: float | None = None,
                  seed: int = 0, name: str = "physical"):
         super().__init__()
         if mode not in MODES:
@@ -212,6 +218,11 @@ class HybridLayer(nn.Module):
         self.scale = nn.Parameter(torch.ones(())) if output_scale else None
         self.bias = nn.Parameter(torch.zeros(device.d_out)) if output_bias else None
         self.health_threshold = health_threshold
+        if health_growth is not None and not health_growth > 0:
+            raise ConfigError(f"surrogate.health_growth={health_growth} must be > 0 (or null: off).")
+        self.health_growth = health_growth
+        self.reference_residual: float | None = None  # the first residual after the last full readout
+        self.health_rebuilds = 0  # full readouts triggered by the health checks
         self.theta_updates = 0
         self.capture_next_backward = False  # set by the trainer when it wants gradient cosines
         self.measure_residual = True  # the trainer clears it on steps that log no residual
@@ -264,9 +275,10 @@ class HybridLayer(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.d_in)
         if self.training and self.uses_surrogate and not bool(self.surrogate.initialized):
-            self._on_rank0_then_broadcast(lambda: self.surrogate.readout(self.ledger))
+            self._read_out()
         y = _PhysicalLayerFunction.apply(x2, self.device.theta, self)
-        if self.training and self.uses_surrogate and (self.measure_residual or self.health_threshold is not None):
+        if self.training and self.uses_surrogate and (self.measure_residual or self.health_threshold is not None
+                                                      or self.health_growth is not None):
             self._check_health(x2.detach(), y.detach())
         if self.scale is not None:
             y = self.scale * y
@@ -283,7 +295,20 @@ class HybridLayer(nn.Module):
             sq = self.sync.sum(torch.stack([(y - self.surrogate.apply(x)).square().sum(), y.square().sum()]).double())
             self.last_residual = float(sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-12))
         if self.health_threshold is not None and self.last_residual > self.health_threshold:
-            self._on_rank0_then_broadcast(lambda: self.surrogate.readout(self.ledger))
+            self.health_rebuilds += 1
+            self._read_out()
+        elif self.health_growth is not None:
+            if self.reference_residual is None:
+                self.reference_residual = self.last_residual
+            elif self.last_residual > (1 + self.health_growth) * self.reference_residual:
+                self.health_rebuilds += 1
+                self._read_out()
+
+    def _read_out(self) -> None:
+        """A full readout of the surrogate (on rank 0, then broadcast); the next residual measured
+        becomes the reference of ``health_growth``."""
+        self._on_rank0_then_broadcast(lambda: self.surrogate.readout(self.ledger))
+        self.reference_residual = None
 
     # ----------------------------------------------------------------- backward pieces
     def input_grad(self, x: Tensor, g: Tensor) -> Tensor:
@@ -323,6 +348,8 @@ class HybridLayer(nn.Module):
         self.theta_updates += 1
         self.ledger.step_drift()  # drops any reading taken before the drift step
         if self.uses_surrogate and bool(self.surrogate.initialized):
+            if self.integrator.reads_out(self.theta_updates):
+                self.reference_residual = None
             if self.sync is None:
                 self.integrator.step(self.surrogate, self.ledger, self.theta_updates)
                 return
@@ -354,6 +381,8 @@ class HybridLayer(nn.Module):
             "zo": self.zo.state_dict() if self.zo is not None else None,
             "integrator": self.integrator.state_dict(),
             "theta_updates": self.theta_updates,
+            "reference_residual": self.reference_residual,
+            "health_rebuilds": self.health_rebuilds,
         }
 
     def set_extra_state(self, state: dict) -> None:
@@ -363,3 +392,5 @@ class HybridLayer(nn.Module):
             self.zo.load_state_dict(state["zo"])
         self.integrator.load_state_dict(state["integrator"])
         self.theta_updates = int(state["theta_updates"])
+        self.reference_residual = state.get("reference_residual")  # absent in older checkpoints
+        self.health_rebuilds = int(state.get("health_rebuilds", 0))

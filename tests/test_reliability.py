@@ -124,6 +124,48 @@ def test_health_check_rebuilds_a_drifting_surrogate():
     assert layer.ledger.queries["readout"] > 24  # rebuilds happened, counted as readout
 
 
+def psi_walk(health_growth, integrator=None, steps=60):
+    """θ walks by Adam-like steps of 0.01 per control under psi_implicit with a thin sketch
+    (M_sm = 8 < n = 24), which drifts away from the best rank-r surrogate."""
+    device = SLM(24, 16, seed=0, name="d")
+    layer = HybridLayer(device, mode="exact+sm", rank=4, health_growth=health_growth,
+                        integrator=integrator or {"name": "psi_implicit", "samples": 8})
+    gen = torch.Generator().manual_seed(0)
+    ratios = []
+    for _ in range(steps):
+        layer(torch.randn(64, 24, generator=gen))
+        with torch.no_grad():
+            device.theta.add_(0.01 * torch.randn(device.theta.shape, generator=gen).sign())
+        layer.after_optimizer_step()
+        d = layer.diagnostics()
+        ratios.append(d["surrogate/rel_error"] / d["surrogate/rel_error_best_rank_r"])
+    return ratios, layer
+
+
+def test_health_growth_keeps_psi_near_the_best_rank_r_surrogate():
+    free, _ = psi_walk(None)
+    held, layer = psi_walk(0.1)
+    assert max(free[-10:]) > 1.3  # psi_implicit with a thin sketch drifts
+    assert max(held[5:]) < 1.25 and layer.health_rebuilds >= 2
+    assert layer.ledger.queries["readout"] == 24 * (1 + layer.health_rebuilds)
+    # a layer read out after every update never drifts, so the rule never fires
+    _, rebuilt = psi_walk(0.1, integrator={"name": "rebuild"})
+    assert rebuilt.health_rebuilds == 0
+    # the reference residual survives a checkpoint
+    state = layer.get_extra_state()
+    assert state["reference_residual"] == layer.reference_residual and state["health_rebuilds"] == layer.health_rebuilds
+
+
+def test_health_growth_is_checked_before_training(make_cfg):
+    from astraora.config import validate
+
+    for bad, match in (("0", "must be > 0"), ("high", "must be a number")):
+        with pytest.raises(ConfigError, match=f"surrogate.health_growth.*{match}"):
+            validate(make_cfg(f"surrogate.health_growth={bad}", out="x"))
+    with pytest.raises(ConfigError, match="health_growth=-1"):
+        HybridLayer(SLM(4, 4, name="d"), mode="exact+sm", rank=2, health_growth=-1)
+
+
 def test_exact_mode_needs_a_simulator():
     class Hardware(SLM):
         has_simulator = False

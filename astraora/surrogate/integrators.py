@@ -50,6 +50,10 @@ class Integrator:
         """Whether the ``step``-th θ-update (1-based) runs a rebuild or an update."""
         return bool(self.rebuild_every and step % self.rebuild_every == 0) or step % self.every == 0
 
+    def reads_out(self, step: int) -> bool:
+        """Whether the ``step``-th θ-update's update is a full readout."""
+        return bool(self.rebuild_every and step % self.rebuild_every == 0)
+
     def step(self, surrogate: LowRankSurrogate, ledger: QueryLedger, step: int) -> bool:
         """Called after the ``step``-th θ-update (1-based). Returns True when the factors changed."""
         if not self.due(step):
@@ -79,6 +83,9 @@ class FrozenIntegrator(Integrator):
 class RebuildIntegrator(Integrator):
     name = "rebuild"
 
+    def reads_out(self, step: int) -> bool:
+        return self.due(step)
+
     def update(self, surrogate, ledger) -> bool:
         surrogate.readout(ledger)
         return True
@@ -86,6 +93,9 @@ class RebuildIntegrator(Integrator):
 
 class ExactIntegrator(Integrator):
     name = "exact"
+
+    def reads_out(self, step: int) -> bool:  # the oracle's best rank-r: a readout without queries
+        return self.due(step)
 
     @torch.no_grad()
     def update(self, surrogate, ledger) -> bool:
