@@ -43,3 +43,23 @@ def test_time_epoch_with_its_digital_twin():
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "hybrid / digital:" in proc.stdout and "per epoch" in proc.stdout
+
+
+def test_surrogate_tracking_script(capsys):
+    """scripts/surrogate_tracking.py at a small size: a readout every step tracks exactly, the
+    implicit update with a sketch thinner than the layer drifts, and health_growth holds it."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import surrogate_tracking
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert surrogate_tracking.main(["--device", "slm", "--d-in", "96", "--d-out", "32", "--rank", "8",
+                                    "--samples", "8", "--growth", "off", "0.1", "--steps", "60"]) == 0
+    lines = [[cell.strip() for cell in line.split("|")[1:]] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("|") and not line.startswith("|---")]
+    header, rows = lines[0], {tuple(cells[:3]): dict(zip(lines[0], cells)) for cells in lines[1:]}
+    assert "mean" in header and "health rebuilds" in header
+    assert float(rows[("rebuild", "—", "—")]["mean"]) == 1.0
+    drifting, held = rows[("psi_implicit", "8", "off")], rows[("psi_implicit", "8", "0.1")]
+    assert float(drifting["max"]) > 1.2 and float(held["max"]) < float(drifting["max"])
+    assert float(held["mean"]) < float(drifting["mean"]) and int(held["health rebuilds"]) > 0
