@@ -209,7 +209,9 @@ class HybridLayer(nn.Module):
             if isinstance(zo, ColoredEstimator):
                 zo.offsets_of(device)  # refuses a device without declared entry-wise structure
         self.device, self.mode, self.name = device, mode, name
-        self.ledger = QueryLedger(device, max_retries=max_retries, timeout_s=timeout_s)
+        # the last full readout is kept only for an estimator that reuses it (an m × n matrix per layer)
+        keep = isinstance(zo, ColoredEstimator) and zo.reuse_readout and not zo.two_sided and mode.startswith("zo")
+        self.ledger = QueryLedger(device, max_retries=max_retries, timeout_s=timeout_s, keep_readings=keep)
         self.zo = zo
         self.uses_surrogate = mode.endswith("+sm")
         self.surrogate = LowRankSurrogate(device.d_in, device.d_out, rank, tuple(device.theta.shape), layer=name)

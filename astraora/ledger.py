@@ -44,7 +44,8 @@ class QueryLedger:
         timeout_s: a query slower than this counts as failed (None: no limit).
     """
 
-    def __init__(self, device: Device, *, max_retries: int = 3, timeout_s: float | None = None):
+    def __init__(self, device: Device, *, max_retries: int = 3, timeout_s: float | None = None,
+                 keep_readings: bool = False):
         self.device = device
         self.max_retries = int(max_retries)
         self.timeout_s = timeout_s
@@ -55,6 +56,7 @@ class QueryLedger:
         self.skipped = {"zo": 0, "surrogate": 0}
         self.wait_seconds = 0.0
         self._programmed: Tensor | None = None  # the θ the hardware holds now
+        self.keep_readings = bool(keep_readings)  # keep the last full readout for reading_at (an m × n matrix)
         self._reading: dict | None = None  # the last full readout: {"theta", "drift", "noisy", "matrix"}
 
     # ----------------------------------------------------------------- totals
@@ -117,11 +119,14 @@ class QueryLedger:
         return y
 
     def read_matrix(self, purpose: str = "readout") -> Tensor:
-        """Read A(θ) (m, n) out at the live θ with n queries (the identity's rows). The reading is
-        kept: :meth:`reading_at` hands it to a later caller that needs the same matrix."""
+        """Read A(θ) (m, n) out at the live θ with n queries (the identity's rows). With
+        ``keep_readings`` the reading is kept (and checkpointed): :meth:`reading_at` hands it to a
+        later caller that needs the same matrix."""
         theta = self.device.theta.detach()
         eye = torch.eye(self.device.d_in, dtype=theta.dtype, device=theta.device)
         matrix = self.query(eye, purpose).T
+        if not self.keep_readings:
+            return matrix
         self._reading = {"theta": theta.clone(), "drift": _drift_of(self.device),
                          "noisy": _sees_nonidealities(self.device, purpose), "matrix": matrix.clone()}
         return matrix

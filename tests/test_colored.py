@@ -148,14 +148,14 @@ def test_reuses_the_ledgers_readout_at_the_same_theta(device):
     k = ColoredEstimator.colors(device.jacobian_offsets())
     fresh = QueryLedger(device)
     expected = ColoredEstimator(reuse_readout=False).estimate(fresh, x, g)
-    ledger = QueryLedger(device)
+    ledger = QueryLedger(device, keep_readings=True)
     ledger.read_matrix("readout")
     estimator = ColoredEstimator()
     assert torch.equal(estimator.estimate(ledger, x, g), expected)
     assert ledger.queries["zo"] == k * device.d_in and estimator.last_samples == k
     assert ledger.queries["readout"] == device.d_in and fresh.queries["zo"] == (k + 1) * device.d_in
     # two-sided differences need no reading at θ: nothing to reuse
-    two = QueryLedger(device)
+    two = QueryLedger(device, keep_readings=True)
     two.read_matrix("readout")
     ColoredEstimator(two_sided=True).estimate(two, x, g)
     assert two.queries["zo"] == 2 * k * device.d_in
@@ -165,7 +165,7 @@ def test_reuses_the_ledgers_readout_at_the_same_theta(device):
 def test_a_reading_is_not_reused_once_theta_or_drift_moved_or_after_reuse_readout_false():
     device = SLM(6, 4, seed=0, nonideal={"drift_std": 0.01})
     x, g = random_batch(5, 6, 4)
-    ledger = QueryLedger(device)
+    ledger = QueryLedger(device, keep_readings=True)
     ledger.read_matrix("readout")
     assert ledger.reading_at(device.theta, "zo") is not None
     ColoredEstimator(reuse_readout=False).estimate(ledger, x, g)
@@ -180,13 +180,13 @@ def test_a_reading_is_not_reused_once_theta_or_drift_moved_or_after_reuse_readou
     assert ledger.reading_at(device.theta, "zo") is None
     # the ledger's drift step drops a reading even where the drift is not visible (a served chip)
     still = SLM(6, 4, seed=0)
-    still_ledger = QueryLedger(still)
+    still_ledger = QueryLedger(still, keep_readings=True)
     still_ledger.read_matrix("readout")
     still_ledger.step_drift()
     assert still_ledger.reading_at(still.theta, "zo") is None
     # a reading kept in a checkpoint is one after the restore
     ledger.read_matrix("readout")
-    restored = QueryLedger(device)
+    restored = QueryLedger(device, keep_readings=True)
     restored.load_state_dict(ledger.state_dict())
     assert torch.equal(restored.reading_at(device.theta, "zo"), ledger.reading_at(device.theta, "zo"))
 
@@ -196,7 +196,7 @@ def test_a_reading_of_the_ideal_device_is_not_reused_for_a_query_that_sees_the_n
     """With queries=forward only the forward pass sees the noise: a reading taken for the forward
     pass is no ZO reading (none is made that way today, but the ledger must not mix them)."""
     device = SLM(6, 4, seed=0, nonideal={"output_noise": 0.01, "queries": "forward"})
-    ledger = QueryLedger(device)
+    ledger = QueryLedger(device, keep_readings=True)
     ledger.read_matrix("forward")
     assert ledger.reading_at(device.theta, "zo") is None and ledger.reading_at(device.theta, "forward") is not None
     ledger.read_matrix("readout")
@@ -225,3 +225,20 @@ def test_data_parallel_mean_of_shard_estimates_is_the_batch_estimate():
     estimator = ColoredEstimator()
     estimator.reducer = lambda t: (t + other) / 2  # what RankSync.mean gives with two processes
     assert torch.allclose(estimator.estimate(QueryLedger(device), x[:4], 2 * g[:4]), whole, atol=1e-9)
+
+
+def test_only_a_layer_that_reuses_readouts_keeps_one():
+    """The last readout (an m × n matrix, checkpointed) is kept only where colored differences
+    will reuse it; a layer with random directions or two-sided differences keeps none."""
+    from astraora.rng import make_generator
+    from astraora.zo import ZOEstimator
+
+    x = torch.randn(8, 6)
+    for zo, kept in ((ColoredEstimator(), True), (ColoredEstimator(two_sided=True), False),
+                     (ColoredEstimator(reuse_readout=False), False),
+                     (ZOEstimator(samples=4, generator=make_generator(0, "zo")), False)):
+        layer = HybridLayer(SLM(6, 4, seed=0), zo=zo, rank=2, integrator={"name": "rebuild"})
+        layer.train()
+        layer(x)  # the initial readout
+        assert layer.ledger.keep_readings is kept
+        assert (layer.ledger.state_dict()["reading"] is not None) is kept
