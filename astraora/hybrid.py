@@ -210,7 +210,7 @@ class HybridLayer(nn.Module):
                 zo.offsets_of(device)  # refuses a device without declared entry-wise structure
         self.device, self.mode, self.name = device, mode, name
         # the last full readout is kept only for an estimator that reuses it (an m × n matrix per layer)
-        keep = isinstance(zo, ColoredEstimator) and zo.reuse_readout and not zo.two_sided and mode.startswith("zo")
+        keep = mode.startswith("zo") and getattr(zo, "reuses_readout", False)
         self.ledger = QueryLedger(device, max_retries=max_retries, timeout_s=timeout_s, keep_readings=keep)
         self.zo = zo
         self.uses_surrogate = mode.endswith("+sm")

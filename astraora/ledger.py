@@ -127,7 +127,7 @@ class QueryLedger:
         matrix = self.query(eye, purpose).T
         if not self.keep_readings:
             return matrix
-        self._reading = {"theta": theta.clone(), "drift": _drift_of(self.device),
+        self._reading = {"theta": theta.clone(), "drift": drift_of(self.device),
                          "noisy": _sees_nonidealities(self.device, purpose), "matrix": matrix.clone()}
         return matrix
 
@@ -139,12 +139,7 @@ class QueryLedger:
         reading = self._reading
         if reading is None or reading["noisy"] != _sees_nonidealities(self.device, purpose):
             return None
-        if reading["theta"].shape != theta.shape or not torch.equal(reading["theta"], theta.detach()):
-            return None
-        drift = _drift_of(self.device)
-        if (drift is None) != (reading["drift"] is None) or (drift is not None and not torch.equal(drift, reading["drift"])):
-            return None
-        return reading["matrix"]
+        return reading["matrix"] if still_current(reading, self.device, theta) else None
 
     def step_drift(self) -> None:
         """Advance the device's drift by one training step. A reading taken before no longer is one
@@ -229,9 +224,22 @@ def _sees_nonidealities(device: Device, purpose: str) -> bool:
     return sees(purpose) if sees is not None else purpose == "forward"
 
 
-def _drift_of(device: Device) -> Tensor | None:
+def drift_of(device: Device) -> Tensor | None:
+    """A copy of the device's simulated drift, or None where it has none visible (a served chip)."""
     drift = getattr(device, "drift", None)
     return drift.detach().clone() if isinstance(drift, Tensor) else None
+
+
+def still_current(saved: dict, device: Device, theta: Tensor) -> bool:
+    """Whether readings taken at ``saved["theta"]`` under ``saved["drift"]`` (:func:`drift_of`)
+    still are readings of ``device`` at ``theta``: the same θ exactly, the same drift."""
+    if not torch.equal(saved["theta"], theta.detach()):
+        return False
+    drift = getattr(device, "drift", None)
+    drift = drift if isinstance(drift, Tensor) else None
+    if (drift is None) != (saved["drift"] is None):
+        return False
+    return drift is None or torch.equal(drift, saved["drift"])
 
 
 def _finite(y: Tensor) -> bool:

@@ -16,24 +16,36 @@ step (readouts included; the forward batch is not counted).
 from __future__ import annotations
 
 import argparse
-import math
 import time
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from astraora.build import make_device
 from astraora.hybrid import HybridLayer
 from astraora.surrogate.auto import auto_rank, resolve_integrator
 from astraora.surrogate.lowrank import best_rank_error
 
-FAMILY_LR = {"mzi": 1e-2, "mrr": 3e-2, "slm": 1e-2, "matvec": 1e-2}
-TARGETS = {"mzi": "astraora.devices.MZIMesh", "mrr": "astraora.devices.MRRBank", "slm": "astraora.devices.SLM",
-           "matvec": "astraora.devices.MatVec"}
+DEVICE_CONF = Path(__file__).resolve().parents[1] / "conf" / "device"
+FAMILIES = ("mzi", "mrr", "slm", "matvec")
+
+
+def device_entry(family: str):
+    """conf/device/<family>.yaml, as ``device=<family>`` builds it."""
+    return OmegaConf.load(DEVICE_CONF / f"{family}.yaml")
+
+
+def family_rate(entry) -> float:
+    """θ's rate under random-direction ZO, as a run resolves it (conf/config.yaml's
+    physical_optimizer.lr): the entry's ``theta_lr`` with zo.direction=gaussian, else 1e-2."""
+    run = OmegaConf.create({"device": entry, "zo": {"direction": "gaussian"}})
+    return float(OmegaConf.select(run, "device.theta_lr", default=1e-2))
 
 
 def track(device: str, d_in: int, d_out: int, rank: int, integrator: dict, growth: float | None, steps: int,
           lr: float, batch: int, seed: int, checkpoints: tuple[int, ...]) -> dict:
-    dev = make_device({"_target_": TARGETS[device]}, d_in, d_out, seed, "physical")
+    dev = make_device(device_entry(device), d_in, d_out, seed, "physical")
     layer = HybridLayer(dev, mode="exact+sm", rank=rank, integrator=resolve_integrator(integrator, d_in, rank),
                         health_growth=growth, seed=seed)
     layer.train()
@@ -64,7 +76,7 @@ def track(device: str, d_in: int, d_out: int, rank: int, integrator: dict, growt
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="mzi", choices=sorted(TARGETS))
+    parser.add_argument("--device", default="mzi", choices=FAMILIES)
     parser.add_argument("--d-in", type=int, default=512)
     parser.add_argument("--d-out", type=int, default=1024)
     parser.add_argument("--rank", default="auto")
@@ -75,9 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rank = auto_rank(args.d_in, args.d_out) if args.rank == "auto" else int(args.rank)
-    lr = args.lr if args.lr is not None else FAMILY_LR[args.device]
+    lr = args.lr if args.lr is not None else family_rate(device_entry(args.device))
     checkpoints = tuple(s for s in (1, 10, 30, 100, 300, 1000) if s <= args.steps)
     print(f"{args.device} {args.d_in} → {args.d_out}, rank {rank}, θ rate {lr}, {args.steps} steps, batch {args.batch}, "
           f"seed {args.seed}; error / best rank-r error")

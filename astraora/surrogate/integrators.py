@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from astraora.errors import ConfigError
-from astraora.ledger import QueryLedger
+from astraora.ledger import QueryLedger, drift_of, still_current
 from astraora.surrogate.auto import keeps_fixed_sketch, psi_queries
 from astraora.surrogate.lowrank import LowRankSurrogate, truncated_svd
 
@@ -152,20 +152,10 @@ class PsiImplicitIntegrator(Integrator):
             self._fixed_z, self._cache = self.draw_sketch(n, dtype).to(device), None
         return self._fixed_z
 
-    @staticmethod
-    def _drift(device) -> Tensor | None:
-        drift = getattr(device, "drift", None)
-        return drift.detach().clone() if isinstance(drift, Tensor) else None
-
     def _cached_readings(self, device, theta0: Tensor) -> Tensor | None:
         """Z's readings at θ₀ from the last update, if they still are that (see ``reuse_sketch``)."""
         cache = self._cache
-        if cache is None or not torch.equal(cache["theta"], theta0):
-            return None
-        drift = self._drift(device)
-        if (drift is None) != (cache["drift"] is None) or (drift is not None and not torch.equal(drift, cache["drift"])):
-            return None
-        return cache["readings"]
+        return cache["readings"] if cache is not None and still_current(cache, device, theta0) else None
 
     def draw_sketch(self, n: int, dtype: torch.dtype) -> Tensor:
         """Z (M_sm, n) with E[zzᵀ] = I."""
@@ -200,7 +190,7 @@ class PsiImplicitIntegrator(Integrator):
             Y1 = ledger.query(probes, "surrogate", theta=theta1)
             self.reused += 1
         if reuse:
-            self._cache = {"theta": theta1.clone(), "drift": self._drift(ledger.device), "readings": Y1[r:].clone()}
+            self._cache = {"theta": theta1.clone(), "drift": drift_of(ledger.device), "readings": Y1[r:].clone()}
         D = Y1 - Y0
         P1 = D[:r].T  # ΔA V, (m, r)
         # K-step

@@ -79,6 +79,11 @@ class ColoredEstimator:
         self.reducer: Callable[[Tensor], Tensor] | None = None
         self.last_samples = 0  # settings measured by the last estimate (the colors)
 
+    @property
+    def reuses_readout(self) -> bool:
+        """Whether estimates take A(θ) from the ledger's last readout (one-sided with ``reuse_readout``)."""
+        return self.reuse_readout and not self.two_sided
+
     @staticmethod
     def offsets_of(device) -> tuple[int, ...]:
         """The device's declared column offsets, or a ConfigError naming the key when it has none."""
@@ -122,7 +127,7 @@ class ColoredEstimator:
             deriv = (plus - minus) / (2 * self.mu)
             self.last_samples = 2 * k
         else:
-            reading = ledger.reading_at(theta, "zo") if self.reuse_readout else None
+            reading = ledger.reading_at(theta, "zo") if self.reuses_readout else None
             if reading is None:
                 both = matrices(torch.cat([theta.unsqueeze(0), theta + self.mu * masks]))
                 base, plus = both[:1], both[1:]
