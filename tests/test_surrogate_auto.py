@@ -50,6 +50,30 @@ def test_auto_integrator_picks_the_cheaper_update():
     assert resolve_integrator(fixed, 16, 4) == fixed                     # not auto: unchanged
 
 
+@pytest.mark.parametrize(("d_in", "rank"), [(512, 128), (1536, 384), (6144, 48)])
+def test_auto_integrator_reads_out_where_the_estimate_takes_its_reading_from_the_readout(d_in, rank):
+    """Colored differences reusing the readout would read A(θ) out themselves (d_in queries) after
+    a psi_implicit update; a readout in its place makes the step cheaper at every size."""
+    spec = {"name": "auto", "samples": 100, "sketch": "gaussian", "reuse_sketch": False, "every": 1, "rebuild_every": 0}
+    assert resolve_integrator(spec, d_in, rank)["name"] == "psi_implicit"
+    assert resolve_integrator(spec, d_in, rank, estimate_reuses_readout=True) == {"name": "rebuild", "every": 1, "rebuild_every": 0}
+    assert resolve_integrator({**spec, "name": "psi_implicit"}, d_in, rank, estimate_reuses_readout=True)["name"] == "psi_implicit"
+
+
+@pytest.mark.parametrize(("zo", "integrator"), [
+    (["zo=colored"], "rebuild"),                                          # reuses the readout
+    (["zo=colored", "zo.reuse_readout=false"], "psi_implicit"),
+    (["zo=colored", "zo.two_sided=true"], "psi_implicit"),                # reads no A(θ) of its own
+    (["zo.direction=gaussian"], "psi_implicit"),
+])
+def test_layers_under_colored_differences_are_built_with_the_readout(make_cfg, zo, integrator):
+    # 64 inputs, rank 16, M_sm = 10: a psi_implicit update (52 queries) is cheaper than a readout
+    cfg = make_cfg("device=slm", "mode=zo+sm", "integrator=auto", "integrator.samples=10", *zo)
+    validate(cfg)
+    layers = hybrid_layers(build_model(cfg, {"num_classes": 10, "in_features": 64}))
+    assert {layer.integrator.name for layer in layers.values()} == {integrator}
+
+
 def test_readout_rank_full_keeps_the_whole_matrix_only_where_it_is_read_out():
     rebuild, psi = {"name": "rebuild", "every": 1}, {"name": "psi_implicit", "samples": 100}
     assert readout_rank("same", rebuild, 192, 32, auto_rank(192, 32)) == 10      # the default: the rule's rank

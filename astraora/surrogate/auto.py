@@ -6,9 +6,12 @@ since the layers of one model differ in size).
   about a quarter of the layer's narrow side, never below the old fixed default 10 (layers up to
   43 wide keep rank 10) and never above k. 64 → 64: 16; 128 → 128: 32; 512 → 1024: 128; 6144 → 192: 48.
   docs/PARITY.md, "Surrogate rank and readout by layer size", has the measurements behind it.
-* **integrator** ``auto``: a full readout (``rebuild``, d_in queries) at each update when that costs
-  no more queries than one ``psi_implicit`` update (2r + 2·M_sm; 2r + M_sm with ``reuse_sketch``);
-  the readout's truncated SVD is then the best rank-r surrogate for fewer queries. Otherwise
+* **integrator** ``auto``: a full readout (``rebuild``, d_in queries) at each update when the step
+  then costs no more queries than with one ``psi_implicit`` update (2r + 2·M_sm; 2r + M_sm with
+  ``reuse_sketch``); the readout's truncated SVD is then the best rank-r surrogate for fewer
+  queries. Where the layer's θ-estimate reads A(θ) out anyway and takes that reading from the
+  readout (colored differences with ``zo.reuse_readout``), the readout replaces d_in of the
+  estimate's queries, so it is always the cheaper step: ``rebuild`` at every size. Otherwise
   ``psi_implicit`` with the given ``samples``/``sketch``/``reuse_sketch``. ``every`` and
   ``rebuild_every`` apply to whichever is chosen.
 * ``surrogate.readout_rank``: ``same`` (default) keeps the rank above where the update is a full
@@ -67,15 +70,17 @@ def keeps_fixed_sketch(reuse_sketch: bool, samples: int, d_in: int) -> bool:
     return bool(reuse_sketch) and int(samples) >= int(d_in)
 
 
-def resolve_integrator(spec: dict, d_in: int, rank: int) -> dict:
+def resolve_integrator(spec: dict, d_in: int, rank: int, estimate_reuses_readout: bool = False) -> dict:
     """The integrator config for one layer: ``spec`` unchanged unless its name is ``auto``; then
-    ``rebuild`` when a full readout (d_in queries) costs no more than a psi_implicit update, else
-    ``psi_implicit``."""
+    ``rebuild`` when a step with a full readout (d_in queries) costs no more than one with a
+    psi_implicit update, else ``psi_implicit``. ``estimate_reuses_readout``: the layer's θ-estimate
+    takes its reading of A(θ) (d_in queries it would otherwise make) from the readout."""
     spec = dict(spec)
     if spec.get("name") != AUTO:
         return spec
     samples = int(spec.get("samples", 100))
     reuse = keeps_fixed_sketch(spec.get("reuse_sketch", False), samples, d_in)
-    if int(d_in) <= psi_queries(rank, samples, reuse):
+    spared = int(d_in) if estimate_reuses_readout else 0  # the estimate's own reading, replaced by the readout
+    if int(d_in) <= psi_queries(rank, samples, reuse) + spared:
         return {"name": "rebuild", "every": spec.get("every", 1), "rebuild_every": spec.get("rebuild_every", 0)}
     return {**spec, "name": "psi_implicit"}
