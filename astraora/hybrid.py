@@ -147,6 +147,28 @@ def _cosine(a: Tensor, b: Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.reshape(1, -1).double(), b.reshape(1, -1).double()).item())
 
 
+@torch.no_grad()
+def batch_floor(x: Tensor, y: Tensor, rank: int) -> Tensor | None:
+    """min ‖Y − X Wᵀ‖² over W of rank ≤ ``rank``: the squared residual of the best rank-r fit of the
+    batch's readings Y (B, m) from its inputs X (B, n), the smallest residual any rank-r surrogate
+    can have on it. With Q an orthonormal basis of X's columns it is ‖Y − QQᵀY‖² plus the squared
+    singular values of QᵀY beyond the r-th (reduced-rank regression); with B ≤ n rows Q = I. None
+    where the batch cannot tell (fewer than r + 1 rows or outputs: every batch is fitted exactly)
+    or where the fit is exact to rounding."""
+    rows, n = x.shape
+    if min(rows, n, y.shape[1]) <= rank:
+        return None
+    x, y = x.double(), y.double()
+    if rows > n:
+        q, _ = torch.linalg.qr(x)  # (B, n)
+        inside = q.T @ y
+        floor = (y.square().sum() - inside.square().sum()).clamp_min(0)
+    else:
+        inside, floor = y, torch.zeros((), dtype=y.dtype)
+    floor = floor + torch.linalg.svdvals(inside)[rank:].square().sum()
+    return floor if floor > 1e-20 * y.square().sum() else None
+
+
 class _PhysicalLayerFunction(torch.autograd.Function):
     """y = query(x) forward; the layer's gradient mode decides the backward."""
 
@@ -181,11 +203,13 @@ class HybridLayer(nn.Module):
             optimizer, like the bias of the digital twin's Linear).
         health_threshold: if set, a training forward whose residual ‖Y − X Âᵀ‖/‖Y‖ exceeds it
             triggers a full readout rebuild of the surrogate (counted as ``readout``).
-        health_growth: if set, a training forward whose residual exceeds (1 + health_growth) times
-            the residual first measured after the last full readout triggers a full readout (the
-            residual then is the best rank-r one on that data, so this bounds how far an
-            integrator that only approximates the update, such as psi_implicit, may drift). Free:
-            the residual comes from the forward pass's own queries.
+        health_growth: if set, a training forward whose residual, relative to the best rank-r
+            residual on the same batch, exceeds (1 + health_growth) times that ratio first measured
+            after the last full readout triggers a full readout (right after a readout the
+            surrogate is the best rank-r one, so this bounds how far an integrator that only
+            approximates the update, such as psi_implicit, may drift, also while the device's own
+            best rank-r error changes). Free in queries: the residual and the batch's best rank-r
+            fit come from the forward pass's own inputs and readings (:func:`batch_floor`).
         max_retries, timeout_s: the ledger's fault handling.
         seed, name: the run seed and this layer's stable name (seed its generators).
     """
@@ -223,7 +247,8 @@ class HybridLayer(nn.Module):
         if health_growth is not None and not health_growth > 0:
             raise ConfigError(f"surrogate.health_growth={health_growth} must be > 0 (or null: off).")
         self.health_growth = health_growth
-        self.reference_residual: float | None = None  # the first residual after the last full readout
+        self.reference_residual: float | None = None  # the first health ratio after the last full readout
+        self.reference_kind: str | None = None  # "floor": residual / the batch's best rank-r residual; "plain"
         self.health_rebuilds = 0  # full readouts triggered by the health checks
         self.theta_updates = 0
         self.capture_next_backward = False  # set by the trainer when it wants gradient cosines
@@ -291,18 +316,27 @@ class HybridLayer(nn.Module):
     @torch.no_grad()
     def _check_health(self, x: Tensor, y: Tensor) -> None:
         """Residual of the surrogate on this batch, from queries already made (no extra cost)."""
-        if self.sync is None:
-            self.last_residual = float((y - self.surrogate.apply(x)).norm() / y.norm().clamp_min(1e-12))
-        else:  # the whole batch's residual, so that every process takes the same decision
-            sq = self.sync.sum(torch.stack([(y - self.surrogate.apply(x)).square().sum(), y.square().sum()]).double())
-            self.last_residual = float(sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-12))
+        residual = (y - self.surrogate.apply(x)).square().sum()
+        floor = batch_floor(x, y, self.surrogate.rank) if self.health_growth is not None else None
+        # [residual², ‖Y‖², floor², 1 where this process has a floor]
+        sq = torch.stack([residual, y.square().sum(), torch.zeros((), dtype=residual.dtype) if floor is None else floor,
+                          torch.tensor(float(floor is not None), dtype=residual.dtype)]).double()
+        if self.sync is not None:  # the whole batch's, so that every process takes the same decision
+            sq = self.sync.sum(sq)
+        everywhere = self.sync is None or int(sq[3]) == self.sync.world_size
+        self.last_residual = float(sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-12))
         if self.health_threshold is not None and self.last_residual > self.health_threshold:
             self.health_rebuilds += 1
             self._read_out()
         elif self.health_growth is not None:
-            if self.reference_residual is None:
-                self.reference_residual = self.last_residual
-            elif self.last_residual > (1 + self.health_growth) * self.reference_residual:
+            kind = "floor" if bool(sq[3]) and everywhere else "plain"
+            ratio = float(sq[0].sqrt() / sq[2].sqrt()) if kind == "floor" else self.last_residual
+            if self.reference_residual is None or self.reference_kind != kind:
+                # a new reference after a readout, or where this batch cannot be compared with it (a
+                # short last batch whose best rank-r fit is exact)
+                if self.reference_residual is None or kind == "floor":
+                    self.reference_residual, self.reference_kind = ratio, kind
+            elif ratio > (1 + self.health_growth) * self.reference_residual:
                 self.health_rebuilds += 1
                 self._read_out()
 
@@ -310,7 +344,7 @@ class HybridLayer(nn.Module):
         """A full readout of the surrogate (on rank 0, then broadcast); the next residual measured
         becomes the reference of ``health_growth``."""
         self._on_rank0_then_broadcast(lambda: self.surrogate.readout(self.ledger))
-        self.reference_residual = None
+        self.reference_residual = self.reference_kind = None
 
     # ----------------------------------------------------------------- backward pieces
     def input_grad(self, x: Tensor, g: Tensor) -> Tensor:
@@ -351,7 +385,7 @@ class HybridLayer(nn.Module):
         self.ledger.step_drift()  # drops any reading taken before the drift step
         if self.uses_surrogate and bool(self.surrogate.initialized):
             if self.integrator.reads_out(self.theta_updates):
-                self.reference_residual = None
+                self.reference_residual = self.reference_kind = None
             if self.sync is None:
                 self.integrator.step(self.surrogate, self.ledger, self.theta_updates)
                 return
@@ -384,6 +418,7 @@ class HybridLayer(nn.Module):
             "integrator": self.integrator.state_dict(),
             "theta_updates": self.theta_updates,
             "reference_residual": self.reference_residual,
+            "reference_kind": self.reference_kind,
             "health_rebuilds": self.health_rebuilds,
         }
 
@@ -395,4 +430,6 @@ class HybridLayer(nn.Module):
         self.integrator.load_state_dict(state["integrator"])
         self.theta_updates = int(state["theta_updates"])
         self.reference_residual = state.get("reference_residual")  # absent in older checkpoints
+        # older checkpoints held a plain residual: a later batch with a floor takes a new reference
+        self.reference_kind = state.get("reference_kind", None if self.reference_residual is None else "plain")
         self.health_rebuilds = int(state.get("health_rebuilds", 0))

@@ -108,6 +108,42 @@ class _ThreadSync:
         self.barrier.wait()
         return total
 
+    def broadcast(self, t, purpose="surrogate"):
+        self.box[self.rank] = t.clone()
+        self.barrier.wait()
+        first = self.box[0].clone()
+        self.barrier.wait()
+        return first
+
+
+@pytest.mark.parametrize("rows", [(100, 100), (100, 2)])
+def test_health_growth_decides_alike_in_every_process(rows):
+    """Each process checks its shard; the sums behind the ratio (residual, the shards' best rank-r
+    residuals) are the whole batch's, so every process reads out at the same steps. Where one
+    shard is too short to have a best rank-r residual (2 rows, rank 3), every process falls back
+    to the plain residual."""
+    from test_reliability import falling_best_error_layer, falling_best_error_walk
+
+    layers = [falling_best_error_layer(), falling_best_error_layer()]
+    box, barrier = [None, None], threading.Barrier(2)
+    for rank, layer in enumerate(layers):
+        layer.sync = _ThreadSync(rank, 2, box, barrier)
+    fires = [None, None]
+
+    def process(rank):
+        xs = torch.Generator().manual_seed(10 + rank)
+        fires[rank] = list(falling_best_error_walk(layers[rank], lambda: torch.randn(rows[rank], 12, generator=xs)))
+
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert fires[0] == fires[1] and len(fires[0]) == 15
+    assert layers[0].reference_residual == layers[1].reference_residual
+    assert layers[0].reference_kind == layers[1].reference_kind == ("floor" if min(rows) > 3 else "plain")
+    assert any(fires[0]) is (min(rows) > 3)  # the plain residual stays level here
+
 
 def test_digital_buffers_are_averaged_over_processes(make_cfg, monkeypatch):
     """Under DDP every process ends each step with the same BatchNorm statistics (their mean: the

@@ -156,6 +156,81 @@ def test_health_growth_keeps_psi_near_the_best_rank_r_surrogate():
     assert state["reference_residual"] == layer.reference_residual and state["health_rebuilds"] == layer.health_rebuilds
 
 
+def test_batch_floor_is_the_best_rank_r_fit_of_the_batch():
+    """The smallest residual any rank-r surrogate W can have on a batch (X, Y): checked against
+    the reduced-rank regression it stands for, against random rank-r W (never below), and on a
+    batch with fewer rows than inputs (the tail of Y's own singular values)."""
+    from astraora.hybrid import batch_floor
+
+    gen = torch.Generator().manual_seed(0)
+    x, a = torch.randn(40, 12, generator=gen, dtype=torch.float64), torch.randn(9, 12, generator=gen, dtype=torch.float64)
+    y = x @ a.T + 0.1 * torch.randn(40, 9, generator=gen, dtype=torch.float64)  # noise outside X's columns too
+    fitted = x @ torch.linalg.lstsq(x, y).solution                               # X W_olsᵀ
+    u, s, vh = torch.linalg.svd(fitted, full_matrices=False)
+    best = y - (u[:, :3] * s[:3]) @ vh[:3]                                       # X (V₃V₃ᵀ W_ols)ᵀ, rank 3
+    torch.testing.assert_close(batch_floor(x, y, 3), best.square().sum())
+    for _ in range(20):
+        w = torch.randn(9, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, 12, generator=gen, dtype=torch.float64)
+        assert (y - x @ w.T).square().sum() >= batch_floor(x, y, 3)
+    short = y[:7]                                                                # 7 rows < 12 inputs
+    torch.testing.assert_close(batch_floor(x[:7], short, 3), torch.linalg.svdvals(short)[3:].square().sum())
+    assert batch_floor(x[:3], y[:3], 3) is None                                  # 3 rows: fitted exactly by rank 3
+    low = x @ (torch.randn(9, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, 12, generator=gen, dtype=torch.float64)).T
+    assert batch_floor(x, low, 3) is None                                        # a rank-2 device: exact
+
+
+def test_health_growth_sees_drift_behind_a_falling_best_error():
+    """The device's tail (what rank r cannot hold) shrinks while its rank-r part turns away from a
+    frozen surrogate, keeping the surrogate's plain residual level: a drift of 1/c against the best
+    rank-r error. Measured against the batch's best rank-r residual, the rule sees it; against the
+    plain residual first measured after the readout, it would not."""
+    import astraora.hybrid as hybrid
+
+    def walk(plain: bool):
+        layer = falling_best_error_layer()
+        xs = torch.Generator().manual_seed(2)
+        original = hybrid.batch_floor
+        if plain:
+            hybrid.batch_floor = lambda x, y, rank: None
+        try:
+            return [fired for fired in falling_best_error_walk(layer, lambda: torch.randn(200, 12, generator=xs))]
+        finally:
+            hybrid.batch_floor = original
+
+    seen = walk(plain=False)
+    assert any(seen) and not seen[0] and not seen[1]  # fires once the drift passes 1.1× (c ≈ 0.9)
+    assert not any(walk(plain=True))                  # the plain residual stays level: never fires
+
+
+def falling_best_error_layer() -> HybridLayer:
+    """A 12 → 10 MatVec layer (θ = A) with a frozen rank-3 surrogate and ``health_growth=0.1``."""
+    from astraora.devices import MatVec
+
+    layer = HybridLayer(MatVec(12, 10, seed=0, name="d"), mode="exact+sm", rank=3, integrator={"name": "frozen"},
+                        health_growth=0.1)
+    return layer.train()
+
+
+def falling_best_error_walk(layer: HybridLayer, batch, steps: int = 15):
+    """Sets A = head + c·tail + √(1 − c²)·turn for c from 1 to 0.3 (the tail, all rank 3 cannot hold,
+    shrinks; the head turns by as much, so a frozen surrogate's residual stays level) and sends
+    ``batch()`` forward at each; yields whether the health check read the layer out."""
+    gen = torch.Generator().manual_seed(1)
+    n, m, r = layer.d_in, layer.d_out, 3
+    q_out, _ = torch.linalg.qr(torch.randn(m, m, generator=gen))
+    q_in, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
+    head = q_out[:, :r] @ torch.diag(torch.tensor([3.0, 2.5, 2.0])) @ q_in[:, :r].T
+    tail = q_out[:, r:] @ torch.diag(torch.full((m - r,), 0.5)) @ q_in[:, r:m].T
+    turn = q_out[:, :r] @ torch.tensor([[0.0, 1.0, 0.0], [-1.0, 0.0, 1.0], [0.0, -1.0, 0.0]]) @ q_in[:, :r].T
+    turn = turn * tail.norm() / turn.norm()
+    for c in torch.linspace(1.0, 0.3, steps):
+        with torch.no_grad():
+            layer.device.theta.copy_(head + float(c) * tail + float((1 - c ** 2).sqrt()) * turn)
+        before = layer.health_rebuilds
+        layer(batch())
+        yield layer.health_rebuilds > before
+
+
 def test_health_growth_is_checked_before_training(make_cfg):
     from astraora.config import validate
 
