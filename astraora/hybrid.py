@@ -20,6 +20,7 @@ keeps the surrogate current for anyone who reads it between steps (diagnostics, 
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -148,25 +149,29 @@ def _cosine(a: Tensor, b: Tensor) -> float:
 
 
 @torch.no_grad()
-def batch_floor(x: Tensor, y: Tensor, rank: int) -> Tensor | None:
-    """min ‖Y − X Wᵀ‖² over W of rank ≤ ``rank``: the squared residual of the best rank-r fit of the
-    batch's readings Y (B, m) from its inputs X (B, n), the smallest residual any rank-r surrogate
-    can have on it. With Q an orthonormal basis of X's columns it is ‖Y − QQᵀY‖² plus the squared
-    singular values of QᵀY beyond the r-th (reduced-rank regression); with B ≤ n rows Q = I. None
-    where the batch cannot tell (fewer than r + 1 rows or outputs: every batch is fitted exactly)
-    or where the fit is exact to rounding."""
-    rows, n = x.shape
-    if min(rows, n, y.shape[1]) <= rank:
-        return None
+def batch_view(x: Tensor, y: Tensor, surrogate_matrix: Tensor, rank: int, rcond: float = 1e-3) -> tuple[Tensor, Tensor] | None:
+    """The surrogate's error and the best rank-r error, squared, on the inputs a batch spans: with
+    X = U S Vᵀ (singular values above ``rcond`` × the largest), the readings give A V = Yᵀ U S⁻¹
+    exactly (Y = X Aᵀ), so ‖(Â − A) V‖² and the squared singular values of A V beyond the r-th
+    need no query. Where the batch spans every input (B ≥ n, X of full rank) they are the errors in
+    the Frobenius norm; else those of A restricted to the batch's input subspace, which the
+    batch's own conditioning (trained features are far from isotropic) does not weigh. None where
+    the batch cannot tell: it spans r or fewer inputs, the layer has r or fewer outputs, or A V has
+    rank ≤ r to rounding."""
     x, y = x.double(), y.double()
-    if rows > n:
-        q, _ = torch.linalg.qr(x)  # (B, n)
-        inside = q.T @ y
-        floor = (y.square().sum() - inside.square().sum()).clamp_min(0)
-    else:
-        inside, floor = y, torch.zeros((), dtype=y.dtype)
-    floor = floor + torch.linalg.svdvals(inside)[rank:].square().sum()
-    return floor if floor > 1e-20 * y.square().sum() else None
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    if s.numel() == 0 or not s[0] > 0:
+        return None
+    keep = s > rcond * s[0]
+    if int(keep.sum()) <= rank or y.shape[1] <= rank:
+        return None
+    u, s, vh = u[:, keep], s[keep], vh[keep]
+    seen = (y.T @ u) / s                       # A V: (m, k)
+    error = (surrogate_matrix.double() @ vh.T - seen).square().sum()
+    tail = torch.linalg.svdvals(seen)[rank:].square().sum()
+    if not tail > 1e-20 * seen.square().sum():
+        return None
+    return error, tail
 
 
 class _PhysicalLayerFunction(torch.autograd.Function):
@@ -203,16 +208,20 @@ class HybridLayer(nn.Module):
             optimizer, like the bias of the digital twin's Linear).
         health_threshold: if set, a training forward whose residual ‖Y − X Âᵀ‖/‖Y‖ exceeds it
             triggers a full readout rebuild of the surrogate (counted as ``readout``).
-        health_growth: if set, a training forward whose residual, relative to the best rank-r
-            residual on the same batch, exceeds (1 + health_growth) times that ratio first measured
-            after the last full readout triggers a full readout (right after a readout the
-            surrogate is the best rank-r one, so this bounds how far an integrator that only
-            approximates the update, such as psi_implicit, may drift, also while the device's own
-            best rank-r error changes). Free in queries: the residual and the batch's best rank-r
-            fit come from the forward pass's own inputs and readings (:func:`batch_floor`).
+        health_growth: if set, a full readout when the surrogate's error over the best rank-r
+            error, both on the inputs the last few training batches span (:func:`batch_view`),
+            exceeds (1 + health_growth) times that ratio first measured after the last full
+            readout (right after a readout the surrogate is the best rank-r one, so this bounds how
+            far an integrator that only approximates the update, such as psi_implicit, may drift,
+            also while the device's own best rank-r error changes). Free in queries: both come
+            from the forward pass's own inputs and readings.
         max_retries, timeout_s: the ledger's fault handling.
         seed, name: the run seed and this layer's stable name (seed its generators).
     """
+
+    # batches per health_growth ratio: sums over a few batches move less with one batch's luck (in
+    # training a single batch's ratio varies by up to 8 % from one batch to the next)
+    HEALTH_WINDOW = 3
 
     def __init__(self, device: Device, *, mode: str = "zo+sm", rank: int = 10, zo: ZOEstimator | ColoredEstimator | None = None,
                  integrator: dict | None = None, output_scale: bool = True, output_bias: bool = False,
@@ -247,8 +256,9 @@ class HybridLayer(nn.Module):
         if health_growth is not None and not health_growth > 0:
             raise ConfigError(f"surrogate.health_growth={health_growth} must be > 0 (or null: off).")
         self.health_growth = health_growth
-        self.reference_residual: float | None = None  # the first health ratio after the last full readout
-        self.reference_kind: str | None = None  # "floor": residual / the batch's best rank-r residual; "plain"
+        self.reference_residual: float | None = None  # the health ratio of the first window after the last readout
+        self.reference_kind: str | None = None  # "view": batch_view's ratio; "plain": ‖Y − X Âᵀ‖/‖Y‖
+        self.health_window: list[list[float]] = []  # [numerator², denominator²] of the last HEALTH_WINDOW batches
         self.health_rebuilds = 0  # full readouts triggered by the health checks
         self.theta_updates = 0
         self.capture_next_backward = False  # set by the trainer when it wants gradient cosines
@@ -316,35 +326,50 @@ class HybridLayer(nn.Module):
     @torch.no_grad()
     def _check_health(self, x: Tensor, y: Tensor) -> None:
         """Residual of the surrogate on this batch, from queries already made (no extra cost)."""
-        residual = (y - self.surrogate.apply(x)).square().sum()
-        floor = batch_floor(x, y, self.surrogate.rank) if self.health_growth is not None else None
-        # [residual², ‖Y‖², floor², 1 where this process has a floor]
-        sq = torch.stack([residual, y.square().sum(), torch.zeros((), dtype=residual.dtype) if floor is None else floor,
-                          torch.tensor(float(floor is not None), dtype=residual.dtype)]).double()
+        residual = (y - self.surrogate.apply(x)).square().sum().double()
+        view = batch_view(x, y, self.surrogate.matrix(), self.surrogate.rank) if self.health_growth is not None else None
+        zero = torch.zeros((), dtype=torch.float64)
+        # [residual², ‖Y‖², error², best rank-r error², 1 where this process has a view]
+        sq = torch.stack([residual, y.square().sum().double(), *(view if view is not None else (zero, zero)),
+                          torch.tensor(float(view is not None), dtype=torch.float64)])
         if self.sync is not None:  # the whole batch's, so that every process takes the same decision
             sq = self.sync.sum(sq)
-        everywhere = self.sync is None or int(sq[3]) == self.sync.world_size
+        everywhere = self.sync is None or int(sq[4]) == self.sync.world_size
         self.last_residual = float(sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-12))
         if self.health_threshold is not None and self.last_residual > self.health_threshold:
             self.health_rebuilds += 1
             self._read_out()
         elif self.health_growth is not None:
-            kind = "floor" if bool(sq[3]) and everywhere else "plain"
-            ratio = float(sq[0].sqrt() / sq[2].sqrt()) if kind == "floor" else self.last_residual
-            if self.reference_residual is None or self.reference_kind != kind:
-                # a new reference after a readout, or where this batch cannot be compared with it (a
-                # short last batch whose best rank-r fit is exact)
-                if self.reference_residual is None or kind == "floor":
-                    self.reference_residual, self.reference_kind = ratio, kind
-            elif ratio > (1 + self.health_growth) * self.reference_residual:
-                self.health_rebuilds += 1
-                self._read_out()
+            self._check_growth("view" if bool(sq[4]) and everywhere else "plain", sq)
+
+    def _check_growth(self, kind: str, sq: Tensor) -> None:
+        """``health_growth``: the ratio over the last :attr:`HEALTH_WINDOW` batches (sums of squares,
+        so one batch's luck moves it less) against the ratio of the first such window after the
+        last readout. ``kind``: "view", the surrogate's error over the best rank-r error on the
+        batch's inputs (:func:`batch_view`), or "plain", the residual over ‖Y‖, where a batch
+        cannot tell."""
+        if kind != self.reference_kind:
+            if self.reference_kind == "view":
+                return  # a batch that cannot be compared with the window (a short last batch)
+            self.health_window, self.reference_residual, self.reference_kind = [], None, kind
+        pair = [float(sq[2]), float(sq[3])] if kind == "view" else [float(sq[0]), float(sq[1])]
+        self.health_window = [*self.health_window, pair]
+        self.health_window = self.health_window[-self.HEALTH_WINDOW:]
+        if len(self.health_window) < self.HEALTH_WINDOW:
+            return
+        ratio = math.sqrt(sum(r for r, _ in self.health_window) / max(sum(f for _, f in self.health_window), 1e-300))
+        if self.reference_residual is None:
+            self.reference_residual = ratio
+        elif ratio > (1 + self.health_growth) * self.reference_residual:
+            self.health_rebuilds += 1
+            self._read_out()
 
     def _read_out(self) -> None:
         """A full readout of the surrogate (on rank 0, then broadcast); the next residual measured
         becomes the reference of ``health_growth``."""
         self._on_rank0_then_broadcast(lambda: self.surrogate.readout(self.ledger))
         self.reference_residual = self.reference_kind = None
+        self.health_window = []
 
     # ----------------------------------------------------------------- backward pieces
     def input_grad(self, x: Tensor, g: Tensor) -> Tensor:
@@ -386,6 +411,7 @@ class HybridLayer(nn.Module):
         if self.uses_surrogate and bool(self.surrogate.initialized):
             if self.integrator.reads_out(self.theta_updates):
                 self.reference_residual = self.reference_kind = None
+                self.health_window = []
             if self.sync is None:
                 self.integrator.step(self.surrogate, self.ledger, self.theta_updates)
                 return
@@ -419,6 +445,7 @@ class HybridLayer(nn.Module):
             "theta_updates": self.theta_updates,
             "reference_residual": self.reference_residual,
             "reference_kind": self.reference_kind,
+            "health_window": self.health_window,
             "health_rebuilds": self.health_rebuilds,
         }
 
@@ -430,6 +457,7 @@ class HybridLayer(nn.Module):
         self.integrator.load_state_dict(state["integrator"])
         self.theta_updates = int(state["theta_updates"])
         self.reference_residual = state.get("reference_residual")  # absent in older checkpoints
-        # older checkpoints held a plain residual: a later batch with a floor takes a new reference
+        # older checkpoints held a plain residual: a later batch with a view takes a new reference
         self.reference_kind = state.get("reference_kind", None if self.reference_residual is None else "plain")
+        self.health_window = [list(pair) for pair in state.get("health_window", [])]
         self.health_rebuilds = int(state.get("health_rebuilds", 0))

@@ -118,10 +118,10 @@ class _ThreadSync:
 
 @pytest.mark.parametrize("rows", [(100, 100), (100, 2)])
 def test_health_growth_decides_alike_in_every_process(rows):
-    """Each process checks its shard; the sums behind the ratio (residual, the shards' best rank-r
-    residuals) are the whole batch's, so every process reads out at the same steps. Where one
-    shard is too short to have a best rank-r residual (2 rows, rank 3), every process falls back
-    to the plain residual."""
+    """Each process checks its shard; the sums behind the ratio (the shards' errors and best rank-r
+    errors on their inputs) are the same on every process, so every process reads out at the same
+    steps. Where one shard is too short to tell (2 rows, rank 3), every process falls back to the
+    plain residual."""
     from test_reliability import falling_best_error_layer, falling_best_error_walk
 
     layers = [falling_best_error_layer(), falling_best_error_layer()]
@@ -141,7 +141,7 @@ def test_health_growth_decides_alike_in_every_process(rows):
         t.join()
     assert fires[0] == fires[1] and len(fires[0]) == 15
     assert layers[0].reference_residual == layers[1].reference_residual
-    assert layers[0].reference_kind == layers[1].reference_kind == ("floor" if min(rows) > 3 else "plain")
+    assert layers[0].reference_kind == layers[1].reference_kind == ("view" if min(rows) > 3 else "plain")
     assert any(fires[0]) is (min(rows) > 3)  # the plain residual stays level here
 
 

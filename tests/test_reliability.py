@@ -151,54 +151,68 @@ def test_health_growth_keeps_psi_near_the_best_rank_r_surrogate():
     # a layer read out after every update never drifts, so the rule never fires
     _, rebuilt = psi_walk(0.1, integrator={"name": "rebuild"})
     assert rebuilt.health_rebuilds == 0
-    # the reference residual survives a checkpoint
+    # the reference, its window and the rebuild count survive a checkpoint
     state = layer.get_extra_state()
-    assert state["reference_residual"] == layer.reference_residual and state["health_rebuilds"] == layer.health_rebuilds
+    _, restored = psi_walk(0.1, steps=1)
+    restored.set_extra_state(state)
+    assert restored.health_window == layer.health_window and len(layer.health_window) == HybridLayer.HEALTH_WINDOW
+    assert (restored.reference_residual, restored.reference_kind, restored.health_rebuilds) == \
+        (layer.reference_residual, layer.reference_kind, layer.health_rebuilds) and layer.reference_kind == "view"
 
 
-def test_batch_floor_is_the_best_rank_r_fit_of_the_batch():
-    """The smallest residual any rank-r surrogate W can have on a batch (X, Y): checked against
-    the reduced-rank regression it stands for, against random rank-r W (never below), and on a
-    batch with fewer rows than inputs (the tail of Y's own singular values)."""
-    from astraora.hybrid import batch_floor
+def test_batch_view_gives_the_errors_on_the_inputs_the_batch_spans():
+    """From a batch's inputs and readings alone: with B ≥ n rows the surrogate's error and the best
+    rank-r error in the Frobenius norm (what the oracle says), whatever the inputs' conditioning;
+    with B < n the same for A restricted to the batch's input subspace."""
+    from astraora.hybrid import batch_view
+    from astraora.surrogate.lowrank import best_rank_error
 
     gen = torch.Generator().manual_seed(0)
-    x, a = torch.randn(40, 12, generator=gen, dtype=torch.float64), torch.randn(9, 12, generator=gen, dtype=torch.float64)
-    y = x @ a.T + 0.1 * torch.randn(40, 9, generator=gen, dtype=torch.float64)  # noise outside X's columns too
-    fitted = x @ torch.linalg.lstsq(x, y).solution                               # X W_olsᵀ
-    u, s, vh = torch.linalg.svd(fitted, full_matrices=False)
-    best = y - (u[:, :3] * s[:3]) @ vh[:3]                                       # X (V₃V₃ᵀ W_ols)ᵀ, rank 3
-    torch.testing.assert_close(batch_floor(x, y, 3), best.square().sum())
-    for _ in range(20):
-        w = torch.randn(9, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, 12, generator=gen, dtype=torch.float64)
-        assert (y - x @ w.T).square().sum() >= batch_floor(x, y, 3)
-    short = y[:7]                                                                # 7 rows < 12 inputs
-    torch.testing.assert_close(batch_floor(x[:7], short, 3), torch.linalg.svdvals(short)[3:].square().sum())
-    assert batch_floor(x[:3], y[:3], 3) is None                                  # 3 rows: fitted exactly by rank 3
-    low = x @ (torch.randn(9, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, 12, generator=gen, dtype=torch.float64)).T
-    assert batch_floor(x, low, 3) is None                                        # a rank-2 device: exact
+    f64 = dict(generator=gen, dtype=torch.float64)
+    a = torch.randn(9, 12, **f64)
+    approx = a + 0.05 * torch.randn(9, 12, **f64)
+    u, s, vh = torch.linalg.svd(approx)
+    surrogate = (u[:, :3] * s[:3]) @ vh[:3]                                      # some rank-3 surrogate
+    x = torch.randn(40, 12, **f64)
+    error, tail = batch_view(x, x @ a.T, surrogate, 3)
+    torch.testing.assert_close(error, (surrogate - a).square().sum())
+    torch.testing.assert_close(tail.sqrt() / a.norm(), torch.tensor(best_rank_error(a, 3), dtype=torch.float64))
+    skewed = x * torch.logspace(-2, 0, 12, dtype=torch.float64)                  # features far from isotropic
+    for got, want in zip(batch_view(skewed, skewed @ a.T, surrogate, 3), (error, tail)):
+        torch.testing.assert_close(got, want)
+    short = x[:7]                                                                # 7 rows < 12 inputs
+    basis = torch.linalg.svd(short, full_matrices=False)[2]                      # (7, 12): the rows' span
+    error, tail = batch_view(short, short @ a.T, surrogate, 3)
+    torch.testing.assert_close(error, ((surrogate - a) @ basis.T).square().sum())
+    torch.testing.assert_close(tail, torch.linalg.svdvals(a @ basis.T)[3:].square().sum())
+    assert batch_view(x[:3], x[:3] @ a.T, surrogate, 3) is None                  # spans 3 inputs: fitted exactly
+    assert batch_view(x, x @ a[:3].T, surrogate[:3], 3) is None                  # 3 outputs
+    low = torch.randn(9, 2, **f64) @ torch.randn(2, 12, **f64)
+    assert batch_view(x, x @ low.T, surrogate, 3) is None                        # a rank-2 device
 
 
 def test_health_growth_sees_drift_behind_a_falling_best_error():
     """The device's tail (what rank r cannot hold) shrinks while its rank-r part turns away from a
     frozen surrogate, keeping the surrogate's plain residual level: a drift of 1/c against the best
-    rank-r error. Measured against the batch's best rank-r residual, the rule sees it; against the
-    plain residual first measured after the readout, it would not."""
+    rank-r error. Measured as the error over the best rank-r error on the batch's inputs, the rule
+    sees it; against the plain residual first measured after the readout, it would not."""
     import astraora.hybrid as hybrid
 
     def walk(plain: bool):
         layer = falling_best_error_layer()
         xs = torch.Generator().manual_seed(2)
-        original = hybrid.batch_floor
+        original = hybrid.batch_view
         if plain:
-            hybrid.batch_floor = lambda x, y, rank: None
+            hybrid.batch_view = lambda *args, **kwargs: None
         try:
             return [fired for fired in falling_best_error_walk(layer, lambda: torch.randn(200, 12, generator=xs))]
         finally:
-            hybrid.batch_floor = original
+            hybrid.batch_view = original
 
     seen = walk(plain=False)
-    assert any(seen) and not seen[0] and not seen[1]  # fires once the drift passes 1.1× (c ≈ 0.9)
+    # the first window (c = 1, 0.95, 0.9) sets the reference; the window of c = 0.9, 0.85, 0.8 is
+    # the first over 1.1× it
+    assert seen.index(True) == 4
     assert not any(walk(plain=True))                  # the plain residual stays level: never fires
 
 
