@@ -149,25 +149,35 @@ def _cosine(a: Tensor, b: Tensor) -> float:
 
 
 @torch.no_grad()
-def batch_view(x: Tensor, y: Tensor, surrogate_matrix: Tensor, rank: int, rcond: float = 1e-3) -> tuple[Tensor, Tensor] | None:
-    """The surrogate's error and the best rank-r error, squared, on the inputs a batch spans: with
-    X = U S Vᵀ (singular values above ``rcond`` × the largest), the readings give A V = Yᵀ U S⁻¹
-    exactly (Y = X Aᵀ), so ‖(Â − A) V‖² and the squared singular values of A V beyond the r-th
-    need no query. Where the batch spans every input (B ≥ n, X of full rank) they are the errors in
-    the Frobenius norm; else those of A restricted to the batch's input subspace, which the
-    batch's own conditioning (trained features are far from isotropic) does not weigh. None where
-    the batch cannot tell: it spans r or fewer inputs, the layer has r or fewer outputs, or A V has
-    rank ≤ r to rounding."""
-    x, y = x.double(), y.double()
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    if s.numel() == 0 or not s[0] > 0:
+def batch_view(x: Tensor, y: Tensor, y_hat: Tensor, rank: int, rcond: float = 1e-3) -> tuple[Tensor, Tensor] | None:
+    """The surrogate's error and the best rank-r error, squared, on the inputs a batch spans, from
+    the batch's inputs X (B, n), readings Y = X Aᵀ and the surrogate's outputs Ŷ = X Âᵀ. With
+    X = U S Vᵀ (singular values above ``rcond`` × the largest), A V = Yᵀ U S⁻¹ exactly, so
+    e² = ‖S⁻¹ Uᵀ (Y − Ŷ)‖² = ‖(Â − A) V‖² and b² = the squared singular values of A V beyond the
+    r-th need no query. Where the batch spans every input (B ≥ n, X of full rank) they are the errors
+    in the Frobenius norm; else those of A restricted to the batch's input subspace, which the
+    batch's own conditioning (trained features are far from isotropic) does not weigh. U and S come
+    from the smaller Gram matrix (X Xᵀ, or Xᵀ X with U S⁻¹ = X V S⁻², so Uᵀ M = S⁻¹ Vᵀ Xᵀ M).
+    None where the batch cannot tell: it spans r or fewer inputs, the layer has r or fewer outputs,
+    or A V has rank ≤ r to rounding."""
+    x, y, residual = x.double(), y.double(), (y - y_hat).double()
+    rows, n = x.shape
+    if rows <= n:
+        lam, basis = torch.linalg.eigh(x @ x.T)
+        left_y, left_r = basis.T @ y, basis.T @ residual            # Uᵀ Y, Uᵀ R
+        power = 0.5
+    else:
+        lam, basis = torch.linalg.eigh(x.T @ x)
+        left_y, left_r = basis.T @ (x.T @ y), basis.T @ (x.T @ residual)  # Vᵀ Xᵀ Y = S Uᵀ Y
+        power = 1.0
+    if lam.numel() == 0 or not lam[-1] > 0:
         return None
-    keep = s > rcond * s[0]
+    keep = lam > (rcond ** 2) * lam[-1]                               # s > rcond · s_max
     if int(keep.sum()) <= rank or y.shape[1] <= rank:
         return None
-    u, s, vh = u[:, keep], s[keep], vh[keep]
-    seen = (y.T @ u) / s                       # A V: (m, k)
-    error = (surrogate_matrix.double() @ vh.T - seen).square().sum()
+    scale = lam[keep].pow(-power).unsqueeze(1)                        # S⁻¹ (rows ≤ n) or S⁻² (rows > n)
+    seen = scale * left_y[keep]                                       # (A V)ᵀ: (k, m)
+    error = (scale * left_r[keep]).square().sum()
     tail = torch.linalg.svdvals(seen)[rank:].square().sum()
     if not tail > 1e-20 * seen.square().sum():
         return None
@@ -326,8 +336,9 @@ class HybridLayer(nn.Module):
     @torch.no_grad()
     def _check_health(self, x: Tensor, y: Tensor) -> None:
         """Residual of the surrogate on this batch, from queries already made (no extra cost)."""
-        residual = (y - self.surrogate.apply(x)).square().sum().double()
-        view = batch_view(x, y, self.surrogate.matrix(), self.surrogate.rank) if self.health_growth is not None else None
+        y_hat = self.surrogate.apply(x)
+        residual = (y - y_hat).square().sum().double()
+        view = batch_view(x, y, y_hat, self.surrogate.rank) if self.health_growth is not None else None
         zero = torch.zeros((), dtype=torch.float64)
         # [residual², ‖Y‖², error², best rank-r error², 1 where this process has a view]
         sq = torch.stack([residual, y.square().sum().double(), *(view if view is not None else (zero, zero)),

@@ -174,21 +174,21 @@ def test_batch_view_gives_the_errors_on_the_inputs_the_batch_spans():
     u, s, vh = torch.linalg.svd(approx)
     surrogate = (u[:, :3] * s[:3]) @ vh[:3]                                      # some rank-3 surrogate
     x = torch.randn(40, 12, **f64)
-    error, tail = batch_view(x, x @ a.T, surrogate, 3)
+    error, tail = batch_view(x, x @ a.T, x @ surrogate.T, 3)
     torch.testing.assert_close(error, (surrogate - a).square().sum())
     torch.testing.assert_close(tail.sqrt() / a.norm(), torch.tensor(best_rank_error(a, 3), dtype=torch.float64))
     skewed = x * torch.logspace(-2, 0, 12, dtype=torch.float64)                  # features far from isotropic
-    for got, want in zip(batch_view(skewed, skewed @ a.T, surrogate, 3), (error, tail)):
+    for got, want in zip(batch_view(skewed, skewed @ a.T, skewed @ surrogate.T, 3), (error, tail)):
         torch.testing.assert_close(got, want)
     short = x[:7]                                                                # 7 rows < 12 inputs
     basis = torch.linalg.svd(short, full_matrices=False)[2]                      # (7, 12): the rows' span
-    error, tail = batch_view(short, short @ a.T, surrogate, 3)
+    error, tail = batch_view(short, short @ a.T, short @ surrogate.T, 3)
     torch.testing.assert_close(error, ((surrogate - a) @ basis.T).square().sum())
     torch.testing.assert_close(tail, torch.linalg.svdvals(a @ basis.T)[3:].square().sum())
-    assert batch_view(x[:3], x[:3] @ a.T, surrogate, 3) is None                  # spans 3 inputs: fitted exactly
-    assert batch_view(x, x @ a[:3].T, surrogate[:3], 3) is None                  # 3 outputs
+    assert batch_view(x[:3], x[:3] @ a.T, x[:3] @ surrogate.T, 3) is None      # spans 3 inputs: fitted exactly
+    assert batch_view(x, x @ a[:3].T, x @ surrogate[:3].T, 3) is None          # 3 outputs
     low = torch.randn(9, 2, **f64) @ torch.randn(2, 12, **f64)
-    assert batch_view(x, x @ low.T, surrogate, 3) is None                        # a rank-2 device
+    assert batch_view(x, x @ low.T, x @ surrogate.T, 3) is None                # a rank-2 device
 
 
 def test_health_growth_sees_drift_behind_a_falling_best_error():
