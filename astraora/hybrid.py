@@ -229,8 +229,8 @@ class HybridLayer(nn.Module):
         seed, name: the run seed and this layer's stable name (seed its generators).
     """
 
-    # batches per health_growth ratio: sums over a few batches move less with one batch's luck (in
-    # training a single batch's ratio varies by up to 8 % from one batch to the next)
+    # batches per health_growth ratio: sums over a few batches move less with the inputs one batch
+    # happens to span (with fewer rows than inputs, each batch sees A on another subspace)
     HEALTH_WINDOW = 3
 
     def __init__(self, device: Device, *, mode: str = "zo+sm", rank: int = 10, zo: ZOEstimator | ColoredEstimator | None = None,
