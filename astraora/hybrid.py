@@ -149,17 +149,19 @@ def _cosine(a: Tensor, b: Tensor) -> float:
 
 
 @torch.no_grad()
-def batch_view(x: Tensor, y: Tensor, y_hat: Tensor, rank: int, rcond: float = 1e-3) -> tuple[Tensor, Tensor] | None:
+def batch_view(x: Tensor, y: Tensor, y_hat: Tensor, rank: int, rcond: float = 0.1) -> tuple[Tensor, Tensor] | None:
     """The surrogate's error and the best rank-r error, squared, on the inputs a batch spans, from
     the batch's inputs X (B, n), readings Y = X Aᵀ and the surrogate's outputs Ŷ = X Âᵀ. With
-    X = U S Vᵀ (singular values above ``rcond`` × the largest), A V = Yᵀ U S⁻¹ exactly, so
+    X = U S Vᵀ (singular values above ``rcond`` × the largest: dividing by S amplifies the readings'
+    noise, at most 1/rcond times), A V = Yᵀ U S⁻¹ exactly, so
     e² = ‖S⁻¹ Uᵀ (Y − Ŷ)‖² = ‖(Â − A) V‖² and b² = the squared singular values of A V beyond the
-    r-th need no query. Where the batch spans every input (B ≥ n, X of full rank) they are the errors
-    in the Frobenius norm; else those of A restricted to the batch's input subspace, which the
+    r-th need no query. Where the batch spans every input (B ≥ n, all of X's singular values kept) they
+    are the errors in the Frobenius norm; else those of A restricted to the batch's input subspace, which the
     batch's own conditioning (trained features are far from isotropic) does not weigh. U and S come
     from the smaller Gram matrix (X Xᵀ, or Xᵀ X with U S⁻¹ = X V S⁻², so Uᵀ M = S⁻¹ Vᵀ Xᵀ M).
     None where the batch cannot tell: it spans r or fewer inputs, the layer has r or fewer outputs,
     or A V has rank ≤ r to rounding."""
+    rounding = 100 * torch.finfo(y.dtype).eps / rcond  # the readings' rounding, through S⁻¹
     x, y, residual = x.double(), y.double(), (y - y_hat).double()
     rows, n = x.shape
     if rows <= n:
@@ -179,7 +181,7 @@ def batch_view(x: Tensor, y: Tensor, y_hat: Tensor, rank: int, rcond: float = 1e
     seen = scale * left_y[keep]                                       # (A V)ᵀ: (k, m)
     error = (scale * left_r[keep]).square().sum()
     tail = torch.linalg.svdvals(seen)[rank:].square().sum()
-    if not tail > 1e-20 * seen.square().sum():
+    if not tail > rounding ** 2 * seen.square().sum():
         return None
     return error, tail
 
@@ -269,6 +271,7 @@ class HybridLayer(nn.Module):
         self.reference_residual: float | None = None  # the health ratio of the first window after the last readout
         self.reference_kind: str | None = None  # "view": batch_view's ratio; "plain": ‖Y − X Âᵀ‖/‖Y‖
         self.health_window: list[list[float]] = []  # [numerator², denominator²] of the last HEALTH_WINDOW batches
+        self.health_plain_run = 0  # plain batches in a row while the reference is a view
         self.health_rebuilds = 0  # full readouts triggered by the health checks
         self.theta_updates = 0
         self.capture_next_backward = False  # set by the trainer when it wants gradient cosines
@@ -338,11 +341,12 @@ class HybridLayer(nn.Module):
         """Residual of the surrogate on this batch, from queries already made (no extra cost)."""
         y_hat = self.surrogate.apply(x)
         residual = (y - y_hat).square().sum().double()
-        view = batch_view(x, y, y_hat, self.surrogate.rank) if self.health_growth is not None else None
-        zero = torch.zeros((), dtype=torch.float64)
+        growth = self.health_growth is not None and self._window_can_fill()
+        view = batch_view(x, y, y_hat, self.surrogate.rank) if growth else None
+        zero = residual.new_zeros(())  # on y's device, as the collective needs
         # [residual², ‖Y‖², error², best rank-r error², 1 where this process has a view]
         sq = torch.stack([residual, y.square().sum().double(), *(view if view is not None else (zero, zero)),
-                          torch.tensor(float(view is not None), dtype=torch.float64)])
+                          residual.new_tensor(float(view is not None))])
         if self.sync is not None:  # the whole batch's, so that every process takes the same decision
             sq = self.sync.sum(sq)
         everywhere = self.sync is None or int(sq[4]) == self.sync.world_size
@@ -350,8 +354,17 @@ class HybridLayer(nn.Module):
         if self.health_threshold is not None and self.last_residual > self.health_threshold:
             self.health_rebuilds += 1
             self._read_out()
-        elif self.health_growth is not None:
+        elif growth:
             self._check_growth("view" if bool(sq[4]) and everywhere else "plain", sq)
+
+    def _window_can_fill(self) -> bool:
+        """Whether this batch can still count: the window fills before the integrator's next full
+        readout empties it (never where every θ-update is a readout, ``rebuild``: then the batch's
+        view is not computed). The same on every process (a function of the shared step)."""
+        for k in range(1, self.HEALTH_WINDOW + 1):
+            if self.integrator.reads_out(self.theta_updates + k):
+                return len(self.health_window) + k >= self.HEALTH_WINDOW
+        return True
 
     def _check_growth(self, kind: str, sq: Tensor) -> None:
         """``health_growth``: the ratio over the last :attr:`HEALTH_WINDOW` batches (sums of squares,
@@ -360,9 +373,12 @@ class HybridLayer(nn.Module):
         batch's inputs (:func:`batch_view`), or "plain", the residual over ‖Y‖, where a batch
         cannot tell."""
         if kind != self.reference_kind:
-            if self.reference_kind == "view":
+            self.health_plain_run = self.health_plain_run + 1 if kind == "plain" else 0
+            if self.reference_kind == "view" and self.health_plain_run < self.HEALTH_WINDOW:
                 return  # a batch that cannot be compared with the window (a short last batch)
+            # batches can no longer tell (or can again): start over with this kind
             self.health_window, self.reference_residual, self.reference_kind = [], None, kind
+        self.health_plain_run = 0
         pair = [float(sq[2]), float(sq[3])] if kind == "view" else [float(sq[0]), float(sq[1])]
         self.health_window = [*self.health_window, pair]
         self.health_window = self.health_window[-self.HEALTH_WINDOW:]
@@ -380,7 +396,7 @@ class HybridLayer(nn.Module):
         becomes the reference of ``health_growth``."""
         self._on_rank0_then_broadcast(lambda: self.surrogate.readout(self.ledger))
         self.reference_residual = self.reference_kind = None
-        self.health_window = []
+        self.health_window, self.health_plain_run = [], 0
 
     # ----------------------------------------------------------------- backward pieces
     def input_grad(self, x: Tensor, g: Tensor) -> Tensor:
@@ -422,7 +438,7 @@ class HybridLayer(nn.Module):
         if self.uses_surrogate and bool(self.surrogate.initialized):
             if self.integrator.reads_out(self.theta_updates):
                 self.reference_residual = self.reference_kind = None
-                self.health_window = []
+                self.health_window, self.health_plain_run = [], 0
             if self.sync is None:
                 self.integrator.step(self.surrogate, self.ledger, self.theta_updates)
                 return
@@ -457,6 +473,7 @@ class HybridLayer(nn.Module):
             "reference_residual": self.reference_residual,
             "reference_kind": self.reference_kind,
             "health_window": self.health_window,
+            "health_plain_run": self.health_plain_run,
             "health_rebuilds": self.health_rebuilds,
         }
 
@@ -471,4 +488,5 @@ class HybridLayer(nn.Module):
         # older checkpoints held a plain residual: a later batch with a view takes a new reference
         self.reference_kind = state.get("reference_kind", None if self.reference_residual is None else "plain")
         self.health_window = [list(pair) for pair in state.get("health_window", [])]
+        self.health_plain_run = int(state.get("health_plain_run", 0))
         self.health_rebuilds = int(state.get("health_rebuilds", 0))
