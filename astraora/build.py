@@ -14,7 +14,7 @@ from astraora.errors import AstraoraError, ConfigError
 from astraora.hybrid import HybridLayer
 from astraora.rng import make_generator
 from astraora.surrogate.auto import readout_rank, resolve_integrator, resolve_rank
-from astraora.zo import make_estimator
+from astraora.zo import make_estimator, reuses_readout
 
 LayerFactory = Callable[[int, int, str], nn.Module]
 
@@ -65,8 +65,7 @@ def make_layer_factory(cfg: DictConfig) -> LayerFactory:
         device = make_device(cfg.device, d_in, d_out, cfg.seed, name)
         zo = make_estimator(zo_cfg, generator=make_generator(cfg.seed, name, "zo")) if cfg.mode.startswith("zo") else None
         rank = resolve_rank(cfg.surrogate.rank, d_in, d_out)  # `auto`: by this layer's size
-        reuses = zo is not None and getattr(zo, "reuses_readout", False)  # as HybridLayer's keep_readings
-        integrator = resolve_integrator(integrator_cfg, d_in, rank, estimate_reuses_readout=reuses)
+        integrator = resolve_integrator(integrator_cfg, d_in, rank, estimate_reuses_readout=reuses_readout(zo))
         rank = readout_rank(cfg.surrogate.get("readout_rank", "same"), integrator, d_in, d_out, rank)
         return HybridLayer(
             device, mode=cfg.mode, rank=rank, zo=zo, integrator=integrator,

@@ -32,7 +32,7 @@ from astraora.ledger import QueryLedger
 from astraora.rng import make_generator
 from astraora.surrogate import LowRankSurrogate, make_integrator
 from astraora.surrogate.lowrank import best_rank_error
-from astraora.zo import ColoredEstimator, ZOEstimator
+from astraora.zo import ColoredEstimator, ZOEstimator, reuses_readout
 
 MODES = ("zo+sm", "exact+sm", "zo+exact", "exact")
 
@@ -255,7 +255,7 @@ class HybridLayer(nn.Module):
                 zo.offsets_of(device)  # refuses a device without declared entry-wise structure
         self.device, self.mode, self.name = device, mode, name
         # the last full readout is kept only for an estimator that reuses it (an m × n matrix per layer)
-        keep = mode.startswith("zo") and getattr(zo, "reuses_readout", False)
+        keep = mode.startswith("zo") and reuses_readout(zo)
         self.ledger = QueryLedger(device, max_retries=max_retries, timeout_s=timeout_s, keep_readings=keep)
         self.zo = zo
         self.uses_surrogate = mode.endswith("+sm")
@@ -395,6 +395,10 @@ class HybridLayer(nn.Module):
         """A full readout of the surrogate (on rank 0, then broadcast); the next residual measured
         becomes the reference of ``health_growth``."""
         self._on_rank0_then_broadcast(lambda: self.surrogate.readout(self.ledger))
+        self._reset_health_reference()
+
+    def _reset_health_reference(self) -> None:
+        """After a full readout: ``health_growth`` measures its reference again."""
         self.reference_residual = self.reference_kind = None
         self.health_window, self.health_plain_run = [], 0
 
@@ -437,8 +441,7 @@ class HybridLayer(nn.Module):
         self.ledger.step_drift()  # drops any reading taken before the drift step
         if self.uses_surrogate and bool(self.surrogate.initialized):
             if self.integrator.reads_out(self.theta_updates):
-                self.reference_residual = self.reference_kind = None
-                self.health_window, self.health_plain_run = [], 0
+                self._reset_health_reference()
             if self.sync is None:
                 self.integrator.step(self.surrogate, self.ledger, self.theta_updates)
                 return

@@ -224,10 +224,15 @@ def _sees_nonidealities(device: Device, purpose: str) -> bool:
     return sees(purpose) if sees is not None else purpose == "forward"
 
 
+def _live_drift(device: Device) -> Tensor | None:
+    drift = getattr(device, "drift", None)
+    return drift if isinstance(drift, Tensor) else None
+
+
 def drift_of(device: Device) -> Tensor | None:
     """A copy of the device's simulated drift, or None where it has none visible (a served chip)."""
-    drift = getattr(device, "drift", None)
-    return drift.detach().clone() if isinstance(drift, Tensor) else None
+    drift = _live_drift(device)
+    return None if drift is None else drift.detach().clone()
 
 
 def still_current(saved: dict, device: Device, theta: Tensor) -> bool:
@@ -235,8 +240,7 @@ def still_current(saved: dict, device: Device, theta: Tensor) -> bool:
     still are readings of ``device`` at ``theta``: the same θ exactly, the same drift."""
     if not torch.equal(saved["theta"], theta.detach()):
         return False
-    drift = getattr(device, "drift", None)
-    drift = drift if isinstance(drift, Tensor) else None
+    drift = _live_drift(device)
     if (drift is None) != (saved["drift"] is None):
         return False
     return drift is None or torch.equal(drift, saved["drift"])

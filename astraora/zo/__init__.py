@@ -14,4 +14,11 @@ def make_estimator(zo_cfg: dict, *, generator) -> ZOEstimator | ColoredEstimator
     return ZOEstimator(**zo_cfg, generator=generator)
 
 
-__all__ = ["ZOEstimator", "ColoredEstimator", "DIRECTIONS", "ESTIMATOR_DIRECTIONS", "colored_conflicts", "make_estimator"]
+def reuses_readout(zo: ZOEstimator | ColoredEstimator | None) -> bool:
+    """Whether the estimator ``zo`` (None: a layer without ZO) takes A(θ) from the ledger's last
+    full readout: its layer then keeps that reading, and a readout spares the estimate n queries."""
+    return zo is not None and getattr(zo, "reuses_readout", False)
+
+
+__all__ = ["ZOEstimator", "ColoredEstimator", "DIRECTIONS", "ESTIMATOR_DIRECTIONS", "colored_conflicts", "make_estimator",
+           "reuses_readout"]
