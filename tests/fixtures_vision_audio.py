@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,52 @@ from PIL import Image
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+def py2_pickle(obj) -> bytes:
+    """``obj`` pickled as the official CIFAR-10 batches are: by Python 2's cPickle, protocol 2, where
+    strings are byte strings (SHORT_BINSTRING / BINSTRING) and a numpy array is rebuilt through the
+    globals ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray`` and ``numpy.dtype``. Supports
+    dict, list, str (latin-1), int and 2-D uint8 arrays: what a batch holds."""
+    memo = [0]
+
+    def put() -> bytes:
+        memo[0] += 1
+        return b"q" + bytes([memo[0]]) if memo[0] < 256 else b"r" + memo[0].to_bytes(4, "little")
+
+    def string(value: bytes) -> bytes:
+        head = b"U" + bytes([len(value)]) if len(value) < 256 else b"T" + len(value).to_bytes(4, "little")
+        return head + value + put()
+
+    def integer(value: int) -> bytes:
+        if 0 <= value < 256:
+            return b"K" + bytes([value])
+        if 0 <= value < 65536:
+            return b"M" + value.to_bytes(2, "little")
+        return b"J" + value.to_bytes(4, "little", signed=True)
+
+    def dump(value) -> bytes:
+        if isinstance(value, dict):
+            return b"}" + put() + b"(" + b"".join(dump(k) + dump(v) for k, v in value.items()) + b"u"
+        if isinstance(value, list):
+            return b"]" + put() + b"(" + b"".join(dump(v) for v in value) + b"e"
+        if isinstance(value, str):
+            return string(value.encode("latin-1"))
+        if isinstance(value, int):
+            return integer(value)
+        assert isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 2
+        dtype = (b"cnumpy\ndtype\n" + put() + string(b"u1") + b"K\x00K\x01\x87R" + put()
+                 + b"(K\x03" + string(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb")
+        return (b"cnumpy.core.multiarray\n_reconstruct\n" + put() + b"cnumpy\nndarray\n" + put()
+                + b"K\x00\x85" + string(b"b") + b"\x87R" + put()
+                + b"(K\x01" + integer(value.shape[0]) + integer(value.shape[1]) + b"\x86" + dtype
+                + b"\x89" + string(value.tobytes()) + b"tb")
+
+    return b"\x80\x02" + dump(obj) + b"."
+
+
 def write_cifar10(data_dir: Path, per_batch: int = 4, test: int = 6) -> Path:
-    """``data_dir/cifar-10-batches-py`` with data_batch_1..5, test_batch and batches.meta (python pickles,
-    rows of 3072 bytes: the red plane, then green, then blue)."""
+    """``data_dir/cifar-10-batches-py`` with data_batch_1..5, test_batch and batches.meta, pickled as the
+    official files are (:func:`py2_pickle`; rows of 3072 bytes: the red plane, then green, then blue).
+    Not the official files, so their MD5s differ: load them with ``verify=False``."""
     folder = data_dir / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -28,9 +70,9 @@ def write_cifar10(data_dir: Path, per_batch: int = 4, test: int = 6) -> Path:
         batch = {"batch_label": name, "labels": [int(v) for v in rng.integers(0, 10, n)],
                  "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
                  "filenames": [f"img_{i}.png" for i in range(n)]}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+        (folder / name).write_bytes(py2_pickle(batch))
     meta = {"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    (folder / "batches.meta").write_bytes(py2_pickle(meta))
     return folder
 
 

@@ -121,6 +121,7 @@ def test_tinyshakespeare_missing_offline(tmp_path, monkeypatch):
 
 def test_tinyshakespeare_download_is_verified(tmp_path, monkeypatch):
     data = corpus().encode()
+    monkeypatch.setattr(text_data, "unreachable", lambda url: None)  # the server answers (faked below)
 
     class Response:
         def __enter__(self):
@@ -175,6 +176,9 @@ def test_wikitext2_download_writes_the_raw_files(tmp_path, monkeypatch):
 
     rows = {split: {"text": [" = Title = \n", "", f" {split} text \n"]} for split in ("train", "validation", "test")}
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: rows)
+    monkeypatch.setattr(text_data, "unreachable", lambda url: None)  # the Hub answers
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
     WikiText2DataModule(data_dir=tmp_path).prepare_data()
     valid = tmp_path / "wikitext2" / "wikitext-2-raw" / "wiki.valid.raw"
     assert valid.read_text(encoding="utf-8") == " = Title = \n\n validation text \n"

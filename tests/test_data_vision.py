@@ -75,7 +75,8 @@ def test_mnist_truncated_file_is_named(tmp_path):
 
 def test_cifar10_pickle_batches(tmp_path):
     folder = write_cifar10(tmp_path, per_batch=4, test=6)
-    dm = CIFAR10DataModule(tmp_path, seed=0, batch_size=4, val_fraction=0.1, download=False, num_workers=0)
+    dm = CIFAR10DataModule(tmp_path, seed=0, batch_size=4, val_fraction=0.1, download=False, verify=False,
+                           num_workers=0)
     dm.prepare_data()
     dm.setup("fit")
     assert [len(s) for s in (dm.train_set, dm.val_set, dm.test_set)] == [18, 2, 6]
@@ -186,5 +187,8 @@ def test_task_yaml_builds_datamodule_and_model(tmp_path, name):
     write_cifar10(tmp_path)
     write_image_tree(tmp_path / "pets", per_class=3)
     overrides = {"root": str(tmp_path / "pets"), "datamodule": {"batch_size": 2}}
-    cfg = compose_task(name, tmp_path, overrides if name == "image_folder" else {"datamodule": {"batch_size": 2}})
+    if name == "cifar10":
+        overrides = {"datamodule": {"batch_size": 2, "verify": False}}  # the fixture is not the official files
+    cfg = compose_task(name, tmp_path,
+                       overrides if name in ("image_folder", "cifar10") else {"datamodule": {"batch_size": 2}})
     check_classification_task(cfg, name, tmp_path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import functools
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import soundfile as sf
@@ -35,10 +36,44 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
 # ------------------------------------------------------------------------------- decoding, features
 
+# The largest term of the reduced rate ratio a resampling kernel is built for. torchaudio's
+# Resample(orig, new) builds a kernel of (new/g) × (orig/g + 2·⌈6·orig/min(orig, new)⌉) taps, g = gcd:
+# for 44100 → 16000 (441:160) 160 × 475, but for 8009 → 16000 (gcd 1) 16000 × 8023 (0.5 GB, and about
+# 4 GB while it is built), and 44101 → 16000 would need about 25 GB. With both terms ≤ 1000 a kernel
+# has at most about a million taps (4 MB).
+MAX_RATIO_TERM = 1000
+
+
+def resampling_rates(orig_rate: int, new_rate: int, limit: int = MAX_RATIO_TERM) -> tuple[int, int]:
+    """The ``(orig, new)`` pair a resampling kernel is built for, at a bounded cost for any rates.
+
+    When ``orig_rate : new_rate`` reduced by their gcd has both terms ≤ ``limit`` (every common rate:
+    8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000, 176400 or 192000 Hz, to
+    8000, 16000, 24000, 44100 or 48000 Hz), the rates themselves: the output is exactly torchaudio's
+    ``Resample(orig_rate, new_rate)``. Otherwise the closest fraction ``p/q ≈ new_rate/orig_rate``
+    with p, q ≤ ``limit`` (``Fraction.limit_denominator`` on the ratio or its inverse, whichever is
+    ≤ 1): the audio is resampled by ``p/q`` instead of the exact ratio, so its pitch and tempo are off
+    by the relative error ``|p/q ÷ (new/orig) − 1|``: 0.00001 % for 8009 → 16000 (445:889), 0.0004 %
+    for 44101 → 16000 (328:119), and at most 0.05 % (under 1 cent; the smallest audible pitch change is about 5 cents)
+    for any source rate from 4 kHz to 200 kHz to 8, 16, 22.05, 44.1 or 48 kHz.
+    """
+    g = math.gcd(orig_rate, new_rate)
+    if max(orig_rate, new_rate) // g <= limit:
+        return orig_rate, new_rate
+    ratio = Fraction(new_rate, orig_rate)
+    if ratio <= 1:
+        approx = ratio.limit_denominator(limit)
+        approx = approx if approx else Fraction(1, limit)
+    else:
+        inverse = (1 / ratio).limit_denominator(limit)
+        approx = 1 / (inverse if inverse else Fraction(1, limit))
+    return approx.denominator, approx.numerator
+
+
 @functools.lru_cache(maxsize=16)
 def resampler(orig_rate: int, new_rate: int) -> T.Resample:
-    """A cached resampling kernel per rate pair."""
-    return T.Resample(orig_rate, new_rate)
+    """A cached resampling kernel per rate pair, of bounded size (see :func:`resampling_rates`)."""
+    return T.Resample(*resampling_rates(int(orig_rate), int(new_rate)))
 
 
 def read_audio(path: Path, sample_rate: int) -> Tensor:
@@ -162,6 +197,7 @@ class SpeechCommandsDataModule(AudioDataModule):
     downloaded there through torchaudio (2.3 GB, sha256-checked) when missing and ``download``.
     """
 
+    name = "speechcommands"
     URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
 
     def __init__(self, data_dir=None, seed: int = 0, batch_size: int = 128, sample_rate: int = 16000,
@@ -179,10 +215,17 @@ class SpeechCommandsDataModule(AudioDataModule):
 
         fetch("speechcommands", self._present,
               (lambda: SPEECHCOMMANDS(self.data_dir, download=True)) if download else None,
-              self.folder, f"download {self.URL} and extract it into that directory")
+              self.folder, f"download {self.URL} and extract it into that directory", self.URL)
 
     def prepare_data(self) -> None:
         self._fetch(self.download)
+
+    def split_source(self, split: str) -> str:
+        listed = {"val": " (the files validation_list.txt names)", "test": " (the files testing_list.txt names)"}
+        return f"of {self.folder}{listed.get(split, '')}"
+
+    def needs_split(self, split: str) -> bool:
+        return True  # the official lists name thousands of files for each
 
     def build_splits(self):
         self._fetch(download=False)
@@ -208,6 +251,7 @@ class UrbanSound8KDataModule(AudioDataModule):
     and ``metadata/UrbanSound8K.csv``). Folds 1–8 train, 9 validation, 10 test by default.
     """
 
+    name = "urbansound8k"
     COLUMNS = ("slice_file_name", "fold", "classID", "class")
     HOW = ("download it from https://urbansounddataset.weebly.com/urbansound8k.html and extract it so that "
            "DIR/metadata/UrbanSound8K.csv and DIR/audio/fold1..fold10 exist, then set task.root=DIR "
@@ -221,6 +265,13 @@ class UrbanSound8KDataModule(AudioDataModule):
         self.root = (self.data_dir / "UrbanSound8K" if root is None
                      else locate_root(root, self.data_dir, "task.root", "DIR/audio/fold<k>/"))
         self.folds = {"train": set(train_folds), "val": set(val_folds), "test": set(test_folds)}
+
+    def split_source(self, split: str) -> str:
+        return (f"of {self.root} (readable clips of folds {sorted(self.folds[split])}, "
+                f"task.datamodule.{split}_folds)")
+
+    def needs_split(self, split: str) -> bool:
+        return bool(self.folds[split])  # an empty list of folds leaves the split out on purpose
 
     def _rows(self) -> list[dict]:
         table = self.root / "metadata" / "UrbanSound8K.csv"
@@ -258,12 +309,17 @@ class AudioFolderDataModule(AudioDataModule):
     :func:`astraora.data.vision.split_class_tree` (``train/``, ``val/``, ``test/`` subfolders or a
     seeded split). Files at other rates are resampled; stereo is downmixed."""
 
+    name = "audio_folder"
+
     def __init__(self, root=None, data_dir=None, seed: int = 0, batch_size: int = 64, sample_rate: int = 16000,
                  duration: float = 1.0, n_mels: int = 80, freq_mask: int = 15, time_mask: int = 20,
                  val_fraction: float = 0.1, test_fraction: float = 0.1, num_workers: int | None = None):
         super().__init__(data_dir, seed, batch_size, num_workers, sample_rate, duration, n_mels, freq_mask, time_mask)
         self.root = root
         self.fractions = three_way_fractions(val_fraction, test_fraction)[1:]
+
+    def split_source(self, split: str) -> str:
+        return f"of {self.root} (task.root)"
 
     def build_splits(self):
         root = locate_root(self.root, self.data_dir, "task.root", "DIR/<class>/<file>.wav")
@@ -296,6 +352,15 @@ class SyntheticAudioDataModule(AudioDataModule):
     """SYNTHETIC audio for tests and offline smoke runs only: ``num_classes`` classes of chirps in
     noise (see :func:`synthetic_clips`), generated in memory from ``seed`` and split 70/15/15 by default.
     Not a benchmark; it says nothing about real audio."""
+
+    name = "synthetic_audio"
+
+    def split_source(self, split: str) -> str:
+        return (f"(task.datamodule.num_classes={self.num_classes}, clips_per_class={self.clips_per_class}, "
+                f"val_fraction={self.fractions[1]}, test_fraction={self.fractions[2]})")
+
+    def needs_split(self, split: str) -> bool:
+        return self.fractions[1 if split == "val" else 2] > 0
 
     def __init__(self, data_dir=None, seed: int = 0, batch_size: int = 32, num_classes: int = 4,
                  clips_per_class: int = 64, noise: float = 0.3, sample_rate: int = 8000, duration: float = 0.5,

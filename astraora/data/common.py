@@ -4,6 +4,10 @@ resumable training loaders and seeded augmentation."""
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +31,39 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
 def missing_dataset(name: str, looked_in: str | os.PathLike, how: str) -> DatasetNotFoundError:
     """One line: which dataset, where we looked, and how to provide it."""
     return DatasetNotFoundError(f"dataset {name!r} not found in {looked_in} and could not be downloaded; {how}")
+
+
+PROBE_TIMEOUT_S = 3.0  # how long one connection attempt may take before the network counts as unreachable
+
+
+def unreachable(url: str, timeout: float | None = None) -> str | None:
+    """Why ``url``'s server cannot be reached now (e.g. ``"cannot connect to huggingface.co:443 (...)"``),
+    or None when a TCP connection to it (or to the proxy the environment names for it) opens.
+
+    One attempt, bounded by ``timeout`` seconds (``PROBE_TIMEOUT_S``) in all, the name lookup
+    included (it runs in a daemon thread, since ``getaddrinfo`` takes no timeout): offline, a
+    download is then not even started, instead of a client retrying for half a minute.
+    """
+    timeout = PROBE_TIMEOUT_S if timeout is None else float(timeout)
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urllib.parse.urlsplit(proxy if "//" in proxy else f"//{proxy}")
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(f"cannot connect to {host}:{port} ({type(exc).__name__}: {exc})".replace("\n", " "))
+
+    worker = threading.Thread(target=attempt, name="astraora-network-probe", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return outcome[0] if outcome else f"cannot connect to {host}:{port} (no answer within {timeout:g} s)"
 
 
 def seeded_split(n: int, fractions: tuple[float, ...], seed: int) -> list[list[int]]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import stat
 import urllib.request
 import warnings
 from collections.abc import Sequence
@@ -39,11 +40,55 @@ from pydoc_data.topics import topics
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from astraora.data.common import ResumableLoader, ResumableSampler, default_num_workers, eval_shard, missing_dataset, resolve_data_dir, seeded_split
+from astraora.data.common import (ResumableLoader, ResumableSampler, default_num_workers, eval_shard, missing_dataset,
+                                  resolve_data_dir, seeded_split, unreachable)
 from astraora.errors import ConfigError, DataFileError, DatasetNotFoundError
 from astraora.rng import make_generator
 
 SPLITS = ("train", "val", "test")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` says the path is, for messages ("a FIFO (named pipe)", ...)."""
+    for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def not_a_text_file(path: Path, mode: int, how: str) -> DataFileError:
+    return DataFileError(f"text path {path} is {file_kind(mode)}, not a regular file; {how}")
+
+
+def read_regular_file(path: Path, how: str = "a regular UTF-8 text file is needed.") -> bytes:
+    """The bytes of ``path``, which must be a regular file (else a one-line DataFileError that says
+    what it is and ``how`` to fix it). A FIFO, a socket or a device such as /dev/zero is never read:
+    the path is opened without blocking (a FIFO with no writer would block an ordinary open) and
+    checked with ``fstat`` on the opened descriptor, so a file swapped after a check is caught too."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise DatasetNotFoundError(f"text file {path} not found; {how}") from None
+    except IsADirectoryError:
+        raise not_a_text_file(path, stat.S_IFDIR, how) from None
+    except OSError as err:
+        raise DataFileError(f"text path {path} cannot be opened ({err.strerror or err}); {how}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise not_a_text_file(path, mode, how)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +245,10 @@ class TextDataModule(L.LightningDataModule):
         self.root = resolve_data_dir(data_dir)
         self.seed, self.block_size, self.batch_size = int(seed), int(block_size), int(batch_size)
         self.samples_per_epoch = int(samples_per_epoch)
+        for key, value in (("batch_size", self.batch_size), ("samples_per_epoch", self.samples_per_epoch),
+                           ("block_size", self.block_size)):
+            if value < 1:  # samples_per_epoch=0 would train 0 steps and still report a completed run
+                raise ConfigError(f"task.datamodule.{key}={value} must be at least 1.")
         self.tokenizer: CharTokenizer | ByteTokenizer | None = None
         self.tokens: dict[str, Tensor] = {}
 
@@ -321,6 +370,10 @@ class TinyShakespeareDataModule(TextDataModule):
     def prepare_data(self) -> None:
         if self.path.exists() or not self.download:
             return
+        reason = unreachable(self.url)  # offline: one short attempt, not a 60 s urlopen timeout
+        if reason is not None:
+            raise missing_dataset(self.name, self.path.parent, f"{reason}; save {self.url} as {self.path}, or run "
+                                  "again with network access.")
         try:
             with urllib.request.urlopen(self.url, timeout=60) as response:
                 data = response.read()
@@ -344,7 +397,7 @@ class TinyShakespeareDataModule(TextDataModule):
     def load(self) -> tuple[CharTokenizer, dict[str, Tensor]]:
         if not self.path.exists():
             raise self._missing()
-        data = self.path.read_bytes()
+        data = read_regular_file(self.path, f"save {self.url} there.")
         self._check_digest(data, str(self.path), "delete it to download it again")
         text = data.decode("utf-8")
         tokenizer = CharTokenizer.from_text(text)
@@ -364,6 +417,7 @@ class WikiText2DataModule(TextDataModule):
     """
 
     name = "wikitext2"
+    ZIP_URL = "https://wikitext.smerity.com/wikitext-2-raw-v1.zip"  # holds wikitext-2-raw/wiki.*.raw
     HUB_DATASET = ("Salesforce/wikitext", "wikitext-2-raw-v1")
     FILES = {"train": "wiki.train.raw", "val": "wiki.valid.raw", "test": "wiki.test.raw"}
     HUB_SPLITS = {"train": "train", "val": "validation", "test": "test"}
@@ -376,13 +430,26 @@ class WikiText2DataModule(TextDataModule):
     def _present(self) -> bool:
         return all((self.dir / file).exists() for file in self.FILES.values())
 
-    def _missing(self) -> DatasetNotFoundError:
+    def _missing(self, reason: str = "") -> DatasetNotFoundError:
         again = "run again with network access" if self.download else "set task.datamodule.download=true"
-        return missing_dataset(self.name, self.dir, f"unzip wikitext-2-raw-v1.zip into {self.dir.parent}, or {again}.")
+        return missing_dataset(self.name, self.dir, f"{reason}download {self.ZIP_URL} and unzip it into "
+                               f"{self.dir.parent} (it holds wikitext-2-raw/wiki.train.raw, ...), or {again}.")
+
+    def _hub_unreachable(self) -> str | None:
+        """Why the Hub cannot serve the dataset now (offline mode set, or no connection), or None.
+        Checked once, quickly, before ``datasets`` is imported: offline, its client would otherwise
+        retry for about 30 s."""
+        for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            if os.environ.get(flag, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+                return f"{flag} is set"
+        return unreachable(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
 
     def prepare_data(self) -> None:
         if self._present() or not self.download:
             return
+        reason = self._hub_unreachable()
+        if reason is not None:
+            raise self._missing(f"the Hugging Face Hub cannot be reached ({reason}); ")
         import datasets  # imported here: it is slow to import and only needed for this download
 
         try:
@@ -402,7 +469,8 @@ class WikiText2DataModule(TextDataModule):
         if not self._present():
             raise self._missing()
         tokenizer = ByteTokenizer()
-        return tokenizer, {split: tokenizer.encode_corpus((self.dir / file).read_bytes())
+        how = f"unzip {self.ZIP_URL} into {self.dir.parent}."
+        return tokenizer, {split: tokenizer.encode_corpus(read_regular_file(self.dir / file, how))
                            for split, file in self.FILES.items()}
 
 
@@ -436,26 +504,35 @@ class TextFileDataModule(TextDataModule):
         self.splits = check_fractions(splits, "task.datamodule.splits")
         self.chunk_size = int(chunk_size)
 
+    HOW = "pass task.path=FILE (a regular UTF-8 text file, a list of files, or a directory of .txt files)."
+
     def files(self) -> list[Path]:
-        """The files to read, in order; a missing path raises DatasetNotFoundError."""
+        """The files to read, in order; a missing path raises DatasetNotFoundError, and one that is
+        neither a regular file nor a directory (a FIFO, a socket, a device) a DataFileError that says
+        what it is. Below a directory, only regular ``*.txt`` files are taken."""
         files = []
         for entry in self.paths:
             path = Path(to_absolute_path(str(entry))).expanduser()
-            if path.is_dir():
+            try:
+                mode = os.stat(path).st_mode  # stat never opens the path: a FIFO cannot block it
+            except FileNotFoundError:
+                raise DatasetNotFoundError(f"text file {path} not found; {self.HOW}") from None
+            except OSError as err:
+                raise DataFileError(f"text path {path} cannot be read ({err.strerror or err}); {self.HOW}") from None
+            if stat.S_ISDIR(mode):
                 found = sorted(p for p in path.rglob("*.txt") if p.is_file())
                 if not found:
                     raise DatasetNotFoundError(f"no .txt files in directory {path}; pass task.path=FILE or a "
                                                "directory containing .txt files.")
                 files.extend(found)
-            elif path.is_file():
+            elif stat.S_ISREG(mode):
                 files.append(path)
             else:
-                raise DatasetNotFoundError(f"text file {path} not found; pass task.path=FILE (a UTF-8 text file, "
-                                           "a list of files, or a directory of .txt files).")
+                raise not_a_text_file(path, mode, self.HOW)
         return files
 
     def _read(self, path: Path) -> bytes:
-        data = path.read_bytes()
+        data = read_regular_file(path, self.HOW)
         if not data.strip():
             raise DataFileError(f"text file {path} is empty (or only whitespace).")
         if self.tokenizer_kind == "char":
