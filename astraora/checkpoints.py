@@ -14,7 +14,9 @@ from astraora.errors import AstraoraError
 # What astraora writes into every checkpoint beside Lightning's state, under this key: the format
 # version (a newer one is refused, not misread) and what the run trained (task, device, mode).
 CHECKPOINT_META = "astraora"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+# Format 2: mzi_classical keeps each cell's phases in the order (φ, θ); format 1 stored (θ, φ), which the
+# same numbers would now read as another device (astraora.devices.mzi.swap_cell_phases converts a θ).
 
 
 def find_checkpoint(resume: str | os.PathLike) -> Path:
@@ -51,6 +53,10 @@ def read_checkpoint(cfg: DictConfig) -> tuple[Path, dict]:
     if int(meta.get("format", 0)) > CHECKPOINT_FORMAT:
         raise AstraoraError(f"resume={resume}: {path} has checkpoint format {meta['format']}, newer than the "
                             f"{CHECKPOINT_FORMAT} this astraora reads; upgrade astraora to resume it.")
+    if int(meta.get("format", 0)) < 2 and meta.get("device") == "mzi_classical":
+        raise AstraoraError(f"resume={resume}: {path} stores mzi_classical's cell phases in the order of format "
+                            f"{meta.get('format', 0)} (θ, φ), which this astraora reads as (φ, θ); convert θ with "
+                            "astraora.devices.mzi.swap_cell_phases or start the run again.")
     for key, value in run_meta(cfg).items():
         if meta.get(key) != value:
             raise AstraoraError(f"resume={resume}: the checkpoint was trained with {key}={meta.get(key)}, not "

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import astraora.devices.mesh_tiles as mesh_tiles
-from astraora.devices import MZIClassical, MZIMesh, native
+from astraora.devices import MZIClassical, MZIMesh, mzi, native
 from astraora.errors import ConfigError
 from astraora.ledger import QueryLedger
 from astraora.rng import make_generator
@@ -239,7 +239,7 @@ def test_native_blocks_equal_the_torch_blocks(cls, n, m, tile, dtype, layout, mo
     of 16, empty slots, the two built-in cells computed in the kernel and a user's cell computed by
     PyTorch, both precisions, phases far outside [−π, π]), and both the column route's."""
     native_or_skip()
-    assert (MZIMesh.cell_entries in native.CELLS and MZIClassical.cell_entries in native.CELLS
+    assert (MZIMesh.cell_entries in native.CELLS and mzi.classical_entries_angle_first in native.CELLS
             and UserCellMesh.cell_entries not in native.CELLS)
     device = cls(n, m, seed=2, tile=tile)
     for k, spread in ((1, 0.5), (3, 60.0), (17, 0.5), (40, 3.0)):

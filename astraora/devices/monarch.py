@@ -12,67 +12,95 @@ from astraora.devices.base import Device
 from astraora.errors import ConfigError
 
 
+def monarch_side(d: int) -> int:
+    """b = 2^⌈log₂(d)/2⌉, the paper's block count and block size for a side of d wires: the smallest
+    power of two whose square is at least d (1 for d = 1). Integer arithmetic: ⌈log₂ d⌉ is
+    (d − 1).bit_length(), and ⌈⌈x⌉/2⌉ = ⌈x/2⌉."""
+    return 1 << (((int(d) - 1).bit_length() + 1) // 2)
+
+
 class Monarch(Device):
-    """A = Re(L P R)[:m, :n]: two block-diagonal phase-only masks with a block permutation between.
+    """A = Re(Q L P R)[:m, :n]: two block-diagonal phase-only masks with a block permutation between,
+    factored as in the paper's code.
 
-    Input and output are factored separately with one block size k: n ≤ b_in·k (x zero-padded),
-    m ≤ b_out·k (the padded outputs dropped), b_in = ⌈n/k⌉, b_out = ⌈m/k⌉. Input wire i is the
-    pair (r, c) = (i // k, i mod k), output wire o the pair (s, t) = (o // k, o mod k).
+    Each side is split by the rule b = 2^⌈log₂(d)/2⌉ (:func:`monarch_side`) into b blocks of b wires:
+    b_in = k_in = b(n) on the input (x zero-padded to b_in², input wire i·k_in + j is offset j of
+    block i) and b_out = k_out = b(m) on the output (b_out² outputs, the first m kept). Wires past n
+    and m are padding: the phases that only reach them are on no path, A does not depend on them
+    (63.5 % of the phases at 6144 → 192, where 6144 inputs are padded to 16,384; 74.2 % at
+    1536 → 1536; none when n and m are powers of four).
 
-    * R = blockdiag(R_0, …, R_{b_in−1}), the first mask: b_in blocks of b_out × k,
-      R_r[s, c] = e^{iθ_R[r, s, c]}/√k (block r maps its k inputs to b_out outputs).
-    * P, the block permutation (r, s) ↦ (s, r): output s of block r feeds block s at input r.
-    * L = blockdiag(L_0, …, L_{b_out−1}), the second mask: b_out blocks of k × b_in,
-      L_s[t, r] = e^{iθ_L[s, t, r]}/√b_in.
+    * R = blockdiag(R_0, …, R_{b_in−1}), the first mask: b_in blocks of b_out × k_in,
+      R_i[k, j] = e^{iθ₁[k, i, j]}/√k_in (block i maps its k_in inputs to b_out outputs).
+    * P, the block permutation (i, k) ↦ (k, i): output k of block i feeds block k at input i.
+    * L = blockdiag(L_0, …, L_{b_out−1}), the second mask: b_out blocks of k_out × b_in,
+      L_k[q, i] = e^{iθ₂[q, k, i]}/√b_in.
+    * Q reads output q of block k out on wire o = q·b_out + k (the block index runs fastest).
 
-    Each entry of L P R is a single optical path, so
-    A_{(s,t),(r,c)} = cos(θ_L[s, t, r] + θ_R[r, s, c]) / √(b_in·k).
-    Each mask has b_in·b_out·k phases; p = 2·b_in·b_out·k = 2·n·m/k when k divides n and m.
-    The paper's 6144 → 192 layer has 294,912 = 2·6144·192/8 phases: k = 8 (the default), so
-    b_in = 768 blocks of 24 × 8 and b_out = 24 blocks of 8 × 768; 1536 → 1536 gives
-    2·1536²/8 = 589,824. For n = m = k² this is the square Monarch (b_in = b_out = k, p = 2k³).
-    Only phases on padded wires (none when k divides n and m) never receive a gradient.
+    Each entry of Q L P R is a single optical path, so
+    A_{q·b_out + k, i·k_in + j} = cos(θ₂[q, k, i] + θ₁[k, i, j]) / √(k_in·b_in) (= 1/k_in).
+    p = b_in·b_out·(k_in + k_out) phases: 6144 → 192 (b = 128 and 16) 294,912; 1536 → 1536
+    (b = 64) 524,288; 512 → 1024 (b = 32) 65,536. For n = m = b² this is the square Monarch (p = 2b³).
 
-    θ layout: shape (2, b_in, b_out, k); θ[0, r, s, c] = θ_R[r, s, c] and θ[1, r, s, t] =
-    θ_L[s, t, r]: both masks indexed (input block r, output block s, offset), so the path
-    (s, t) ← (r, c) uses θ[1, r, s, t] + θ[0, r, s, c]. Crosstalk uses the base rule (neighbours
-    along the last axis: adjacent columns c of one row of R_r, adjacent rows t of one column of L_s).
+    θ layout: flat, length p, the paper's: θ₁ of shape (b_out, b_in, k_in), then θ₂ of shape
+    (k_out, b_out, b_in), each in row-major order, so a θ vector from the paper's code gives its
+    matrix. Crosstalk: the neighbours of a phase are the adjacent entries along the last axis of
+    its mask (adjacent inputs j of one row of R_i, adjacent inputs i of one row of L_k).
 
     Args:
-        block_size: k.
         init_center, init_halfwidth: phases ~ U[center − halfwidth, center + halfwidth] (the
             paper: π/2 ± 0.1, as for the SLM; halfwidth π gives every phase equally likely).
     """
 
-    def __init__(self, d_in: int, d_out: int, *, block_size: int = 8, init_center: float = math.pi / 2,
-                 init_halfwidth: float = 0.1, **kwargs):
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ConfigError(f"device.block_size={block_size!r} must be an integer >= 1.")
+    def __init__(self, d_in: int, d_out: int, *, init_center: float = math.pi / 2, init_halfwidth: float = 0.1,
+                 **kwargs):
+        if "block_size" in kwargs:  # a configuration from before the paper's block rule was adopted
+            raise ConfigError(f"device.block_size={kwargs['block_size']!r} is no longer a setting: monarch splits each "
+                              "side of d wires into 2^⌈log₂(d)/2⌉ blocks (the paper's rule); remove the key.")
         if init_halfwidth < 0:
             raise ConfigError(f"device.init_halfwidth={init_halfwidth} must be >= 0.")
-        self.block_size = block_size  # k
-        self.blocks_in = -(-int(d_in) // block_size)  # b_in
-        self.blocks_out = -(-int(d_out) // block_size)  # b_out
+        self.blocks_in = monarch_side(d_in)  # b_in = k_in
+        self.blocks_out = monarch_side(d_out)  # b_out = k_out
         self.init_center, self.init_halfwidth = float(init_center), float(init_halfwidth)
         super().__init__(d_in, d_out, **kwargs)
 
+    @property
+    def first_shape(self) -> tuple[int, int, int]:
+        """θ₁'s shape (b_out, b_in, k_in)."""
+        return (self.blocks_out, self.blocks_in, self.blocks_in)
+
+    @property
+    def second_shape(self) -> tuple[int, int, int]:
+        """θ₂'s shape (k_out, b_out, b_in)."""
+        return (self.blocks_out, self.blocks_out, self.blocks_in)
+
     def theta_shape(self) -> tuple[int, ...]:
-        return (2, self.blocks_in, self.blocks_out, self.block_size)
+        return (math.prod(self.first_shape) + math.prod(self.second_shape),)
+
+    def masks(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """Split settings (K, p) into θ₁ (K, b_out, b_in, k_in) and θ₂ (K, k_out, b_out, b_in) (views)."""
+        first, second = theta.split([math.prod(self.first_shape), math.prod(self.second_shape)], -1)
+        return first.unflatten(-1, self.first_shape), second.unflatten(-1, self.second_shape)
 
     def init_theta(self, generator: torch.Generator) -> Tensor:
         u = torch.rand(self.theta_shape(), generator=generator)
         return self.init_center + self.init_halfwidth * (2 * u - 1)
 
-    def transfer(self, theta: Tensor, x: Tensor) -> Tensor:
-        """theta (K, 2, b_in, b_out, k), x (B, n) or (K, B, n) → (K, B, m), in real arithmetic.
+    def neighbour_sum(self, theta: Tensor) -> Tensor:
+        """Adjacent entries along the last axis of each mask (never across the two masks or rows)."""
+        return torch.cat([Device.neighbour_sum(self, mask).flatten(-3) for mask in self.masks(theta)], -1)
 
-        z = R x keeps its real and imaginary parts (index q); Re(L P z) = cos θ_L·Re z − sin θ_L·Im z.
+    def transfer(self, theta: Tensor, x: Tensor) -> Tensor:
+        """theta (K, p), x (B, n) or (K, B, n) → (K, B, m), in real arithmetic.
+
+        z = R x keeps its real and imaginary parts (index c); Re(L P z) = cos θ₂·Re z − sin θ₂·Im z.
         """
-        k, b_in = self.block_size, self.blocks_in
-        x = F.pad(x, (0, b_in * k - self.d_in)).unflatten(-1, (b_in, k))  # (..., B, r, c)
-        first = torch.stack([theta[:, 0].cos(), theta[:, 0].sin()], 1) / math.sqrt(k)  # (K, q, r, s, c)
-        second = torch.stack([theta[:, 1].cos(), -theta[:, 1].sin()], 1) / math.sqrt(b_in)  # (K, q, r, s, t)
-        inputs = "brc" if x.dim() == 3 else "kbrc"
-        z = torch.einsum(f"kqrsc,{inputs}->kqbrs", first, x)
-        y = torch.einsum("kqrst,kqbrs->kbst", second, z).flatten(-2)
+        b_in, b_out = self.blocks_in, self.blocks_out
+        first, second = self.masks(theta)  # (K, k, i, j), (K, q, k, i)
+        x = F.pad(x, (0, b_in * b_in - self.d_in)).unflatten(-1, (b_in, b_in))  # (..., B, i, j)
+        first = torch.stack([first.cos(), first.sin()], 1) / math.sqrt(b_in)  # (K, c, k, i, j)
+        second = torch.stack([second.cos(), -second.sin()], 1) / math.sqrt(b_in)  # (K, c, q, k, i)
+        inputs = "bij" if x.dim() == 3 else "Kbij"
+        z = torch.einsum(f"Kckij,{inputs}->Kcbki", first, x)
+        y = torch.einsum("Kcqki,Kcbki->Kbqk", second, z).flatten(-2)  # wire q·b_out + k
         return y[..., :self.d_out]
