@@ -120,24 +120,27 @@ def test_classification_rows_and_gap(runs_root):
     assert mzi["final_val"] == (0.91, None)  # last logged val/acc, not the best
     assert mzi["best_val"] == (0.92, None)
     assert mzi["test"] == (0.90, None)
-    assert mzi["gap"][0] == pytest.approx(0.06)  # digital 0.96 − hybrid 0.90: positive = hybrid worse
-    assert rows["mrr"]["gap"][0] == pytest.approx(0.03)
+    assert mzi["gap"][0] == pytest.approx(6.0)  # digital 0.96 − hybrid 0.90 = 6 points: positive = hybrid worse
+    assert rows["mrr"]["gap"][0] == pytest.approx(3.0)
     assert mzi["queries_total"] == (3000.0, None) and mzi["queries_per_step"] == (100.0, None)
     assert rows["mrr"]["queries_per_step"] == (250.0, None)
     assert mzi["surrogate_rel_error"] == (0.02, None)
     assert (mzi["rank"], mzi["M"], mzi["M_sm"], mzi["integrator"]) == (10, 100, 100, "psi_implicit")
     table = markdown_table(digits)
-    assert "| mzi | zo+sm | psi_implicit | 10 | 100 | 100 | 0 | completed | 0.91 | 0.92 | 0.9 | +0.06 |" in table
-    assert "positive = hybrid worse" in table
+    assert "| mzi | zo+sm | psi_implicit | 10 | 100 | 100 | 0 | completed | 0.91 | 0.92 | 0.9 | +6.00 |" in table
+    assert "| gap test/acc (pt) ¹ |" in table and "percentage points" in table
+    assert "positive = hybrid worse" in table and "budget vs digital" not in table
 
 
 def test_language_model_gap_sign_and_best(runs_root):
     lm = {comparison.task: comparison for comparison in load_all(runs_root)}["tinyshakespeare"]
     assert lm.metric == "val/ppl"
     mzi = rows_by_device(lm)["mzi"]
-    assert mzi["gap"][0] == pytest.approx(1.0)  # hybrid 6.0 − digital 5.0: lower ppl is better
+    assert mzi["gap"][0] == pytest.approx(20.0)  # (hybrid 6.0 − digital 5.0) / 5.0: in % of the digital ppl
     assert mzi["best_val"] == (6.1, None)  # min over steps
-    assert "hybrid − digital" in markdown_table(lm)
+    table = markdown_table(lm)
+    assert "hybrid − digital" in table and "| gap test/ppl (%) ¹ |" in table and "| +20.00 |" in table
+    assert "% of the digital run's value" in table
 
 
 def test_multirun_layout_groups_seeds(tmp_path):
@@ -155,7 +158,7 @@ def test_multirun_layout_groups_seeds(tmp_path):
     assert mzi["seeds"] == [0, 1, 2] and len(mzi["run_dirs"]) == 3
     assert (mzi["rank"], mzi["M"], mzi["M_sm"]) == (5, 10, 10)  # M_sm through ${zo.samples}
     gap, std = mzi["gap"]
-    assert gap == pytest.approx((0.06 + 0.08 + 0.10) / 3) and std == pytest.approx(0.02)
+    assert gap == pytest.approx((6 + 8 + 10) / 3) and std == pytest.approx(2.0)  # points
     assert "0, 1, 2" in markdown_table(digits) and " ± " in markdown_table(digits)
 
 
@@ -197,7 +200,10 @@ def test_cli_writes_tables_csv_and_plots(runs_root, tmp_path):
     assert [(row["task"], row["device"]) for row in rows] == [
         ("digits", "digital"), ("digits", "mrr"), ("digits", "mzi"),
         ("tinyshakespeare", "digital"), ("tinyshakespeare", "mzi")]
-    assert float(rows[2]["gap"]) == pytest.approx(0.06) and rows[2]["gap_std"] == ""
+    assert float(rows[2]["gap"]) == pytest.approx(6.0) and rows[2]["gap_std"] == "" and rows[2]["gap_unit"] == "pt"
+    assert float(rows[4]["gap"]) == pytest.approx(20.0) and rows[4]["gap_unit"] == "%"
+    assert all(row["budget_vs_digital"] == "" for row in rows)
+    assert (runs_root / "report.html").is_file()
     for name in ["digits_metric_vs_step", "digits_surrogate_rel_error", "digits_metric_vs_queries",
                  "tinyshakespeare_metric_vs_step"]:
         assert (runs_root / f"{name}.png").stat().st_size > 0
@@ -269,7 +275,153 @@ def test_surrogate_error_plot_of_short_runs_shows_points_and_distinct_ticks(tmp_
     figure = plot_surrogate_error(digits, _styles(digits))
     axes = figure.axes[0]
     assert axes.get_yscale() == "linear"
-    assert all(line.get_marker() == "." for line in axes.get_lines()) and len(axes.get_lines()) == 2
+    lines = axes.get_lines()
+    assert len(lines) == 2 and all(line.get_marker() not in (None, "", "None") for line in lines)
+    assert all(line.get_markevery() == 1 for line in lines)  # one or two points: every one marked
     figure.canvas.draw()
     labels = [label.get_text() for label in axes.get_yticklabels() if label.get_text()]
     assert len(labels) >= 2 and len(set(labels)) == len(labels)
+
+
+def legend_texts(figure) -> list[str]:
+    (legend,) = figure.legends
+    return [text.get_text() for text in legend.get_texts()]
+
+
+def test_labels_name_only_what_applies(tmp_path):
+    """Modes that use no integrator, rank or M: the labels of tables' plots never print None."""
+    from astraora.report.compare import _styles, render_plots
+
+    write_run(tmp_path / "digital", device="digital", test=0.95)
+    write_run(tmp_path / "zo_sm", test=0.9)
+    write_run(tmp_path / "exact", mode="exact", test=0.92)
+    write_run(tmp_path / "exact_sm", mode="exact+sm", test=0.91, rank=5)
+    (digits,) = load_all(tmp_path)
+    labels = sorted(style["label"] for style in _styles(digits).values())
+    assert labels == ["digital", "mzi mode=exact", "mzi mode=exact+sm rank=5", "mzi mode=zo+sm rank=10"]
+    from astraora.report.compare import plot_metric_vs_queries, plot_metric_vs_step, plot_surrogate_error
+
+    for plot in (plot_metric_vs_step, plot_surrogate_error, plot_metric_vs_queries):
+        assert not any("None" in text for text in legend_texts(plot(digits, _styles(digits))))
+    assert len(render_plots(digits)) == 3
+
+
+def test_surrogate_plot_tells_seeds_and_best_rank_apart(tmp_path):
+    """Two seeds of one setting and a second setting: one legend entry per setting, the best rank-r
+    reference labelled, a marker per seed."""
+    from astraora.report.compare import _styles, plot_surrogate_error
+
+    write_run(tmp_path / "s0", seed=0, test=0.9)
+    write_run(tmp_path / "s1", seed=1, test=0.9)
+    write_run(tmp_path / "r5", seed=0, test=0.9, rank=5)
+    (digits,) = load_all(tmp_path)
+    figure = plot_surrogate_error(digits, _styles(digits))
+    texts = legend_texts(figure)
+    assert texts == ["mzi rank=5", "mzi rank=10", "surrogate Â (solid)", "best rank-r error, SVD of A (dotted)",
+                     "seed 0", "seed 1"]
+    lines = figure.axes[0].get_lines()
+    assert len(lines) == 6  # 3 runs × (surrogate, best rank r)
+    assert {line.get_linestyle() for line in lines} == {"-", ":"}
+    colour = next(style["color"] for style in _styles(digits).values() if style["label"] == "mzi rank=10")
+    rank10 = [line for line in lines if line.get_color() == colour]
+    assert len(rank10) == 4 and len({line.get_marker() for line in rank10}) == 2  # the two seeds differ
+
+
+def test_queries_plot_marks_settings_and_counts_coinciding_runs(tmp_path):
+    from astraora.report.compare import _styles, plot_metric_vs_queries
+
+    for seed in (0, 1, 2):  # same queries and the same final val/acc: three runs on one point
+        write_run(tmp_path / f"zo{seed}", seed=seed, test=0.9)
+    write_run(tmp_path / "mrr", device="mrr", test=0.9, queries_per_step=50)
+    write_run(tmp_path / "digital", device="digital", test=0.95)
+    (digits,) = load_all(tmp_path)
+    figure = plot_metric_vs_queries(digits, _styles(digits))
+    axes = figure.axes[0]
+    assert [text.get_text() for text in axes.texts] == ["×3"]
+    assert legend_texts(figure) == ["mrr (1 run)", "mzi (3 runs)", "digital (mean of 1 run)"]
+    collections = axes.collections
+    assert len(collections) == 2 and all(0 < collection.get_alpha() < 1 for collection in collections)
+    markers = {tuple(map(tuple, c.get_paths()[0].vertices.round(3))) for c in collections}
+    assert len(markers) == 2  # distinct marker shapes per setting
+
+
+def test_budget_mismatch_is_flagged_or_refused(tmp_path, capsys):
+    """A 3-epoch hybrid run against a 30-epoch digital run: flagged (column, footnote, warning) by
+    default, left out with --strict-budget; a digital run of the same budget is preferred."""
+    write_run(tmp_path / "digital30", device="digital", test=0.97, max_epochs=30)
+    write_run(tmp_path / "mzi3", test=0.90, max_epochs=3)
+    (digits,) = load_all(tmp_path)
+    row = rows_by_device(digits)["mzi"]
+    assert row["budget"] == "trainer.max_epochs 3 vs 30" and row["gap"][0] == pytest.approx(7.0)
+    table = markdown_table(digits)
+    assert "| budget vs digital ² |" in table and "⚠ trainer.max_epochs 3 vs 30" in table
+    assert "² ⚠ no digital run of the same seed had the same training budget" in table
+
+    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: digits: 1 hybrid run(s) have no digital run of the same training budget" in err
+    assert "trainer.max_epochs 3 vs 30" in err
+    with open(tmp_path / "out" / "comparison.csv", newline="") as file:
+        flags = {row["device"]: (row["budget_vs_digital"], row["gap"]) for row in csv.DictReader(file)}
+    assert flags["mzi"][0] == "trainer.max_epochs 3 vs 30" and float(flags["mzi"][1]) == pytest.approx(7.0)
+
+    (strict,) = compare([load_run(path) for path in find_run_dirs([tmp_path])], strict_budget=True)
+    row = rows_by_device(strict)["mzi"]
+    assert row["gap"] is None and row["budget"] == "refused: trainer.max_epochs 3 vs 30"
+    assert "the gap is left out (--strict-budget)" in markdown_table(strict)
+
+    write_run(tmp_path / "digital3", device="digital", test=0.93, max_epochs=3)
+    rows = load_all(tmp_path)[0].rows
+    mzi = next(row for row in rows if row["device"] == "mzi")
+    assert mzi["budget"] == "" and mzi["gap"][0] == pytest.approx(3.0)  # against the 3-epoch digital run
+
+
+def test_budget_without_hydra_config_compares_steps(tmp_path):
+    write_run(tmp_path / "digital", device="digital", test=0.97, val=(0.5, 0.9, 0.95, 0.96))
+    write_run(tmp_path / "mzi", test=0.90)
+    for name in ("digital", "mzi"):
+        (tmp_path / name / ".hydra" / "config.yaml").unlink()
+    (digits,) = load_all(tmp_path)
+    assert rows_by_device(digits)["mzi"]["budget"] == "steps 30 vs 40"
+
+
+def test_html_report_is_one_self_contained_file(tmp_path, capsys):
+    import base64
+    import re
+
+    write_run(tmp_path / "runs" / "digital", device="digital", test=0.97, max_epochs=30)
+    write_run(tmp_path / "runs" / "mzi", test=0.90, max_epochs=3)
+    write_run(tmp_path / "runs" / "lm_digital", task="tinyshakespeare", device="digital", test=5.0, val=(7.0, 5.2))
+    write_run(tmp_path / "runs" / "lm_mzi", task="tinyshakespeare", test=6.0, val=(8.0, 6.1))
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert page.count("<table>") == 2 and "<h2>digits (main metric val/acc" in page
+    assert "<td>+7.00</td>" in page and "<td>+20.00</td>" in page  # points and % of the digital value
+    assert "<th>gap test/acc (pt) ¹</th>" in page and "<th>gap test/ppl (%) ¹</th>" in page
+    assert '<div class="warning"><p>⚠ digits: 1 hybrid run(s)' in page and '<tr class="flagged">' in page
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', page)
+    pngs = sorted(path.name for path in out.glob("*.png"))
+    assert sorted(name for name, _ in images) == pngs and len(pngs) == 5
+    assert all(base64.b64decode(data) == (out / name).read_bytes() for name, data in images)
+    # nothing outside the file: every src is a data URI, no links, scripts or style sheets
+    assert re.findall(r'(?:src|href)="([^"]*)"', page) == [f"data:image/png;base64,{data}" for _, data in images]
+    assert "<link" not in page and "<script" not in page and "url(" not in page
+
+
+def test_default_output_folders_are_git_ignored(tmp_path):
+    """compare.py's default outputs (the run directory under outputs/, ./compare_out) and the README's
+    ``--out report/`` stay out of git."""
+    import shutil
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("needs the git checkout")
+    paths = ["compare_out/report.html", "outputs/multirun/x/0/report.html", "report/comparison.csv",
+             "scripts/compare_out/comparison.csv"]
+    result = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True)
+    assert result.stdout.split() == paths
+    kept = subprocess.run(["git", "check-ignore", "--no-index", "astraora/report/compare.py"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert kept.returncode == 1  # not ignored

@@ -1,4 +1,5 @@
-"""Compare hybrid runs with their digital baselines: a markdown table per task, a CSV and plots.
+"""Compare hybrid runs with their digital baselines: a markdown table per task, a CSV, plots and a
+self-contained HTML report.
 
 Works offline from what every run directory holds (docs/CONTRACTS.md): ``summary.json``,
 ``metrics.csv`` (Lightning's CSVLogger: a sorted union of keys as header, one row per logging
@@ -8,13 +9,23 @@ keys that do not change what is trained: output paths, logger, resume, thread co
 the row then shows mean ± std over them. Rows that look alike but differ elsewhere in their config
 (e.g. ``trainer.max_epochs``) name the keys they differ in.
 
-Usage: ``python scripts/compare.py DIR... [--out OUTDIR] [--metric val/acc]``.
+The gap to digital is in the units of the README's tables: accuracy-like metrics in percentage
+points, loss-like ones (loss, perplexity, bits per character) in % of the digital run's value;
+positive = the hybrid is worse. It is taken against the digital run of the same task and seed with
+the same training budget (epoch, step and batch limits); where only a digital run of another budget
+exists the gap is flagged (column "budget vs digital" and a warning), or left out with
+``--strict-budget``.
+
+Usage: ``python scripts/compare.py DIR... [--out OUTDIR] [--metric val/acc] [--strict-budget]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
+import html
+import io
 import json
 import math
 import re
@@ -29,6 +40,7 @@ import yaml
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from omegaconf import DictConfig, OmegaConf
 
 SUMMARY = "summary.json"
@@ -38,6 +50,12 @@ DIGITAL = "digital"
 COMPLETED = "completed"
 MAIN_METRICS = ("val/acc", "val/ppl", "val/loss")
 HIGHER_IS_BETTER = ("acc", "accuracy", "f1")
+# The gap's unit (as in the README's tables): accuracy-like metrics in percentage points, the rest
+# (loss, perplexity, bits per character) in % of the digital run's value.
+POINTS, PERCENT = "pt", "%"
+# What bounds how long a run trains (None = no limit): a gap is only taken between equal budgets.
+BUDGET_KEYS = ("trainer.max_epochs", "trainer.max_steps", "trainer.limit_train_batches",
+               "trainer.limit_val_batches", "trainer.limit_test_batches", "trainer.accumulate_grad_batches")
 
 # What the plots tell apart; all but the device are hybrid-only (None for digital runs).
 SETTING_FIELDS = ("device", "mode", "integrator", "rank", "M", "M_sm")
@@ -55,7 +73,7 @@ NUMBER_FORMATS = {
     "final_val": ".4g",
     "best_val": ".4g",
     "test": ".4g",
-    "gap": "+.3g",
+    "gap": "+.2f",
     "queries_total": ",.0f",
     "queries_per_step": ".4g",
     "surrogate_rel_error": ".3g",
@@ -63,8 +81,13 @@ NUMBER_FORMATS = {
 CSV_COLUMNS = (
     "task", "metric", "test_metric", *CONFIG_FIELDS, "differs", "seeds", "n_runs",
     *(column for name in NUMBER_FORMATS for column in (name, f"{name}_std")),
-    "run_dirs",
+    "gap_unit", "budget_vs_digital", "run_dirs",
 )
+# Markers tell the seeds of one configuration apart in the line plots (colour = configuration);
+# in the scatter of metric vs queries they tell configurations apart.
+SEED_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+SETTING_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+DIGITAL_SHADES = ("black", "dimgray", "darkgray")
 
 
 @dataclass
@@ -149,6 +172,15 @@ class Run:
         error = _number(_dig(self.summary, "surrogate", "rel_error"))
         return self.last("surrogate/rel_error") if error is None else error
 
+    def budget(self) -> dict:
+        """What bounded the run's training: the Trainer's epoch, step and batch limits of
+        :data:`BUDGET_KEYS` from ``.hydra/config.yaml`` (None = no limit); without that file,
+        the ``steps`` summary.json says the run took (empty when unknown)."""
+        if self.hydra_config is not None:
+            return {key: self.setting(key) for key in BUDGET_KEYS}
+        steps = _number(self.summary.get("steps"))
+        return {} if steps is None else {"steps": int(steps)}
+
 
 @dataclass
 class TaskComparison:
@@ -158,10 +190,28 @@ class TaskComparison:
     metric: str
     entries: list[tuple[Run, dict]]
     rows: list[dict]
+    strict_budget: bool = False
 
     @property
     def test_metric(self) -> str:
         return test_metric_name(self.metric)
+
+    @property
+    def gap_unit(self) -> str:
+        return gap_unit(self.metric)
+
+    def budget_warning(self) -> str | None:
+        """One line on the hybrid runs whose digital run (same seed) had another training budget;
+        None when there are none."""
+        flagged = [record for _, record in self.entries if record["budget"]]
+        if not flagged:
+            return None
+        differences = "; ".join(dict.fromkeys(record["budget"].removeprefix("refused: ") for record in flagged))
+        action = ("their gap is left out (--strict-budget)" if self.strict_budget else
+                  "their gap is taken against it anyway and flagged in 'budget vs digital' "
+                  "(--strict-budget leaves it out)")
+        return (f"{self.task}: {len(flagged)} hybrid run(s) have no digital run of the same training budget "
+                f"and seed ({differences}): {action}")
 
 
 # ---------------------------------------------------------------------------- reading runs
@@ -239,6 +289,19 @@ def higher_is_better(metric: str) -> bool:
     return metric.rsplit("/", 1)[-1] in HIGHER_IS_BETTER
 
 
+def gap_unit(metric: str) -> str:
+    """The unit of the gap on ``metric``: percentage points (accuracy-like) or % of the digital value."""
+    return POINTS if higher_is_better(metric) else PERCENT
+
+
+def gap_in_units(metric: str, hybrid: float, digital: float) -> float:
+    """How much the hybrid trails the digital run (positive = hybrid worse): 100 × (digital − hybrid)
+    points for accuracy-like metrics, 100 × (hybrid − digital) / digital % for loss-like ones."""
+    if higher_is_better(metric):
+        return 100.0 * (digital - hybrid)
+    return 100.0 * (hybrid - digital) / digital if digital else math.nan
+
+
 def test_metric_name(metric: str) -> str:
     """``val/acc`` -> ``test/acc``."""
     return "test/" + metric.split("/", 1)[-1]
@@ -257,8 +320,10 @@ def choose_metric(runs: list[Run], requested: str | None) -> str:
     return candidates[0]
 
 
-def compare(runs: list[Run], metric: str | None = None) -> list[TaskComparison]:
-    """Group ``runs`` by task and build each task's table rows against its digital runs."""
+def compare(runs: list[Run], metric: str | None = None, strict_budget: bool = False) -> list[TaskComparison]:
+    """Group ``runs`` by task and build each task's table rows against its digital runs.
+    ``strict_budget``: leave out the gap of a hybrid run whose only digital runs (same seed) had
+    another training budget, instead of taking it and flagging it."""
     by_task: dict[str, list[Run]] = {}
     for run in runs:
         by_task.setdefault(run.task, []).append(run)
@@ -266,32 +331,62 @@ def compare(runs: list[Run], metric: str | None = None) -> list[TaskComparison]:
     for task, task_runs in sorted(by_task.items()):
         task_metric = choose_metric(task_runs, metric)
         baseline = digital_baseline(task_runs, test_metric_name(task_metric))
-        entries = sorted(((run, run_record(run, task_metric, baseline)) for run in task_runs),
+        entries = sorted(((run, run_record(run, task_metric, baseline, strict_budget)) for run in task_runs),
                          key=lambda entry: (_config_order(entry[1]), _order(entry[1]["seed"])))
-        comparisons.append(TaskComparison(task, task_metric, entries, group_rows([r for _, r in entries])))
+        comparisons.append(TaskComparison(task, task_metric, entries, group_rows([r for _, r in entries]),
+                                          strict_budget))
     return comparisons
 
 
-def digital_baseline(runs: list[Run], test_metric: str) -> dict:
-    """seed -> the digital test metric (mean if several completed digital runs share the seed)."""
-    values: dict = {}
+def digital_baseline(runs: list[Run], test_metric: str) -> dict[object, list[tuple[Run, float]]]:
+    """seed -> the completed digital runs of that seed with their test metric."""
+    candidates: dict = {}
     for run in runs:
         value = run.summary_metric(test_metric)
         if run.is_digital and run.status in (None, COMPLETED) and value is not None:
-            values.setdefault(run.setting("seed"), []).append(value)
-    return {seed: statistics.fmean(seed_values) for seed, seed_values in values.items()}
+            candidates.setdefault(run.setting("seed"), []).append((run, value))
+    return candidates
 
 
-def run_record(run: Run, metric: str, baseline: dict) -> dict:
+def budget_difference(run: Run, reference: Run) -> str:
+    """How ``run``'s training budget differs from ``reference``'s, as ``key value vs value`` for each
+    limit both configs know ('' when equal or not comparable); where one of them has no
+    ``.hydra/config.yaml``, the steps both summaries report are compared instead."""
+    mine, theirs = run.budget(), reference.budget()
+    if not mine.keys() & theirs.keys():
+        steps = [_number(side.summary.get("steps")) for side in (run, reference)]
+        mine, theirs = ({"steps": int(value)} if value is not None else {} for value in steps)
+    return ", ".join(f"{key} {_budget_value(mine[key])} vs {_budget_value(theirs[key])}"
+                     for key in sorted(mine.keys() & theirs.keys()) if mine[key] != theirs[key])
+
+
+def baseline_for(run: Run, candidates: list[tuple[Run, float]], strict_budget: bool) -> tuple[float | None, str]:
+    """(the digital test metric ``run`` is compared with, the budget flag): the mean over the
+    digital runs of the same budget, flag ''; where all differ in budget, the mean over all of
+    them and a flag naming the difference, or (None, 'refused: ...') under ``strict_budget``."""
+    if not candidates:
+        return None, ""
+    differences = [budget_difference(run, reference) for reference, _ in candidates]
+    same = [value for (_, value), difference in zip(candidates, differences) if not difference]
+    if same:
+        return statistics.fmean(same), ""
+    flag = "; ".join(dict.fromkeys(differences))
+    if strict_budget:
+        return None, f"refused: {flag}"
+    return statistics.fmean(value for _, value in candidates), flag
+
+
+def run_record(run: Run, metric: str, baseline: dict, strict_budget: bool = False) -> dict:
     """One run as a flat record: its configuration fields and its numbers (None = unknown).
-    ``gap`` is positive when the hybrid is worse than the digital run with the same seed."""
+    ``gap`` (in :func:`gap_unit`) is positive when the hybrid is worse than the digital run with
+    the same seed; ``budget`` flags a digital run of another training budget ('' when equal)."""
     hybrid = not run.is_digital
     seed = run.setting("seed")
     test = run.summary_metric(test_metric_name(metric))
-    reference = baseline.get(seed) if hybrid else None
+    reference, budget = baseline_for(run, baseline.get(seed, []), strict_budget) if hybrid else (None, "")
     gap = None
     if test is not None and reference is not None:
-        gap = reference - test if higher_is_better(metric) else test - reference
+        gap = gap_in_units(metric, test, reference)
     final = run.last(metric)
     queries = run.queries_total
     steps = _number(run.summary.get("steps"))
@@ -316,6 +411,7 @@ def run_record(run: Run, metric: str, baseline: dict) -> dict:
         "best_val": run.best(metric),
         "test": test,
         "gap": gap,
+        "budget": budget,
         "queries_total": queries,
         "queries_per_step": queries / steps if queries is not None and steps else None,
         "surrogate_rel_error": run.surrogate_rel_error,
@@ -333,6 +429,7 @@ def group_rows(records: list[dict]) -> list[dict]:
         row = {name: members[0][name] for name in (*GROUP_FIELDS, "config")}
         row["seeds"] = sorted((m["seed"] for m in members if m["seed"] is not None), key=_order)
         row["run_dirs"] = [m["run_dir"] for m in members]
+        row["budget"] = "; ".join(dict.fromkeys(m["budget"] for m in members if m["budget"]))
         row.update({name: _mean_std([m[name] for m in members]) for name in NUMBER_FORMATS})
         rows.append(row)
     for row in rows:
@@ -354,43 +451,61 @@ def _differences(row: dict, rows: list[dict]) -> str:
 
 # ---------------------------------------------------------------------------- output
 
+def table(comparison: TaskComparison) -> tuple[str, list[str], list[list[str]], list[str]]:
+    """The task's table as (heading, header, rows of cells, footnotes): what the markdown and the
+    HTML report show. Optional columns appear only where a row needs them."""
+    metric, test, unit = comparison.metric, comparison.test_metric, comparison.gap_unit
+    best = "max" if higher_is_better(metric) else "min"
+    differs = any(row["differs"] for row in comparison.rows)
+    flagged = any(row["budget"] for row in comparison.rows)
+    header = ["device", "mode", "integrator", "rank", "M", "M_sm", *(["config differs in"] if differs else []),
+              "seed(s)", "status", f"final {metric}", f"best {metric}", test, f"gap {test} ({unit}) ¹",
+              *(["budget vs digital ²"] if flagged else []), "queries", "queries/step", "surrogate rel. error"]
+    cells = []
+    for row in comparison.rows:
+        line = [_cell(row[name]) for name in SETTING_FIELDS]
+        line += [row["differs"] or MISSING] if differs else []
+        line += [", ".join(map(str, row["seeds"])) or MISSING, _cell(row["status"])]
+        for name, spec in NUMBER_FORMATS.items():
+            line.append(_format_number(row[name], spec))
+            if name == "gap" and flagged:
+                line.append(f"⚠ {row['budget']}" if row["budget"] else MISSING)
+        cells.append(line)
+    notes = [f"final = last logged {metric} in metrics.csv (summary.json's value if none was logged); "
+             f"best = {best} over logged steps; {test} from summary.json; queries/step = total queries / steps."]
+    if any(row["device"] == DIGITAL for row in comparison.rows):
+        formula = ("100 × (digital − hybrid), in percentage points" if unit == POINTS else
+                   "100 × (hybrid − digital) / digital, in % of the digital run's value")
+        notes.append(f"¹ gap on {test} = {formula}, against the digital run of the same task, seed and training "
+                     "budget (mean over the seeds that have one): positive = hybrid worse.")
+    else:
+        notes.append("¹ gap: no digital run of this task to compare with (run it with device=digital).")
+    if flagged:
+        notes.append("² ⚠ no digital run of the same seed had the same training budget (epoch, step or batch "
+                     "limits: this run vs digital); " +
+                     ("the gap is left out (--strict-budget)." if comparison.strict_budget else
+                      "the gap is against a digital run that trained differently: rerun the baseline with "
+                      "the same budget, or pass --strict-budget to leave such gaps out."))
+    if any(len(row["run_dirs"]) > 1 for row in comparison.rows):
+        notes.append("Rows of several runs (same config, different seeds): mean ± sample std over the runs.")
+    if differs:
+        notes.append("config differs in: the keys in which rows that look alike differ (they are not pooled).")
+    notes.append("— = not available or not applicable to the row's mode.")
+    heading = f"{comparison.task} (main metric {metric}, {len(comparison.entries)} runs)"
+    return heading, header, cells, notes
+
+
 def markdown_table(comparison: TaskComparison) -> str:
     """The task's table, with a heading and footnotes that say what each number is."""
-    metric, test = comparison.metric, comparison.test_metric
-    best = "max" if higher_is_better(metric) else "min"
-    gap = "digital − hybrid" if higher_is_better(metric) else "hybrid − digital"
-    differs = any(row["differs"] for row in comparison.rows)
-    header = ["device", "mode", "integrator", "rank", "M", "M_sm", *(["config differs in"] if differs else []),
-              "seed(s)", "status", f"final {metric}", f"best {metric}", test, f"gap {test} ¹", "queries",
-              "queries/step", "surrogate rel. error"]
-    lines = [f"## {comparison.task} (main metric {metric}, {len(comparison.entries)} runs)", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in comparison.rows:
-        cells = [_cell(row[name]) for name in SETTING_FIELDS]
-        cells += [row["differs"] or MISSING] if differs else []
-        cells += [", ".join(map(str, row["seeds"])) or MISSING, _cell(row["status"])]
-        cells += [_format_number(row[name], spec) for name, spec in NUMBER_FORMATS.items()]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"final = last logged {metric} in metrics.csv (summary.json's value if none was logged); "
-        f"best = {best} over logged steps; {test} from summary.json; queries/step = total queries / steps.",
-    ]
-    if any(row["device"] == DIGITAL for row in comparison.rows):
-        lines.append(f"¹ gap = {gap} on {test}, against the digital run of the same task and seed "
-                     "(mean over the seeds that have one): positive = hybrid worse.")
-    else:
-        lines.append("¹ gap: no digital run of this task to compare with (run it with device=digital).")
-    if any(len(row["run_dirs"]) > 1 for row in comparison.rows):
-        lines.append("Rows of several runs (same config, different seeds): mean ± sample std over the runs.")
-    if differs:
-        lines.append("config differs in: the keys in which rows that look alike differ (they are not pooled).")
-    lines.append("— = not available or not applicable to the row's mode.")
-    return "\n".join(lines)
+    heading, header, cells, notes = table(comparison)
+    lines = [f"## {heading}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(line) + " |" for line in cells]
+    return "\n".join([*lines, "", *notes])
 
 
 def write_csv(comparisons: list[TaskComparison], path: Path) -> None:
-    """All tables in one CSV: raw numbers, mean and std in separate columns, empty = unknown."""
+    """All tables in one CSV: raw numbers, mean and std in separate columns, empty = unknown; the
+    gap in ``gap_unit`` (pt or %), ``budget_vs_digital`` the budget flag ('' = same budget)."""
     with path.open("w", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
         writer.writeheader()
@@ -399,7 +514,8 @@ def write_csv(comparisons: list[TaskComparison], path: Path) -> None:
                 record = {"task": comparison.task, "metric": comparison.metric,
                           "test_metric": comparison.test_metric, "n_runs": len(row["run_dirs"]),
                           "seeds": ";".join(map(str, row["seeds"])), "run_dirs": ";".join(row["run_dirs"]),
-                          "differs": row["differs"]}
+                          "differs": row["differs"], "gap_unit": comparison.gap_unit,
+                          "budget_vs_digital": row["budget"]}
                 record.update({name: _csv_value(row[name]) for name in CONFIG_FIELDS})
                 for name in NUMBER_FORMATS:
                     mean, std = row[name] or (None, None)
@@ -407,8 +523,8 @@ def write_csv(comparisons: list[TaskComparison], path: Path) -> None:
                 writer.writerow(record)
 
 
-def save_plots(comparison: TaskComparison, out_dir: Path) -> list[Path]:
-    """Write the task's PNGs (those it has data for) and return their paths."""
+def render_plots(comparison: TaskComparison) -> dict[str, bytes]:
+    """The task's plots (those it has data for) as PNG bytes, by file name."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", comparison.task)
     plots = {
         f"{stem}_metric_vs_step.png": plot_metric_vs_step,
@@ -416,17 +532,28 @@ def save_plots(comparison: TaskComparison, out_dir: Path) -> list[Path]:
         f"{stem}_metric_vs_queries.png": plot_metric_vs_queries,
     }
     styles = _styles(comparison)
-    written = []
+    rendered = {}
     for name, plot in plots.items():
         figure = plot(comparison, styles)
         if figure is not None:
-            figure.savefig(out_dir / name, dpi=120)
-            written.append(out_dir / name)
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png", dpi=120)
+            rendered[name] = buffer.getvalue()
+    return rendered
+
+
+def save_plots(comparison: TaskComparison, out_dir: Path) -> list[Path]:
+    """Write the task's PNGs (those it has data for) and return their paths."""
+    written = []
+    for name, png in render_plots(comparison).items():
+        (out_dir / name).write_bytes(png)
+        written.append(out_dir / name)
     return written
 
 
 def plot_metric_vs_step(comparison: TaskComparison, styles: dict) -> Figure | None:
-    """The main metric against the step, every hybrid configuration beside the digital run(s)."""
+    """The main metric against the step, every hybrid configuration beside the digital run(s);
+    colour = configuration, marker = seed."""
     metric = comparison.metric
     curves = [(run, record) for run, record in comparison.entries if metric in run.history]
     if not curves:
@@ -434,41 +561,50 @@ def plot_metric_vs_step(comparison: TaskComparison, styles: dict) -> Figure | No
     has_digital = any(record["device"] == DIGITAL for _, record in curves)
     title = f"{comparison.task}: {metric}" + (", hybrid vs digital" if has_digital else "")
     figure, axes = _figure(title, "step", metric)
+    seeds = _seed_markers(comparison)
     for run, record in curves:
-        label, color = styles[_key(record)]
-        axes.plot(*run.history[metric], color=color, label=label, marker=".",
+        steps, values = run.history[metric]
+        axes.plot(steps, values, color=styles[_key(record)]["color"], marker=seeds[record["seed"]],
+                  markevery=_mark_every(steps, seeds, record["seed"]), markersize=4, alpha=0.85,
                   linewidth=2.0 if record["device"] == DIGITAL else 1.2)
-    _legend(axes)
+    _legend(axes, styles, [record for _, record in curves], seeds)
     return figure
 
 
 def plot_surrogate_error(comparison: TaskComparison, styles: dict) -> Figure | None:
-    """Surrogate relative error against the step; dotted: the best rank-r error. Every point is
-    marked (short runs log it at one or two steps); log y only when the values span a decade."""
+    """Surrogate relative error against the step (solid) and the best rank-r error, the truncated
+    SVD of the device's matrix (dotted); colour = configuration, marker = seed. Every point of a
+    short run is marked; log y only when the values span a decade."""
     lines = []
     for run, record in comparison.entries:
-        for name, style, suffix in (("surrogate/rel_error", ".-", ""),
-                                    ("surrogate/rel_error_best_rank_r", ".:", " (best rank r)")):
+        for name, linestyle in (("surrogate/rel_error", "-"), ("surrogate/rel_error_best_rank_r", ":")):
             if name in run.history:
                 steps, values = run.history[name]
                 keep = np.isfinite(values) & (values > 0)
                 if keep.any():
-                    lines.append((record, steps[keep], values[keep], style, suffix))
+                    lines.append((record, steps[keep], values[keep], linestyle))
     if not lines:
         return None
     figure, axes = _figure(f"{comparison.task}: surrogate relative error", "step", "‖Â − A‖_F / ‖A‖_F")
-    for record, steps, values, style, suffix in lines:
-        label, color = styles[_key(record)]
-        axes.plot(steps, values, style, color=color, label=label + suffix)
-    every = np.concatenate([values for _, _, values, _, _ in lines])
+    seeds = _seed_markers(comparison)
+    for record, steps, values, linestyle in lines:
+        axes.plot(steps, values, linestyle=linestyle, color=styles[_key(record)]["color"],
+                  marker=seeds[record["seed"]], markevery=_mark_every(steps, seeds, record["seed"]), markersize=4,
+                  alpha=0.85)
+    every = np.concatenate([values for _, _, values, _ in lines])
     if every.max() > 10 * every.min():
         axes.set_yscale("log")
-    _legend(axes)
+    kinds = [Line2D([], [], color="black", linestyle="-", label="surrogate Â (solid)")]
+    if any(linestyle == ":" for *_, linestyle in lines):
+        kinds.append(Line2D([], [], color="black", linestyle=":", label="best rank-r error, SVD of A (dotted)"))
+    _legend(axes, styles, [record for record, *_ in lines], seeds, kinds)
     return figure
 
 
 def plot_metric_vs_queries(comparison: TaskComparison, styles: dict) -> Figure | None:
-    """Final metric against total queries per hybrid run (log x); digital runs as a dashed line."""
+    """Final metric against total queries, one point per hybrid run (log x): marker and colour per
+    configuration, half transparent, '×n' where n runs fall on one point; digital runs as
+    horizontal lines (their mean)."""
     metric = comparison.metric
     points = [record for _, record in comparison.entries if record["device"] != DIGITAL
               and record["final_val"] is not None and (record["queries_total"] or 0) > 0]
@@ -476,27 +612,90 @@ def plot_metric_vs_queries(comparison: TaskComparison, styles: dict) -> Figure |
         return None
     figure, axes = _figure(f"{comparison.task}: final {metric} vs device queries", "total queries",
                            f"final {metric}")
+    by_config: dict[tuple, list[dict]] = {}
     for record in points:
-        label, color = styles[_key(record)]
-        axes.scatter(record["queries_total"], record["final_val"], color=color, label=label)
-    digital = [record["final_val"] for _, record in comparison.entries
-               if record["device"] == DIGITAL and record["final_val"] is not None]
-    if digital:
-        axes.axhline(statistics.fmean(digital), color="black", linestyle="--", label=DIGITAL)
+        by_config.setdefault(_key(record), []).append(record)
+    for key, records in by_config.items():
+        style = styles[key]
+        axes.scatter([r["queries_total"] for r in records], [r["final_val"] for r in records], s=55, alpha=0.55,
+                     color=style["color"], marker=style["marker"], edgecolors="black", linewidths=0.6,
+                     label=f"{style['label']} ({_runs(len(records))})")
+    coincide: dict[tuple, int] = {}
+    for record in points:
+        spot = (float(f"{record['queries_total']:.4g}"), float(f"{record['final_val']:.4g}"))
+        coincide[spot] = coincide.get(spot, 0) + 1
+    for (x, y), count in coincide.items():
+        if count > 1:
+            axes.annotate(f"×{count}", (x, y), textcoords="offset points", xytext=(7, 5), fontsize="small")
+    digital: dict[tuple, list[float]] = {}
+    for _, record in comparison.entries:
+        if record["device"] == DIGITAL and record["final_val"] is not None:
+            digital.setdefault(_key(record), []).append(record["final_val"])
+    for key, values in digital.items():
+        axes.axhline(statistics.fmean(values), color=styles[key]["color"], linestyle="--",
+                     label=f"{styles[key]['label']} (mean of {_runs(len(values))})")
     axes.set_xscale("log")
-    _legend(axes)
+    _place_legend(figure, *axes.get_legend_handles_labels())
     return figure
+
+
+def html_report(comparisons: list[TaskComparison], images: dict[str, dict[str, bytes]],
+                warnings: list[str], sources: list[str]) -> str:
+    """One self-contained HTML page: every task's table, footnotes and plots (PNG embedded as
+    base64 data URIs), the warnings first; no external file, script or style sheet."""
+    def cell(tag: str, text: str) -> str:
+        return f"<{tag}>{html.escape(text)}</{tag}>"
+
+    parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+             "<title>astraora: hybrid runs vs digital baselines</title>", f"<style>{_HTML_STYLE}</style>",
+             "</head>", "<body>", "<h1>astraora: hybrid runs vs digital baselines</h1>",
+             f"<p>Runs read from {', '.join(f'<code>{html.escape(str(s))}</code>' for s in sources)}.</p>"]
+    if warnings:
+        parts.append('<div class="warning">' + "".join(cell("p", f"⚠ {line}") for line in warnings) + "</div>")
+    for comparison in comparisons:
+        heading, header, cells, notes = table(comparison)
+        flag_column = header.index("budget vs digital ²") if "budget vs digital ²" in header else None
+        parts += ["<section>", cell("h2", heading), "<table>",
+                  "<thead><tr>" + "".join(cell("th", name) for name in header) + "</tr></thead>", "<tbody>"]
+        for line in cells:
+            flagged = flag_column is not None and line[flag_column] != MISSING
+            parts.append(("<tr class=\"flagged\">" if flagged else "<tr>")
+                         + "".join(cell("td", text) for text in line) + "</tr>")
+        parts += ["</tbody>", "</table>", '<div class="notes">' + "".join(cell("p", note) for note in notes) + "</div>"]
+        for name, png in images.get(comparison.task, {}).items():
+            data = base64.b64encode(png).decode("ascii")
+            parts.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+                         f"{cell('figcaption', name)}</figure>")
+        parts.append("</section>")
+    parts += ["</body>", "</html>"]
+    return "\n".join(parts) + "\n"
+
+
+_HTML_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:110em;color:#222}"
+    "table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}"
+    "th,td{border:1px solid #bbb;padding:0.25em 0.5em;text-align:right;white-space:nowrap}"
+    "th{background:#eee}td:nth-child(-n+3){text-align:left}"
+    "tr.flagged td{background:#fff3cd}"
+    ".warning{border-left:4px solid #d39e00;background:#fff8e1;padding:0.3em 1em}"
+    ".notes{font-size:0.85em;color:#444}figure{display:inline-block;margin:0.5em}"
+    "img{max-width:100%;border:1px solid #ddd}figcaption{font-size:0.8em;color:#555}"
+)
 
 
 # ---------------------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the tables, write comparison.csv and the plots; 2 when no run directory is found."""
+    """Print the tables; write comparison.csv, the plots and report.html; 2 when no run directory
+    is found."""
     parser = argparse.ArgumentParser(prog="compare.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or multirun directories")
     parser.add_argument("--out", type=Path, help="output folder (default: DIR if one, else ./compare_out)")
     parser.add_argument("--metric", help="main metric, e.g. val/acc (default: val/acc, val/ppl or "
                                          "val/loss, whichever the task logged)")
+    parser.add_argument("--strict-budget", action="store_true",
+                        help="leave out the gap of a hybrid run whose digital run (same seed) had another "
+                             "training budget (epoch, step or batch limits) instead of flagging it")
     args = parser.parse_args(argv)
 
     runs = [run for run in map(_load_or_warn, find_run_dirs(args.dirs)) if run is not None]
@@ -510,13 +709,20 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or (Path(args.dirs[0]) if len(args.dirs) == 1 else Path("compare_out"))
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    comparisons = compare(runs, args.metric)
-    plots = []
+    comparisons = compare(runs, args.metric, args.strict_budget)
+    images = {}
     for comparison in comparisons:
         print(markdown_table(comparison), end="\n\n")
-        plots += save_plots(comparison, out_dir)
+        images[comparison.task] = render_plots(comparison)
+        for name, png in images[comparison.task].items():
+            (out_dir / name).write_bytes(png)
     write_csv(comparisons, out_dir / "comparison.csv")
-    print(f"wrote comparison.csv and {len(plots)} plots to {out_dir}")
+    warnings = [line for line in (comparison.budget_warning() for comparison in comparisons) if line]
+    (out_dir / "report.html").write_text(html_report(comparisons, images, warnings, args.dirs), encoding="utf-8")
+    for line in warnings:
+        _warn(f"warning: {line}")
+    plots = sum(map(len, images.values()))
+    print(f"wrote comparison.csv, report.html and {plots} plots to {out_dir}")
     return 0
 
 
@@ -593,6 +799,11 @@ def _cell(value) -> str:
     return MISSING if value is None else str(value)
 
 
+def _budget_value(value) -> str:
+    """A budget limit as its config writes it (None: ``null``, no limit)."""
+    return "null" if value is None else str(value)
+
+
 def _csv_value(value):
     return "" if value is None else value
 
@@ -615,27 +826,57 @@ def _natural_key(path: Path) -> list:
 
 
 def _key(record: dict) -> tuple:
-    return tuple(record[name] for name in SETTING_FIELDS)
+    """What a plot tells apart: the setting fields and, for rows that look alike, the rest of the config."""
+    return (*(record[name] for name in SETTING_FIELDS), record["config_id"])
 
 
-def _styles(comparison: TaskComparison) -> dict:
-    """Configuration -> (legend label, colour): black for digital, tab10 for the rest. Labels name
-    the device and whichever fields vary between the task's hybrid configurations."""
+def _styles(comparison: TaskComparison) -> dict[tuple, dict]:
+    """Configuration -> {label, color, marker}: greys for digital, tab10 for the rest. Labels name the
+    device, whichever setting fields vary between the task's hybrid configurations (left out where
+    they do not apply, e.g. no rank for ``exact``) and, for configurations that look alike, the
+    config keys they differ in."""
     keys = list(dict.fromkeys(_key(record) for _, record in comparison.entries))
     hybrid = [key for key in keys if key[0] != DIGITAL]
-    varying = [index for index in range(1, len(SETTING_FIELDS)) if len({key[index] for key in hybrid}) > 1]
+    digital = [key for key in keys if key[0] == DIGITAL]
+    # a field the mode does not use is None: it tells nothing apart (the mode, which varies then, does)
+    varying = [index for index in range(1, len(SETTING_FIELDS))
+               if len({key[index] for key in hybrid} - {None}) > 1]
+    differs = {_key(row): row["differs"] for row in comparison.rows if row["differs"]}
     palette = colormaps["tab10"]
     styles = {}
     for number, key in enumerate(hybrid):
-        parts = [str(key[0])] + [f"{SETTING_FIELDS[i]}={key[i]}" for i in varying]
-        styles[key] = (" ".join(parts), palette(number % palette.N))
-    styles.update({key: (DIGITAL, "black") for key in keys if key[0] == DIGITAL})
+        parts = [str(key[0])] + [f"{SETTING_FIELDS[i]}={key[i]}" for i in varying if key[i] is not None]
+        parts += [f"[{differs[key]}]"] if key in differs else []
+        styles[key] = {"label": " ".join(parts), "color": palette(number % palette.N),
+                       "marker": SETTING_MARKERS[number % len(SETTING_MARKERS)]}
+    for number, key in enumerate(digital):
+        styles[key] = {"label": DIGITAL + (f" [{differs[key]}]" if key in differs else ""),
+                       "color": DIGITAL_SHADES[number % len(DIGITAL_SHADES)], "marker": "_"}
     return styles
+
+
+def _seed_markers(comparison: TaskComparison) -> dict:
+    """seed -> its marker in the line plots (the task's seeds in order)."""
+    seeds = sorted({record["seed"] for _, record in comparison.entries}, key=_order)
+    return {seed: SEED_MARKERS[number % len(SEED_MARKERS)] for number, seed in enumerate(seeds)}
+
+
+def _mark_every(steps: np.ndarray, seeds: dict, seed) -> int | tuple[int, int]:
+    """About ten markers per line (enough to tell the seeds apart, few enough to see the line),
+    each seed's shifted along the line so that seeds with equal curves still show their markers."""
+    every = max(1, len(steps) // 10)
+    if every == 1:
+        return 1
+    return (list(seeds).index(seed) * every // len(seeds), every)
+
+
+def _runs(count: int) -> str:
+    return f"{count} run" + ("" if count == 1 else "s")
 
 
 def _figure(title: str, xlabel: str, ylabel: str):
     """A figure on the Agg canvas (no pyplot, no global backend change) and its axes."""
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    figure = Figure(figsize=(8, 5.5), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots()
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -643,8 +884,20 @@ def _figure(title: str, xlabel: str, ylabel: str):
     return figure, axes
 
 
-def _legend(axes) -> None:
-    """One legend entry per label (several seeds share a label)."""
-    handles, labels = axes.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    axes.legend(unique.values(), unique.keys(), fontsize="small")
+def _legend(axes, styles: dict, records: list[dict], seeds: dict, kinds: list[Line2D] = ()) -> None:
+    """One entry per configuration (its colour), then ``kinds`` (what a line style means) and,
+    where several seeds are drawn, one per seed (its marker)."""
+    handles = [Line2D([], [], color=styles[key]["color"], label=styles[key]["label"])
+               for key in dict.fromkeys(_key(record) for record in records)]
+    handles += list(kinds)
+    drawn = sorted({record["seed"] for record in records}, key=_order)
+    if len(drawn) > 1:
+        handles += [Line2D([], [], color="grey", marker=seeds[seed], linestyle="None",
+                           label=f"seed {_cell(seed)}") for seed in drawn]
+    _place_legend(axes.figure, handles, [handle.get_label() for handle in handles])
+
+
+def _place_legend(figure: Figure, handles: list, labels: list[str]) -> None:
+    """The legend below the axes, where it hides no line (two columns when the labels are short)."""
+    columns = 2 if max(map(len, labels), default=0) <= 40 else 1
+    figure.legend(handles, labels, loc="outside lower center", ncols=columns, fontsize="small")
