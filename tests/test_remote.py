@@ -25,9 +25,10 @@ from astraora.errors import ConfigError, DeviceFailure, DeviceFault
 from astraora.ledger import QueryLedger
 from astraora.remote import DeviceInfo, DeviceServer, LabDevice, RemoteDevice, RemoteError
 from astraora.remote.benchmark import measure
+from astraora.remote.keys import ClientKeys
 from astraora.remote.server import build_server, check_device_override, device_opener
 from astraora.remote.token import TOKEN_ENV, read_token
-from astraora.remote.wire import encode
+from astraora.remote.wire import PROTOCOL_VERSION, encode
 from astraora.train import CONFIG_DIR, run
 from conftest import REPO, compose_config
 
@@ -62,14 +63,24 @@ def serving(*overrides: str, server: DeviceServer | None = None):
 
 
 def client(server: DeviceServer, d_in: int = 6, d_out: int = 4, **kwargs) -> RemoteDevice:
-    return RemoteDevice(d_in, d_out, address=server.endpoint, seed=0, name="layer", timeout_s=5, open_timeout_s=5, **kwargs)
+    options = {"address": server.endpoint, "seed": 0, "name": "layer", "timeout_s": 5, "open_timeout_s": 5, **kwargs}
+    return RemoteDevice(d_in, d_out, **options)
 
 
-def raw_request(endpoint: str, frames: list, timeout_s: float = 5.0) -> dict | None:
-    """Send frames on a fresh DEALER socket; the decoded reply header, or None without a reply."""
+def peer(endpoint: str, token: str | None = TOKEN) -> zmq.Socket:
+    """A DEALER socket connected to ``endpoint``: with the CURVE keys of ``token``, or none (None)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if token is not None:
+        keys = ClientKeys.from_token(token)
+        sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = keys.secret, keys.public, keys.server
     sock.connect(endpoint)
+    return sock
+
+
+def raw_request(endpoint: str, frames: list, timeout_s: float = 5.0, token: str | None = TOKEN) -> dict | None:
+    """Send frames on a fresh DEALER socket; the decoded reply header, or None without a reply."""
+    sock = peer(endpoint, token)
     try:
         sock.send_multipart(frames)
         if not sock.poll(int(timeout_s * 1000)):
@@ -77,6 +88,11 @@ def raw_request(endpoint: str, frames: list, timeout_s: float = 5.0) -> dict | N
         return json.loads(sock.recv_multipart()[0])
     finally:
         sock.close()
+
+
+def request_header(op: str, **fields) -> dict:
+    """A request header of the current protocol in a session of its own."""
+    return {"v": PROTOCOL_VERSION, "op": op, "id": 1, "session": "ab" * 16, **fields}
 
 
 # --------------------------------------------------------------------------- training
@@ -139,7 +155,7 @@ def start_server_process(address: str, *overrides: str) -> tuple[subprocess.Pope
     seen = []
     for line in proc.stdout:  # "astraora-device-server: serving ... on tcp://127.0.0.1:PORT[, adding ...]"
         if "serving" in line:
-            return proc, line.split(" on ")[1].split(",")[0].strip()
+            return proc, line.split(" on ")[1].split()[0].rstrip(",;")
         seen.append(line)
     raise AssertionError("the server did not start: " + "".join(seen))
 
@@ -166,7 +182,7 @@ def test_killed_server_checkpoints_and_stops_then_resume_finishes(tmp_path):
     assert train.returncode == 3, stderr[-2000:]
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: device 'head.physical': a ") and "failed 2 times" in lines[-1]
-    assert f"device server {endpoint} did not answer" in lines[-1]
+    assert f"device server {endpoint}" in lines[-1] and ("closed the connection" in lines[-1] or "no connection" in lines[-1])
     assert TOKEN not in stdout + stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "device_failure" and 2 <= summary["steps"] < 9
@@ -185,8 +201,8 @@ def test_unreachable_server_stops_the_build():
     with socket.socket() as s:  # a free port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(DeviceFailure, match=f"tcp://127.0.0.1:{port} did not answer the open request within 0.2 s "
-                                            r"\(is astraora-device-server running there\?\)"):
+    with pytest.raises(DeviceFailure, match=f"tcp://127.0.0.1:{port}: no connection within 0.2 s "
+                                            r"\(is astraora-device-server running there\?\)$"):
         RemoteDevice(4, 4, address=f"tcp://127.0.0.1:{port}", open_timeout_s=0.2)
 
 
@@ -200,34 +216,40 @@ def test_bad_clients_are_refused_and_the_good_one_is_served_unchanged():
         good = client(server)
         torch.testing.assert_close(good.query(x), expected[0], rtol=0, atol=0)
 
-        with pytest.raises(ConfigError, match="refused the token"):
-            client(server, token="wrong-token-0000")
-        ep, handle = server.endpoint, good.handle
-        query = {"v": 1, "op": "query", "handle": handle}
+        with pytest.raises(ConfigError, match="refused this client's key at the handshake"):
+            client(server, secret="wrong-token-0000")
+        ep, handle, session = server.endpoint, good.handle, good.connection.session
+        query = {"v": PROTOCOL_VERSION, "op": "query", "id": 7, "session": session, "handle": handle}
+        theta = good.theta.detach()
+        # without the keys nothing gets through: no reply, and the server never sees a request
+        assert raw_request(ep, encode(query, {"x": x, "theta": theta}), timeout_s=0.5, token="wrong-token-0000") is None
+        assert raw_request(ep, encode(query, {"x": x, "theta": theta}), timeout_s=0.5, token=None) is None
+        before = server.requests
+        ids = iter(range(100, 200))  # a repeated id would be answered from the session's cache
+        query = {**query, "id": 0}
         replies = [
-            raw_request(ep, encode({**query, "token": "wrong-token-0000"}, {"x": x, "theta": good.theta})),  # wrong token
-            raw_request(ep, encode(query, {"x": x})),  # no token
             raw_request(ep, [b"\x00\xff garbage \x13"]),  # not JSON
             raw_request(ep, [b"[1, 2]"]),  # JSON, not an object
-            raw_request(ep, [json.dumps({**query, "token": TOKEN, "tensors": [{"name": "x", "dtype": "object", "shape": [1]}]}).encode(), b"\x80"]),
-            raw_request(ep, [json.dumps({**query, "token": TOKEN, "tensors": [{"name": "x", "dtype": "float32", "shape": [9, 9]}]}).encode(), b"1234"]),
-            raw_request(ep, encode({**query, "token": TOKEN}, {"x": torch.randn(3, 5), "theta": good.theta})),  # wrong width
-            raw_request(ep, encode({**query, "token": TOKEN, "purpose": "steal"}, {"x": x, "theta": good.theta})),
-            raw_request(ep, encode({**query, "token": TOKEN, "op": "exec"})),  # unknown op
-            raw_request(ep, encode({**query, "token": TOKEN, "handle": "nope"}, {"x": x, "theta": good.theta})),
-            raw_request(ep, encode({"v": 1, "op": "set_state", "handle": handle, "token": TOKEN}, {"noise": torch.zeros(3, dtype=torch.uint8)})),
-            raw_request(ep, encode({**query, "token": TOKEN}, {f"t{i}": torch.zeros(2**17) for i in range(3)})),  # 1.5 MiB in frames of 0.5
+            raw_request(ep, [json.dumps({**query, "id": next(ids), "tensors": [{"name": "x", "dtype": "object", "shape": [1]}]}).encode(), b"\x80"]),
+            raw_request(ep, [json.dumps({**query, "id": next(ids), "tensors": [{"name": "x", "dtype": "float32", "shape": [9, 9]}]}).encode(), b"1234"]),
+            raw_request(ep, encode({**query, "id": next(ids)}, {"x": torch.randn(3, 5), "theta": theta})),  # wrong width
+            raw_request(ep, encode({**query, "id": next(ids), "purpose": "steal"}, {"x": x, "theta": theta})),
+            raw_request(ep, encode({**query, "id": next(ids), "op": "exec"})),  # unknown op
+            raw_request(ep, encode({**query, "id": next(ids), "handle": "nope"}, {"x": x, "theta": theta})),
+            raw_request(ep, encode({**query, "id": next(ids), "op": "set_state"}, {"noise": torch.zeros(3, dtype=torch.uint8)})),
+            raw_request(ep, encode({**query, "id": next(ids)}, {f"t{i}": torch.zeros(2**17) for i in range(3)})),  # 1.5 MiB in frames of 0.5
+            raw_request(ep, encode({**query, "id": next(ids), "v": 1, "token": TOKEN}, {"x": x, "theta": theta})),  # the old protocol
         ]
         codes = [r["error"]["code"] if r and not r["ok"] else r for r in replies]
-        assert codes == ["auth", "auth", "malformed", "malformed", "malformed", "malformed", "malformed", "malformed",
-                         "malformed", "unknown_handle", "malformed", "too_large"]
+        assert codes == ["malformed", "malformed", "malformed", "malformed", "malformed", "malformed",
+                         "malformed", "unknown_handle", "malformed", "too_large", "malformed"]
         assert raw_request(ep, [b"x" * (2 * 2**20)], timeout_s=0.5) is None  # one frame over the limit: dropped unread
         with socket.create_connection(("127.0.0.1", int(ep.rsplit(":", 1)[1]))) as raw:  # not even ZeroMQ
             raw.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(range(256)))
 
         # the legitimate client is still served, and nothing above touched its device's noise stream
         torch.testing.assert_close(good.query(x), expected[1], rtol=0, atol=0)
-        assert server.refused >= 13  # the twelve above, the wrong-token open (and the raw bytes, if read as ZMTP 1.0)
+        assert server.requests - before == len(replies) + 1 and server.refused >= len(replies)
         with pytest.raises(ConfigError, match="exceeds device.max_message_mb"):
             good.connection.request("query", {"handle": handle}, {"x": torch.zeros(2**19)})
 
@@ -316,17 +338,38 @@ def test_message_limit_splits_calls_and_delay_is_counted_as_wait():
         assert QueryLedger(local).counts().keys() == ledger.counts().keys() - {"device/wait_seconds"}
 
 
-def test_a_restarted_server_gets_the_layer_again_with_its_state():
-    with serving("device=slm", "device.nonideal.output_noise=0.1") as server:
+def test_a_lost_layer_with_state_stops_the_run_and_one_without_continues():
+    """A server that lost a layer (restart, expired session) must not let a noisy device continue
+    from a rewound noise stream: DeviceFailure, resume from the last checkpoint. A device without
+    state (a noiseless simulator) is opened again and continues exactly."""
+    noisy = ["device=slm", "device.nonideal.output_noise=0.1"]
+    with serving(*noisy) as server:
         remote = client(server)
-        reference = make_device(server_config("device=slm", "device.nonideal.output_noise=0.1").device, 6, 4, 0, "layer")
+        reference = make_device(server_config(*noisy).device, 6, 4, 0, "layer")
         x = torch.randn(2, 6)
         torch.testing.assert_close(remote.query(x), reference.query(x), rtol=0, atol=0)
         state = remote.generator_states()  # as a checkpoint does
+        assert remote.stateful and set(state) == {"noise", "drift", "faults", "drift_offset"}
         server.sessions.clear()  # what a restart loses
+        with pytest.raises(DeviceFailure, match=r"lost layer 'layer' \(restarted\?\); resume=<run dir> continues "
+                                                "exactly from the last checkpoint"):
+            QueryLedger(remote, max_retries=3).query(x, "forward")
+        assert not server.sessions  # nothing was opened behind the run's back
+        with pytest.raises(DeviceFailure):  # no checkpoint from a state the server no longer has
+            remote.generator_states()
+        resumed = client(server)  # what resume does: a new layer, the checkpoint's generator states
+        resumed.load_generator_states(state)
+        torch.testing.assert_close(resumed.query(x), reference.query(x), rtol=0, atol=0)
+
+    with serving("device=slm", "device.nonideal.phase_bits=6") as server:  # deterministic: no state to lose
+        remote = client(server)
+        reference = make_device(server_config("device=slm", "device.nonideal.phase_bits=6").device, 6, 4, 0, "layer")
+        assert not remote.stateful
+        x = torch.randn(2, 6)
         torch.testing.assert_close(remote.query(x), reference.query(x), rtol=0, atol=0)
-        assert len(server.sessions) == 1 and torch.equal(remote.generator_states()["noise"], reference.noise_gen.get_state())
-        assert set(state) == {"noise", "drift", "faults", "drift_offset"}
+        server.sessions.clear()
+        torch.testing.assert_close(remote.query(x), reference.query(x), rtol=0, atol=0)
+        assert sum(len(s.layers) for s in server.sessions.values()) == 1
 
 
 def test_benchmark_prints_loopback_and_in_process_rates():

@@ -45,7 +45,7 @@ def measure(device: str = "mzi", width: int = 64, batch: int = 64, settings: int
     thread.start()
     try:
         local = make_device(device_cfg, width, width, 0, "benchmark")
-        remote = RemoteDevice(width, width, address=endpoint, token=token, seed=0, name="benchmark", timeout_s=60)
+        remote = RemoteDevice(width, width, address=endpoint, secret=token, seed=0, name="benchmark", timeout_s=60)
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(batch, width, generator=gen)
         theta = local.theta.detach()

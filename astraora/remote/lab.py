@@ -40,6 +40,9 @@ class DeviceInfo:
         jacobian_offsets: for a device with one control per matrix entry (θ of shape (m, n)), the
             column offsets o such that entry [i, j] depends only on θ[i, j + o] ([0]; [-1, 0, 1] with
             crosstalk between row neighbours); None when not declared. ``zo=colored`` needs it.
+        stateful: whether the device holds state a checkpoint must restore (random generators, drift):
+            a client that loses such a layer (server restarted) stops instead of continuing from a
+            rewound state. None: decided by whether :meth:`LabDevice.state` is empty.
     """
 
     identity: str
@@ -54,6 +57,7 @@ class DeviceInfo:
     phi_from_forward: tuple[bool, bool] = (True, True)
     nonideal: dict | None = None
     jacobian_offsets: tuple[int, ...] | None = None
+    stateful: bool | None = None
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -148,6 +152,7 @@ class SimulatedDevice(LabDevice):
             phi_from_forward=self._phi_from_forward(),
             nonideal=asdict(nonideal),
             jacobian_offsets=self.device.jacobian_offsets(),
+            stateful=bool(nonideal.output_noise or nonideal.drift_std or device.faults.active),
         )
 
     def _phi_from_forward(self) -> tuple[bool, bool]:
@@ -184,11 +189,20 @@ class SimulatedDevice(LabDevice):
 
     @torch.no_grad()
     def load_state(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`state`, all or nothing: every entry is checked (names, dtypes, shapes,
+        finite drift, generator states a generator accepts) before any is set."""
         current = self.state()
         if set(state) != set(current):
             raise ValueError(f"state must hold {sorted(current)}, got {sorted(state)}")
         for key, value in state.items():
             if value.dtype != current[key].dtype or value.shape != current[key].shape:
                 raise ValueError(f"state {key!r} must be {current[key].dtype} of shape {list(current[key].shape)}")
-        self.device.load_generator_states({k: v for k, v in state.items() if k != "drift_offset"})
+        if not bool(torch.isfinite(state["drift_offset"]).all()):
+            raise ValueError("state 'drift_offset' must be finite")
+        for key in ("noise", "drift", "faults"):
+            try:
+                torch.Generator().set_state(state[key].clone())  # a scratch generator: nothing changes if it refuses
+            except (RuntimeError, ValueError):
+                raise ValueError(f"state {key!r} is not a generator state") from None
+        self.device.load_generator_states({k: v.clone() for k, v in state.items() if k != "drift_offset"})
         self.device.drift.copy_(state["drift_offset"])
