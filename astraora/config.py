@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from numbers import Integral, Real
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -18,6 +20,11 @@ from astraora.zo.estimator import BETWEEN
 TASK_KINDS = ("classification", "language_model")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "constant")
+# Lightning's Trainer(accelerator=...) names and precision values (tests/test_preflight.py checks them
+# against the installed Lightning); kept here so that the command line checks them without importing it.
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine",
+              "transformer-engine-float16", 64, 32, 16, "64", "32", "16", "bf16")
 
 
 def _get(cfg: DictConfig, key: str):
@@ -71,6 +78,94 @@ def _check_target(cfg, key: str) -> None:
         raise ConfigError(f"{key}={target!r} does not name an importable class.") from None
 
 
+def _int(low: int, none: bool = False) -> Callable[[Any], bool]:
+    return lambda v: (none and v is None) or (isinstance(v, Integral) and not isinstance(v, bool) and v >= low)
+
+
+def _real(low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = True
+          ) -> Callable[[Any], bool]:
+    def test(v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, Real):
+            return False
+        above = v > low if low_open else v >= low
+        return above and (high is None or (v < high if high_open else v <= high))
+    return test
+
+
+def _devices(v) -> bool:
+    """Lightning's ``devices``: a count >= 1, -1 (all), "auto", a list of indices or "0,1"."""
+    if isinstance(v, str):
+        if v == "auto":
+            return True
+        parts = [x.strip() for x in v.split(",") if x.strip()]
+        return v.strip() == "-1" or (bool(parts) and all(x.isdigit() for x in parts))
+    if isinstance(v, (list, tuple, ListConfig)):
+        return len(v) > 0 and all(_int(0)(x) for x in v)
+    return _int(1)(v) or v == -1 and not isinstance(v, bool)
+
+
+def _limit(v) -> bool:
+    """``limit_*_batches``: null (all), a fraction in [0, 1] or a number of batches >= 0."""
+    return v is None or _int(0)(v) or (isinstance(v, float) and 0.0 <= v <= 1.0)
+
+
+def _epochs(v) -> bool:
+    return _int(1)(v) or v == -1 and not isinstance(v, bool)
+
+
+# Keys a new user edits most, checked where present: (key, test, the values allowed). Lightning and torch
+# would otherwise refuse them with a traceback, some only after the run folder is made, or not at all
+# (max_epochs=0 trains nothing).
+RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("trainer.accelerator", lambda v: v in ACCELERATORS, f"choose one of {list(ACCELERATORS)}"),
+    ("trainer.precision", lambda v: v is None or (v in PRECISIONS and not isinstance(v, bool)),
+     f"choose one of {list(PRECISIONS)}"),
+    ("trainer.devices", _devices, "give a number of devices >= 1, -1 (all), 'auto', or a list of device indices"),
+    ("trainer.num_nodes", _int(1), "give an integer >= 1"),
+    ("trainer.max_epochs", _epochs, "give an integer >= 1, or -1 (no limit) with trainer.max_steps >= 1"),
+    ("trainer.max_steps", _epochs, "give an integer >= 1, or -1 (no limit: trainer.max_epochs decides)"),
+    ("trainer.limit_train_batches", _limit, "give null (all), a fraction in [0, 1] or a number of batches >= 0"),
+    ("trainer.limit_val_batches", _limit, "give null (all), a fraction in [0, 1] or a number of batches >= 0"),
+    ("trainer.limit_test_batches", _limit, "give null (all), a fraction in [0, 1] or a number of batches >= 0"),
+    ("trainer.check_val_every_n_epoch", _int(1, none=True), "give an integer >= 1 (or null: by steps)"),
+    ("trainer.log_every_n_steps", _int(1), "give an integer >= 1"),
+    ("trainer.num_sanity_val_steps", lambda v: _int(0)(v) or v == -1, "give an integer >= 0, or -1 (all)"),
+    ("trainer.deterministic", lambda v: v in (True, False, "warn"), "choose true, false or 'warn'"),
+    ("task.datamodule.batch_size", _int(1), "give an integer >= 1"),
+    ("task.datamodule.num_workers", _int(0, none=True),
+     "give an integer >= 0 (0: load in the training process; null: by the machine's cores)"),
+    ("task.model.hidden", _int(1), "give an integer >= 1"),
+    ("task.model.channels", _int(1), "give an integer >= 1"),
+    ("task.model.embedding_dim", _int(1), "give an integer >= 1"),
+    ("task.model.attention_channels", _int(1), "give an integer >= 1"),
+    ("task.model.n_layer", _int(1), "give an integer >= 1"),
+    ("task.model.n_head", _int(1), "give an integer >= 1"),
+    ("task.model.n_embd", _int(1), "give an integer >= 1"),
+    ("task.model.block_size", _int(1), "give an integer >= 1"),
+    ("task.model.physical_blocks", _int(0), "give an integer >= 0"),
+    ("task.model.feature_dim", _int(1, none=True), "give an integer >= 1 (or null: from task.model.width)"),
+    ("task.model.head_width", _int(1, none=True), "give an integer >= 1 (or null: from task.model.width)"),
+    ("task.model.width", _real(0, low_open=True), "give a number > 0"),
+    ("task.model.dropout", _real(0, 1), "give a number in [0, 1)"),
+    ("task.optimizer.weight_decay", _real(0), "give a number >= 0"),
+    ("task.optimizer.momentum", _real(0, 1), "give a number in [0, 1)"),
+    ("physical_optimizer.weight_decay", _real(0), "give a number >= 0"),
+    ("physical_optimizer.momentum", _real(0, 1), "give a number in [0, 1)"),
+)
+
+
+def _check_rules(cfg) -> None:
+    """Every :data:`RULES` key present in ``cfg``, in order; the first refused value raises."""
+    for key, test, allowed in RULES:
+        value = OmegaConf.select(cfg, key, default="__absent__")
+        if value != "__absent__" and not test(value):
+            raise ConfigError(f"{key}={value!r} is not allowed; {allowed}.")
+    steps, epochs = _get(cfg, "trainer.max_epochs"), OmegaConf.select(cfg, "trainer.max_steps", default=-1)
+    if epochs == -1 and steps == -1 and OmegaConf.select(cfg, "trainer.max_time", default=None) is None:
+        raise ConfigError("trainer.max_epochs=-1 with trainer.max_steps=-1 trains without end; give trainer.max_epochs "
+                          ">= 1, or trainer.max_steps >= 1.")
+
+
 def _check_query_options(cfg) -> None:
     """The ZO estimator's query-efficiency keys (ALGORITHM.md §9); absent keys keep their defaults."""
     present = lambda key: OmegaConf.select(cfg, key, default="__absent__") != "__absent__"  # noqa: E731
@@ -107,6 +202,7 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
     _check_choice(cfg, "scheduler.name", SCHEDULERS)
     _check_int(cfg, "scheduler.warmup_steps", 0)
     _check_int(cfg, "trainer.max_epochs", -1)
+    _check_rules(cfg)
     if _get(cfg, "device.family") == "digital":
         return
     check_target(cfg, "device._target_")

@@ -90,7 +90,7 @@ def spoiled_checkpoint(finished_run: Path, tmp_path: Path, how: str) -> Path:
 
 @pytest.mark.parametrize("how, overrides, message", [
     ("truncated", [], "is not a readable checkpoint"),
-    ("newer", [], "newer than the 1 this astraora reads"),
+    ("newer", [], "newer than the 2 this astraora reads"),
     ("foreign", [], "was not written by astraora"),
     ("intact", ["task=synthetic_audio"], "trained with task=digits, not task=synthetic_audio"),
     ("intact", ["device=slm"], "trained with device=mzi, not device=slm"),
@@ -120,6 +120,15 @@ def test_cli_refusals_leave_no_run_folder(tmp_path):
                          ([*FAST, f"resume={bad}"], "is not a readable checkpoint")]:
         one_line_exit_2(run_cli(args, cwd=tmp_path), needle)
     assert not list((tmp_path / "outputs" / "runs").glob("*"))
+
+
+def test_cli_multirun_refused_in_its_first_job_leaves_no_sweep_folder(tmp_path):
+    """A refusal only the data can give (run(), inside Hydra's multirun): one line, exit 2, and no
+    outputs/multirun/<sweep> with a lone multirun.yaml (tests/test_preflight.py: the earlier checks)."""
+    args = ["-m", "debug=fast", "task=image_folder", f"task.root={tmp_path / 'missing'}", "seed=1,2"]
+    result = run_cli(args, cwd=tmp_path)
+    one_line_exit_2(result, "is not a folder")
+    assert not list((tmp_path / "outputs" / "multirun").glob("*"))
 
 
 def test_cli_resume_continues_in_its_run_and_train_log_holds_the_console(tmp_path):
