@@ -23,3 +23,8 @@ class DeviceFault(AstraoraError, RuntimeError):
 
 class DeviceFailure(AstraoraError, RuntimeError):
     """A device query kept failing after all retries; training must stop."""
+
+
+class PeerFailure(DeviceFailure):
+    """Data-parallel training: another process stopped (killed, crashed, or failed other than by its
+    device), so this one stops too: exit code 3, summary.json status ``peer_failure``."""

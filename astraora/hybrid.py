@@ -20,6 +20,8 @@ keeps the surrogate current for anyone who reads it between steps (diagnostics, 
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import time
 
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from astraora.devices.base import Device, zo_step_problem
-from astraora.errors import ConfigError, DeviceFailure
+from astraora.errors import AstraoraError, ConfigError, DeviceFailure, PeerFailure
 from astraora.ledger import QueryLedger
 from astraora.rng import make_generator
 from astraora.surrogate import LowRankSurrogate, make_integrator
@@ -37,93 +39,213 @@ from astraora.zo import ColoredEstimator, ZOEstimator, reuses_readout
 MODES = ("zo+sm", "exact+sm", "zo+exact", "exact")
 
 
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a torch.distributed collective (gloo, NCCL) or store operation that
+    failed: a peer's connection closed (it stopped) or the operation timed out."""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(mark in text for mark in (
+        "gloo", "Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL"))
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` as one printable line of at most ``limit`` characters (it may come from the network)."""
+    line = " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 class RankSync:
     """The collectives a HybridLayer needs under data-parallel training (``torch.distributed``).
 
     Every process holds the same θ and surrogate; each measures its own shard of the batch. The
-    ZO coefficients are averaged (:meth:`mean`, M floats per estimate); the surrogate is updated
+    ZO coefficients are averaged (:meth:`mean`, M floats per estimate; colored differences, which
+    read whole matrices out, are measured on rank 0 only: see :meth:`HybridLayer._colored_once`,
+    2·m·n floats); the surrogate is updated
     on rank 0 only and its factors broadcast (:meth:`broadcast`, (m + n)·r + r² + 1 floats), so
     its queries are made, and counted, once. ``floats`` counts the numbers each collective moved,
     by purpose, for the communication figure.
+
+    Stopping together: a collective that fails because another process stopped (its connections
+    closed: killed, crashed, or exited after an error) raises a :class:`PeerFailure` (or a
+    DeviceFailure where that process's device failed) instead of gloo's or NCCL's error, and no
+    collective runs after that. A process other than rank 0 that stops on an error of its own
+    leaves a short JSON note in the process group's store (:meth:`announce`); rank 0, which hosts
+    the store and writes summary.json, reads the notes while it waits in a collective, so it stops
+    at once and names the cause. Nothing read from the store is unpickled (anyone who can reach
+    its port can write there): notes are size-limited JSON, counters are integers. The other
+    ranks never read the store, and write their note only after a plain socket found its server
+    still there: if rank 0 is gone, so is the store, and a store call would print the C++
+    client's error with its stack frames.
     """
 
-    FAILED = "astraora/device_failure"  # store key a process sets when its device failed
+    NOTE = "astraora/stop/"  # + rank: the note a process other than rank 0 leaves when it stops
+    NOTES = "astraora/stops"  # counter: how many notes were left (one integer to poll)
+    NOTE_BYTES = 4096  # notes longer than this are refused unparsed
 
-    def __init__(self, store=None):
+    def __init__(self, store=None, rank: int | None = None, world_size: int | None = None):
         import torch.distributed as dist
 
         self._dist = dist
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.rank = dist.get_rank() if rank is None else int(rank)
+        self.world_size = dist.get_world_size() if world_size is None else int(world_size)
         self.floats = {"zo": 0, "surrogate": 0, "health": 0, "control": 0}
         # The process group's key-value store: a channel besides the collectives, through which a
-        # process whose device failed tells the others (who may be waiting in a collective).
+        # process that stops tells rank 0 why (rank 0 may be waiting in a collective it never joins).
         self.store = store if store is not None else dist.distributed_c10d._get_default_store()
-        self.failed = False  # this run stops after a DeviceFailure: no collectives any more
+        self.stopped: DeviceFailure | None = None  # why this process stops: no collectives any more
 
     # ----------------------------------------------------------------- coordinated stop
-    def announce_failure(self, message: str) -> None:
-        """Tell every process that this one stops (its device failed); they stop at their next wait."""
-        self.failed = True
-        if not self.store.check([self.FAILED]):
-            self.store.set(self.FAILED, f"process {self.rank}: {message}")
+    def announce(self, error: BaseException) -> None:
+        """Tell rank 0 that this process stops because of ``error``, its own failure (not a lost
+        peer's), so that rank 0 stops at once and names it. Rank 0 itself leaves no note: the
+        others learn that it stopped from their collectives failing when it exits."""
+        if self.stopped is None:
+            self.stopped = PeerFailure(f"this process stopped: {_one_line(error)}")
+        if self.rank == 0 or not self._store_reachable():
+            return
+        kind = "device_failure" if isinstance(error, DeviceFailure) else "error"
+        message = _one_line(str(error) if isinstance(error, AstraoraError) else f"{type(error).__name__}: {error}")
+        try:
+            self.store.set(f"{self.NOTE}{self.rank}", json.dumps({"kind": kind, "message": message}))
+            self.store.add(self.NOTES, 1)
+        except Exception:  # noqa: BLE001 - rank 0 went away meanwhile: nobody is left to tell
+            pass
 
-    def peer_failure(self) -> str | None:
-        return self.store.get(self.FAILED).decode() if self.store.check([self.FAILED]) else None
+    def _store_reachable(self) -> bool:
+        """Whether the store's server (in rank 0) still accepts connections, checked with a plain
+        socket so that a gone server prints nothing (a store call would print a C++ trace)."""
+        import socket
+
+        store = self.store
+        while hasattr(store, "underlying_store"):
+            store = store.underlying_store
+        host, port = getattr(store, "host", None), getattr(store, "port", None)
+        if not host or not port:
+            return True  # an in-process or file store (tests)
+        try:
+            socket.create_connection((host, int(port)), timeout=2.0).close()
+        except OSError:
+            return False
+        return True
+
+    def notes(self) -> dict[int, dict]:
+        """The notes left by the processes that stopped on an error of their own, by rank: each
+        ``{"kind": "device_failure" | "error", "message": one line}``. Read on rank 0 only."""
+        if self.rank != 0 or not self.store.add(self.NOTES, 0):
+            return {}
+        found = {}
+        for rank in range(1, self.world_size):
+            key = f"{self.NOTE}{rank}"
+            if self.store.check([key]):
+                found[rank] = self.parse_note(self.store.get(key))
+        return found
+
+    @classmethod
+    def parse_note(cls, raw: bytes) -> dict:
+        """A note as read from the store, checked: size-limited JSON with a known kind and a
+        message shown as one printable line; anything else is reported as unreadable, never run."""
+        note = None
+        if len(raw) <= cls.NOTE_BYTES:
+            try:
+                note = json.loads(bytes(raw).decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                note = None
+        if (not isinstance(note, dict) or note.get("kind") not in ("device_failure", "error")
+                or not isinstance(note.get("message"), str)):
+            return {"kind": "error", "message": "its note in the process group's store was unreadable"}
+        return {"kind": note["kind"], "message": _one_line(note["message"])}
+
+    def stop_error(self) -> DeviceFailure:
+        """Why this process stops now that a collective failed or another process left a note: a
+        DeviceFailure naming the process whose device failed, else a :class:`PeerFailure`."""
+        if self.stopped is not None:
+            return self.stopped
+        notes = self.notes() if self.rank == 0 else {}
+        if notes:
+            rank, note = min(notes.items())
+            kind = DeviceFailure if note["kind"] == "device_failure" else PeerFailure
+            error = kind(f"data-parallel process {rank} stopped ({note['message']}); this process stops too.")
+        elif self.rank == 0:
+            who = "process 1" if self.world_size == 2 else "another process"
+            error = PeerFailure(f"data-parallel {who} stopped (killed or crashed); this process stops too.")
+        else:
+            who = "process 0" if self.world_size == 2 else "another process"
+            error = PeerFailure(f"data-parallel {who} stopped (killed, crashed or failed: see its output); "
+                                "this process stops too.")
+        self.stopped = error
+        return error
 
     def _wait(self, work) -> None:
-        """Wait for a collective; if another process announced a device failure meanwhile (it
-        will never join), stop this one too with a DeviceFailure instead of hanging."""
+        """Wait for a collective. If it fails (a process stopped: its connections closed) or, on
+        rank 0, another process left a note meanwhile (it will never join), stop this process with
+        :meth:`stop_error` instead of gloo's error or a hang until the process-group timeout."""
         spins, next_check = 0, 0.0
         while not work.is_completed():
             now = time.monotonic()
-            if now >= next_check:
-                failure = self.peer_failure()
-                if failure is not None:
-                    self.failed = True
-                    raise DeviceFailure(f"stopping with the other processes: {failure}")
+            if self.rank == 0 and now >= next_check:
+                if self.store.add(self.NOTES, 0):
+                    raise self.stop_error()
                 next_check = now + 0.01
             spins += 1
             time.sleep(0 if spins < 100 else 2e-4)
-        work.wait()
+        try:
+            work.wait()
+        except RuntimeError as err:  # gloo, NCCL (DistBackendError is a RuntimeError)
+            raise self.stop_error() from err
+
+    def _start(self) -> None:
+        if self.stopped is not None:
+            raise self.stopped
 
     def check(self) -> None:
         """A one-float collective that every process passes together, or leaves with a
-        DeviceFailure when another announced one (before a collective that cannot be watched)."""
+        DeviceFailure when another stopped (before a collective that cannot be watched)."""
         self._reduce(torch.zeros(1), "control")
 
-    def gather_object(self, obj, timeout_s: float = 120.0) -> list | None:
-        """``obj`` of every process, by rank, on rank 0 (None elsewhere). After a failure the
-        collectives may be stuck, so the objects then go through the store."""
-        if not self.failed:
-            out = [None] * self.world_size
-            self._dist.all_gather_object(out, obj)
-            return out if self.rank == 0 else None
-        import pickle
-        from datetime import timedelta
-
-        self.store.set(f"astraora/state/{self.rank}", pickle.dumps(obj))
+    def gather_object(self, obj) -> list | None:
+        """``obj`` of every process, by rank, on rank 0 (None elsewhere). Sent as ``torch.save``
+        bytes and read back with ``torch.load(weights_only=True)``: tensors, numbers, strings and
+        containers only, so nothing a peer sends can run code here (torch's all_gather_object
+        unpickles)."""
+        self._start()
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        device = self._collective_device()
+        payload = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8).to(device)
+        sizes = self._all_gather(torch.tensor([payload.numel()], dtype=torch.int64, device=device))
+        padded = torch.zeros(int(max(int(n) for n in sizes)), dtype=torch.uint8, device=device)
+        padded[:payload.numel()] = payload
+        parts = self._all_gather(padded)
         if self.rank != 0:
             return None
-        keys = [f"astraora/state/{r}" for r in range(self.world_size)]
-        self.store.wait(keys, timedelta(seconds=timeout_s))
-        return [pickle.loads(self.store.get(k)) for k in keys]
+        return [self.decode(part[:int(n)], rank) for rank, (part, n) in enumerate(zip(parts, sizes))]
 
-    def finish_failure(self, timeout_s: float = 120.0) -> None:
-        """After a failure: rank 0 says its checkpoint is written; the others wait for that (and
-        for rank 0 to leave: Lightning's launcher kills rank 0 when a child exits non-zero first)."""
-        from datetime import timedelta
-
-        if self.rank == 0:
-            self.store.set("astraora/saved", "1")
-            return
+    @staticmethod
+    def decode(data: Tensor, rank: int = 0):
+        """What :meth:`gather_object` sent, from its bytes; refuses anything but plain data."""
         try:
-            self.store.wait(["astraora/saved"], timedelta(seconds=timeout_s))
-            self.store.wait(["astraora/never"], timedelta(seconds=timeout_s))  # returns when rank 0's store closes
-        except Exception:  # noqa: BLE001 - rank 0 has exited (its store is gone) or the wait timed out
-            pass
+            return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch's weights-only unpickler refuses other objects
+            raise PeerFailure(f"data-parallel process {rank} sent a checkpoint state that is not plain tensors "
+                              f"and numbers ({_one_line(err, 200)}); this process stops.") from None
+
+    def _collective_device(self) -> torch.device:
+        """Where the backend's collectives take tensors (NCCL: this process's GPU)."""
+        if self._dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _all_gather(self, t: Tensor) -> list[Tensor]:
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        self._wait(self._dist.all_gather(out, t, async_op=True))
+        return out
 
     # ----------------------------------------------------------------- collectives
     def _reduce(self, t: Tensor, purpose: str) -> Tensor:
+        self._start()
         self.floats[purpose] = self.floats.get(purpose, 0) + t.numel()
         t = t.contiguous()
         self._wait(self._dist.all_reduce(t, async_op=True))
@@ -138,6 +260,7 @@ class RankSync:
 
     def broadcast(self, t: Tensor, purpose: str = "surrogate") -> Tensor:
         """``t`` as rank 0 holds it, on every process."""
+        self._start()
         self.floats[purpose] = self.floats.get(purpose, 0) + t.numel()
         t = t.contiguous()
         self._wait(self._dist.broadcast(t, src=0, async_op=True))
@@ -417,7 +540,10 @@ class HybridLayer(nn.Module):
         """∂L/∂θ from upstream G: the ZO estimate or the oracle VJP. A non-finite ZO estimate is
         skipped (θ keeps no gradient this step) and counted in ``ledger.skipped['zo']``."""
         if self.mode.startswith("zo"):
-            grad = self.zo.estimate(self.ledger, x, g, y)
+            if self.sync is not None and isinstance(self.zo, ColoredEstimator):
+                grad = self._colored_once(x, g)
+            else:
+                grad = self.zo.estimate(self.ledger, x, g, y)
             if not torch.isfinite(grad).all():
                 self.ledger.skipped["zo"] += 1
                 return None
@@ -426,6 +552,24 @@ class HybridLayer(nn.Module):
         if self.capture_next_backward:
             self._captured.update(x=x.detach(), g=g.detach(), grad_theta=grad.detach())
         return grad
+
+    def _colored_once(self, x: Tensor, g: Tensor) -> Tensor:
+        """Data-parallel colored finite differences. They read the whole matrix out at each color's
+        setting, whatever the batch, so a process per shard would repeat every reading: instead the
+        shards' C = Gᵀ X are averaged (m·n floats; the estimate is linear in C), rank 0 alone
+        measures, for that C (X = I, G = Cᵀ), and its estimate is broadcast (m·n floats). The queries
+        per step are one process's; every process gets the same ĝ, from the same readings."""
+        theta = self.device.theta.detach()
+        c = self.sync.mean((g.T @ x).to(theta.dtype))
+        grad = torch.zeros_like(theta)
+        if self.sync.rank == 0:
+            reducer, self.zo.reducer = self.zo.reducer, None
+            try:
+                eye = torch.eye(self.d_in, dtype=theta.dtype, device=theta.device)
+                grad = self.zo.estimate(self.ledger, eye, c.T)
+            finally:
+                self.zo.reducer = reducer
+        return self.sync.broadcast(grad, "zo")
 
     def exact_theta_grad(self, x: Tensor, g: Tensor) -> Tensor:
         """The true VJP ∇_θ Σ_b ⟨A(θ) x_b, g_b⟩ by autograd through the simulator (oracle)."""

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from astraora.build import hybrid_layers, make_optimizer, make_scheduler
 from astraora.hybrid import RankSync
-from astraora.ledger import QueryLedger
 
 LEDGER_COUNTERS = ("queries", "reprograms", "oracle", "retries", "skipped", "wait_seconds")
 
@@ -152,7 +151,9 @@ class HybridModule(L.LightningModule):
         ``per_rank``, what differs between the processes: each one's physical-layer state (its own
         ledger counts, the θ its hardware holds, its noise and drift generators), its running
         metric states and its random generators. A resume with as many processes gives every
-        process its own; with another number, rank 0 takes the sums and the others start from zero."""
+        process its own; with another number, rank 0 takes the sums and the others start from zero.
+        Checkpoints are taken at step boundaries only, every process together (never after a process
+        stopped: a failed run resumes from its last periodic checkpoint)."""
         if self._sync is None:
             return
         mine = {
@@ -171,13 +172,6 @@ class HybridModule(L.LightningModule):
             flat = self._flatten_counters(state)
             columns = [[v for _, v in self._flatten_counters(r["layers"][name]["ledger"])] for r in per_rank]
             self._unflatten_counters(state, [(k, v) for (k, _), v in zip(flat, map(sum, zip(*columns)))])
-        if self._sync.failed:  # the totals summary.json reports (no collective can run any more)
-            totals: dict = {}
-            for r in per_rank:
-                for layer in r["layers"].values():
-                    for key, n in QueryLedger.counts_of(layer["ledger"]).items():
-                        totals[key] = totals.get(key, 0) + n
-            self._reduced_totals = totals
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if world_size() == 1:
@@ -355,7 +349,8 @@ class HybridModule(L.LightningModule):
         under DDP, over the processes (each really sent its queries; the surrogate's are made on
         rank 0 only, so they are counted once). Under DDP every process must call this together;
         ``collective=False`` returns the last summed totals instead (e.g. from a rank-0-only
-        logger). ``extra`` counters are summed along."""
+        logger, or after a process stopped: then summary.json reports the totals of the last
+        logged step, ``trainer.log_every_n_steps``). ``extra`` counters are summed along."""
         totals: dict[str, int] = dict(extra or {})
         for layer in self.physical.values():
             for key, n in layer.ledger.counts().items():
