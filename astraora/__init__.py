@@ -14,3 +14,12 @@ def _if_colored(direction, colored, otherwise):
 
 
 OmegaConf.register_new_resolver("if_colored", _if_colored, replace=True)
+
+# ASTRAORA_REPRODUCIBLE=1: pin PyTorch's CPU kernels to one instruction-set path. It must happen before
+# torch is imported, and every entry point imports this package first (astraora/reproducible.py).
+from astraora import reproducible as _reproducible  # noqa: E402 - after the resolver, before anything imports torch
+
+try:
+    _reproducible.apply()
+except _reproducible.ConfigError:  # a malformed ASTRAORA_REPRODUCIBLE: the command line refuses it in one line
+    pass

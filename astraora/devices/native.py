@@ -5,7 +5,8 @@ computed in the same pass (per tile and setting, the identity pushed through the
 columns, instead of ≈ 50 PyTorch elementwise operations per group of factors), and its products
 (a factor's 2L × 2L blocks times the state, ≈ 1.5× the BLAS's batched complex GEMM at these
 sizes); docs/PERFORMANCE.md. They are compiled with the system C compiler (``$CC``, else ``cc``)
-for this machine's CPU the first time a process needs them, into
+for this machine's CPU the first time a process needs them, without floating-point contraction, so
+that every CPU computes the same bits whatever its vector width (tests/test_reproducible.py), into
 
     $ASTRAORA_CACHE_DIR or $XDG_CACHE_HOME/astraora or ~/.cache/astraora   (kernels/…)
 
@@ -38,7 +39,11 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("tile_blocks.c")
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared"]
+# -ffp-contract=off: no fused multiply-adds the source does not write, so every x86-64 CPU (and vector
+# width) gets the same bits: the kernels' loops are elementwise over settings or accumulate in a fixed
+# order, and without -ffast-math the compiler never reassociates them (tests/test_reproducible.py).
+ARCH = ["-march=native"]
+FLAGS = ["-O3", *ARCH, "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
 LIBS = ["-lm"]
 # the kernels' precision suffix per dtype of phases (real) or amplitudes (complex)
 _SUFFIX = {torch.float32: "f32", torch.complex64: "f32", torch.float64: "f64", torch.complex128: "f64"}
@@ -76,8 +81,12 @@ def _cpu_signature() -> str:
     return f"{platform.machine()}|{flags}"
 
 
-def library_path(compiler: str) -> Path:
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([compiler, *FLAGS, *LIBS]).encode(),
+def library_path(compiler: str, flags: list[str] | None = None) -> Path:
+    """Where the library built by ``compiler`` with ``flags`` (default FLAGS) lives: the name hashes the
+    source, the compiler, every flag (so builds for different instruction sets never share a file) and,
+    for ``-march=native``, the CPU."""
+    flags = FLAGS if flags is None else flags
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([compiler, *flags, *LIBS]).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     return cache_dir() / "kernels" / f"tile_blocks-{key}.so"
 
@@ -90,26 +99,35 @@ def _writable(directory: Path) -> bool:
     return os.access(directory, os.W_OK)
 
 
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or "cc"
+def compile_library(compiler: str, flags: list[str] | None = None) -> Path:
+    """Compile tile_blocks.c with ``flags`` (default FLAGS) unless the cache already holds that build;
+    its path. Raises RuntimeError where the compiler is missing or fails."""
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler ({compiler!r}) on PATH")
-    target = library_path(compiler)
+    flags = FLAGS if flags is None else flags
+    target = library_path(compiler, flags)
     if not target.exists() and not _writable(target.parent):  # e.g. a read-only home on a cluster node
-        target = Path(tempfile.gettempdir()) / f"astraora-{os.getuid() if hasattr(os, 'getuid') else 'user'}" / "kernels" / target.name
+        user = os.getuid() if hasattr(os, "getuid") else "user"
+        target = Path(tempfile.gettempdir()) / f"astraora-{user}" / "kernels" / target.name
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True, timeout=120)
+            done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True,
+                                  timeout=120)
             if done.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
             os.replace(tmp, target)  # atomic: a concurrent process sees the old name or the whole file
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+    return target
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A compiled library with its functions' signatures declared (what :func:`library` returns)."""
+    lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for suffix in ("f32", "f64"):
         build, gemm = getattr(lib, f"astraora_tile_blocks_{suffix}"), getattr(lib, f"astraora_tile_gemm_{suffix}")
@@ -117,6 +135,10 @@ def _build() -> ctypes.CDLL:
         build.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_int, ptr, i64, i64, i64, i64, i64, ptr, i64]
         gemm.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64]
     return lib
+
+
+def _build() -> ctypes.CDLL:
+    return load(compile_library(os.environ.get("CC") or "cc"))
 
 
 def library() -> ctypes.CDLL | None:

@@ -14,6 +14,10 @@
  *
  * Settings are processed CHUNK at a time with real and imaginary parts in separate arrays, so the
  * innermost loops run over settings and vectorise; a tile's blocks for a chunk stay in L1.
+ *
+ * Same bits on every CPU: every loop is elementwise over settings (or columns) or sums in a fixed
+ * order, and native.py compiles without contraction (-ffp-contract=off, no -ffast-math), so the
+ * vector width (SSE2, AVX2, AVX-512) changes how many lanes run at once but not what each computes.
  */
 #include <math.h>
 #include <stdint.h>
@@ -145,7 +149,10 @@ DEFINE_BUILD(astraora_tile_blocks_f64, double, sincos_f64)
  * tensor), X[i] and out[i] (W, B) contiguous one after the other. Vectorised over B with the
  * compiler's vector extensions (whatever width the CPU has): a complex row x = (re, im, re, im…)
  * times a complex scalar is ar·x + ai·x̃ with x̃ = (−im, re, …), so each product is two
- * multiply-adds per vector and the rows of X stay in registers across the W rows of A. */
+ * multiply-adds per vector and the rows of X stay in registers across the W rows of A. The columns
+ * left over after the last whole vector go through the same vector code on a zero-padded copy: a
+ * scalar loop there was turned into fused complex multiply-adds (vfmaddsub) by GCC 12's vectoriser
+ * even with -ffp-contract=off, and gave other bits with AVX2 than with SSE2. */
 #define DEFINE_GEMM(NAME, T, VEC, SWAP, SIGN)                                                    \
 static inline __attribute__((always_inline)) void NAME##_w(const T *a, int64_t astride, const T *x, \
         T *out, int64_t count, const int64_t W, int64_t B) {                                       \
@@ -168,18 +175,21 @@ static inline __attribute__((always_inline)) void NAME##_w(const T *a, int64_t a
                 memcpy(O + 2 * (i * B + b0), &acc, sizeof(acc));                                   \
             }                                                                                      \
         }                                                                                          \
-        for (; b0 < B; b0++) /* columns left over */                                               \
-            for (int64_t i = 0; i < W; i++) {                                                      \
-                T re = 0, im = 0;                                                                  \
-                for (int64_t j = 0; j < W; j++) {                                                  \
-                    const T ar = A[2 * (i * W + j)], ai = A[2 * (i * W + j) + 1];                  \
-                    const T xr = X[2 * (j * B + b0)], xi = X[2 * (j * B + b0) + 1];                \
-                    re += ar * xr - ai * xi;                                                       \
-                    im += ar * xi + ai * xr;                                                       \
-                }                                                                                  \
-                O[2 * (i * B + b0)] = re;                                                          \
-                O[2 * (i * B + b0) + 1] = im;                                                      \
+        if (b0 < B) { /* the columns left over: the same vector code on a zero-padded copy */      \
+            const int64_t n = B - b0;                                                              \
+            VEC xs[16], xw[16];                                                                    \
+            for (int64_t j = 0; j < W; j++) {                                                      \
+                memset(&xs[j], 0, sizeof(VEC));                                                    \
+                memcpy(&xs[j], X + 2 * (j * B + b0), 2 * n * sizeof(T));                           \
+                xw[j] = SWAP(xs[j]) * sign;                                                        \
             }                                                                                      \
+            for (int64_t i = 0; i < W; i++) {                                                      \
+                VEC acc = {0};                                                                     \
+                for (int64_t j = 0; j < W; j++)                                                    \
+                    acc += A[2 * (i * W + j)] * xs[j] + A[2 * (i * W + j) + 1] * xw[j];            \
+                memcpy(O + 2 * (i * B + b0), &acc, 2 * n * sizeof(T));                             \
+            }                                                                                      \
+        }                                                                                          \
     }                                                                                              \
 }                                                                                                  \
 void NAME(const T *a, int64_t astride, const T *x, T *out, int64_t count, int64_t W, int64_t B) {  \
