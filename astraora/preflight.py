@@ -19,6 +19,8 @@ activations are not counted: the estimate is a floor, refused only when even tha
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 import warnings
@@ -305,6 +307,23 @@ def _driving_keys(cfg: DictConfig, shape: tuple[int, int] | None) -> list[str]:
     return keys
 
 
+@contextlib.contextmanager
+def _random_state_kept():
+    """The global generators (torch's, CUDA's, NumPy's, Python's) as they were before the block."""
+    import random
+
+    import numpy as np
+
+    python, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy_state)
+
+
 def check_memory(cfg: DictConfig, model_kwargs: dict) -> None:
     """Refuse (:class:`ConfigError`, one line naming the keys that drive the size) a run whose
     estimated memory exceeds :data:`SAFE_FRACTION` of what is available. Call it once the data is
@@ -320,7 +339,8 @@ def check_memory(cfg: DictConfig, model_kwargs: dict) -> None:
     available = available_memory(where)
     if available is None:
         return
-    estimate = estimate_memory(cfg, model_kwargs, where, limit=SAFE_FRACTION * available)
+    with _random_state_kept():  # building the model draws initial weights: the run's own build must draw them
+        estimate = estimate_memory(cfg, model_kwargs, where, limit=SAFE_FRACTION * available)
     if estimate is None:
         return
     processes = 1

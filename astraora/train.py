@@ -6,13 +6,16 @@ writes ``summary.json`` into the run directory, also when the run stops early.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +34,9 @@ from astraora.cli import CONFIG_DIR, check_group_overrides  # noqa: F401 - CONFI
 from astraora.config import validate
 from astraora.errors import AstraoraError, DeviceFailure
 from astraora.lit import ClassificationModule, LanguageModelModule
+from astraora.lit.faults import StopTogether, peer_failure, summary_status
 from astraora.logs import LOG_FILE, log_into, route_library_logs
+from astraora.preflight import check_memory, check_trainer
 
 log = logging.getLogger("astraora")
 # A step checkpoint holds the state after that step's update, which is what resuming needs.
@@ -133,6 +138,18 @@ def truncate_metrics(metrics_csv: Path, last_step: int, pending: dict | None = N
         writer.writerows(rows)
 
 
+def last_logged(metrics_csv: Path, prefix: str) -> dict[str, float]:
+    """The last value of every ``prefix`` column in metrics.csv (what the run reached before)."""
+    if not metrics_csv.exists():
+        return {}
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    found: dict[str, float] = {}
+    for row in rows:
+        found.update({k: float(v) for k, v in row.items() if k.startswith(prefix) and v not in ("", None)})
+    return found
+
+
 def check_checkpoint_fits(module: L.LightningModule, state: dict, resume: str) -> None:
     """Every parameter of the configured model has the checkpoint's shape (else a config differs)."""
     saved = state["state_dict"]
@@ -198,7 +215,24 @@ def wandb_summary(summary: dict) -> dict:
     return flat
 
 
-def make_loggers(cfg: DictConfig, output_dir: Path, wandb_id: str | None, module=None):
+WANDB_RESUME = ("new_run", "same")
+
+
+def check_wandb_resume(cfg: DictConfig) -> None:
+    """``logger.wandb.resume`` names one of :data:`WANDB_RESUME` (checked before anything is written)."""
+    spec = cfg.logger.get("wandb")
+    if spec and spec.get("resume", "new_run") not in WANDB_RESUME:
+        raise AstraoraError(f"logger.wandb.resume={spec.get('resume')!r} is not allowed; choose one of {list(WANDB_RESUME)}.")
+
+
+def make_loggers(cfg: DictConfig, output_dir: Path, wandb_id: str | None, module=None,
+                 resumed_step: int | None = None):
+    """metrics.csv, plus a W&B run when ``logger.wandb`` is set. A resume (``resumed_step``: the
+    checkpoint's step) continues the W&B history as ``logger.wandb.resume`` says: ``new_run``, a new run
+    in the same group whose history starts at the checkpoint (W&B keeps a run's history only in the
+    order it was logged, so the replayed steps of a resumed run would vanish from the old one), with
+    ``resumed_from`` in its config and the tag ``resumed``; ``same``, the old run continued (the
+    steps replayed after the checkpoint are then missing from its history)."""
     loggers = [csv_logger(output_dir)]
     if cfg.logger.get("wandb"):
         from lightning.pytorch.loggers import WandbLogger
@@ -220,43 +254,22 @@ def make_loggers(cfg: DictConfig, output_dir: Path, wandb_id: str | None, module
         setting = comparison_setting(cfg)
         tags = [f"device:{setting['device']}", f"mode:{setting['mode']}", f"task:{cfg.task.name}",
                 "hybrid" if setting["hybrid"] else "digital", *spec.tags]
+        name = f"{cfg.task.name}-{setting['device']}-{setting['mode']}-s{cfg.seed}"
+        if wandb_id and resumed_step is not None and spec.get("resume", "new_run") == "new_run":
+            wandb_id, name, tags = None, f"{name}-resumed{resumed_step}", [*tags, "resumed"]
         loggers.append(QueryAxisWandbLogger(
             project=spec.project, entity=spec.entity, group=wandb_group(spec.group), tags=tags, save_dir=str(output_dir),
             offline=spec.mode != "online", mode=spec.mode if spec.mode == "disabled" else None, id=wandb_id,
             resume="allow" if wandb_id else None, log_model=spec.log_model, job_type=setting["mode"],
-            name=f"{cfg.task.name}-{setting['device']}-{setting['mode']}-s{cfg.seed}",
+            name=name,
         ))
     return loggers
-
-
-class StopTogether(L.Callback):
-    """Data-parallel runs: a DeviceFailure in one process stops them all, with a checkpoint.
-
-    The failing process announces it through the process group's store; the others, waiting for
-    it in a collective of the physical layers (:class:`astraora.hybrid.RankSync`), raise a
-    DeviceFailure too instead of hanging until the process-group timeout. Every process then gives
-    its state to rank 0 through the store (the collectives may be stuck), rank 0 writes
-    ``last.ckpt``, and all exit with code 3 as a single process does."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        sync = getattr(pl_module, "_sync", None)
-        if sync is None or not isinstance(exception, DeviceFailure):
-            return
-        sync.announce_failure(str(exception))
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        if trainer.is_global_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.path)
-        sync.finish_failure()
 
 
 def make_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
     callbacks: list[L.Callback] = [ResumeStateCallback(run_meta(cfg))]
     if uses_ddp(cfg):
-        callbacks.append(StopTogether(output_dir / "checkpoints" / "last.ckpt"))
+        callbacks.append(StopTogether())
     ckpt = cfg.callbacks.get("checkpoint")
     if ckpt:
         from lightning.pytorch.callbacks import ModelCheckpoint
@@ -379,6 +392,60 @@ def warn_slow_on_cpu(cfg: DictConfig, module) -> None:
                         name, layer.d_in, layer.d_out, type(layer.device).__name__)
 
 
+def resume_hint(output_dir: Path) -> str:
+    """What a user can do after a device failure: the step the last checkpoint holds, if any."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return "No checkpoint was written yet (callbacks.checkpoint.every_n_train_steps); start the run again."
+    try:
+        step = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+    except Exception:  # noqa: BLE001 - the hint must not hide the failure
+        return f"resume={output_dir} continues from its last checkpoint."
+    return f"resume={output_dir} continues exactly from the checkpoint at step {step}."
+
+
+def finished_summary(cfg: DictConfig, state: dict, output_dir: Path) -> dict | None:
+    """The summary of the run ``state`` (a checkpoint) belongs to, if that run finished there and this
+    config would train no further: ``summary.json`` says completed at the checkpoint's step and the
+    step or epoch limit is reached. None otherwise (the run is continued, or tested again)."""
+    path = output_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    step = int(state["global_step"])
+    if not isinstance(summary, dict) or summary.get("status") != "completed" or summary.get("steps") != step:
+        return None
+    max_steps, max_epochs = cfg.trainer.get("max_steps", -1), cfg.trainer.get("max_epochs")
+    epochs = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed", 0)
+    steps_done = max_steps is not None and max_steps >= 0 and step >= max_steps
+    epochs_done = max_epochs is not None and max_epochs >= 0 and epochs >= max_epochs
+    return summary if steps_done or epochs_done else None
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM stops the run at once, not at the end of the step (a step at a large M takes minutes).
+
+    Lightning's own handler only sets a flag that its loops read between steps; this one, which
+    Lightning calls after its own, raises its SIGTERM exception wherever the run is. Nothing is
+    checkpointed from the middle of a step: the last checkpoint on disk stays the one to resume."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SIGTERMException()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     """Train and test one configuration; returns the summary (also written to summary.json).
 
@@ -386,6 +453,8 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     (the one holding ``checkpoints/``), with its W&B run id and its metrics.csv.
     """
     validate(cfg)
+    check_wandb_resume(cfg)
+    check_trainer(cfg)  # accelerator present, Lightning accepts the trainer keys
     output_dir = Path(cfg.paths.output_dir)
     started = time.time()
     ckpt_path, state = read_checkpoint(cfg) if cfg.resume else (None, None)
@@ -402,15 +471,24 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     dm = instantiate(cfg.task.datamodule, _convert_="all")
     dm.prepare_data()
     dm.setup("fit")
-    module = build_module(cfg, dm)
+    model_kwargs = dm.model_kwargs()
+    check_memory(cfg, model_kwargs)  # before any tensor of the model is allocated
+    module = build_module(cfg, dm, model_kwargs)
     if state is not None:
         check_checkpoint_fits(module, state, cfg.resume)
+        finished = finished_summary(cfg, state, output_dir)
+        if finished is not None:
+            log.info("resume=%s: this run already finished (status completed at step %d); nothing to do. Raise "
+                     "trainer.max_epochs or trainer.max_steps to train it longer.", cfg.resume, finished["steps"])
+            return finished
     warn_slow_on_cpu(cfg, module)
 
     # Every check has passed: from here on the run writes into its directory.
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:  # DDP: the other processes do not write train.log
         log_into(output_dir)
+    resumed_step = None if state is None else int(state["global_step"])
+    pending_row = None if state is None else state.get("pending_log_row")
     if state is not None:
         if rank_zero_only.rank == 0:
             truncate_metrics(output_dir / "metrics.csv", int(state["global_step"]), state.get("pending_log_row"))
@@ -418,32 +496,52 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
         del state
 
     wandb_id_file = output_dir / "wandb_id.txt"
-    wandb_id = wandb_id_file.read_text().strip() if wandb_id_file.exists() else None
-    loggers = make_loggers(cfg, output_dir, wandb_id, module)
+    previous_wandb_id = wandb_id_file.read_text().strip() if wandb_id_file.exists() else None
+    loggers = make_loggers(cfg, output_dir, previous_wandb_id, module, resumed_step)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer = L.Trainer(**trainer_kwargs, logger=loggers, callbacks=[*make_callbacks(cfg, output_dir), *callbacks],
                         default_root_dir=str(output_dir), enable_checkpointing=bool(cfg.callbacks.get("checkpoint")))
     for lg in loggers[1:]:
         # the resolved config, plus the settings to colour and group runs by under "setting"
-        lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "setting": comparison_setting(cfg)})
+        resumed = {}
+        if previous_wandb_id and resumed_step is not None and lg.experiment.id != previous_wandb_id:
+            resumed = {"resumed_from": {"run": previous_wandb_id, "step": resumed_step}}
+        lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "setting": comparison_setting(cfg), **resumed})
+        if resumed and pending_row:  # the checkpoint's own row, which the killed run may not have sent
+            lg.log_metrics({k: v for k, v in pending_row.items() if k not in ("epoch", "step")},
+                           step=int(pending_row["step"]))
         wandb_id_file.write_text(lg.experiment.id)
 
     status, metrics = "failed", {}
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
-        metrics = reached_metrics(trainer)  # trainer.test replaces the val/ metrics
-        if trainer.interrupted:
-            status = "interrupted"
-        else:
-            trainer.test(module, datamodule=dm, verbose=False)
-            if cfg.task.kind == "language_model":
-                write_language_sample(cfg, module, dm, output_dir)
-            status = "completed"
-    except DeviceFailure:
-        if getattr(module, "_sync", None) is None:  # under DDP StopTogether has written it
-            trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
-        status = "device_failure"
-        raise
+        with stop_on_sigterm():
+            trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+            metrics = reached_metrics(trainer)  # trainer.test replaces the val/ metrics
+            if resumed_step is None and trainer.global_step == 0 and not trainer.interrupted:
+                raise AstraoraError("the run trained 0 steps (no training batch reached the model); check "
+                                    "trainer.limit_train_batches, trainer.max_steps and the task's training data.")
+            if resumed_step is not None and trainer.global_step == resumed_step:
+                # resumed where training had ended (e.g. the test loop failed): no validation ran here
+                metrics = {**last_logged(output_dir / "metrics.csv", "val/"), **metrics}
+            if trainer.interrupted:
+                status = "interrupted"
+            else:
+                trainer.test(module, datamodule=dm, verbose=False)
+                if cfg.task.kind == "language_model":
+                    write_language_sample(cfg, module, dm, output_dir)
+                status = "completed"
+    except DeviceFailure as err:
+        # No checkpoint of the failing step: it holds queries whose results were never used and a
+        # half-done update. The last checkpoint on disk is at a step boundary, so a resume from it
+        # redoes the steps since then exactly as the uninterrupted run did them.
+        status = summary_status(err)
+        raise type(err)(f"{err} {resume_hint(output_dir)}") from None
+    except RuntimeError as err:  # DDP: a collective failed because another process stopped
+        stop = peer_failure(module, err)
+        if stop is None:
+            raise
+        status = summary_status(stop)
+        raise type(stop)(f"{stop} {resume_hint(output_dir)}") from None
     except (KeyboardInterrupt, SystemExit):
         status = "interrupted"
         raise

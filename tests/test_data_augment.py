@@ -13,7 +13,8 @@ from fixtures_vision_audio import write_cifar10, write_image_tree
 
 def cifar(tmp_path, seed=0):
     write_cifar10(tmp_path, per_batch=4, test=2)  # 20 training images, 16 after the val split
-    return CIFAR10DataModule(tmp_path, seed=seed, batch_size=4, val_fraction=0.2, download=False, num_workers=0)
+    return CIFAR10DataModule(tmp_path, seed=seed, batch_size=4, val_fraction=0.2, download=False, num_workers=0,
+                             verify=False)  # the official format, not the official files
 
 
 def image_folder(tmp_path, seed=0):
@@ -101,6 +102,7 @@ def test_only_augmenting_training_sets_are_seeded_per_item(tmp_path):
     augmented = cifar(tmp_path)
     augmented.setup()
     assert isinstance(augmented.train_dataloader().dataset, SeededItems)
-    plain = CIFAR10DataModule(tmp_path, seed=0, batch_size=4, val_fraction=0.2, augment=False, download=False, num_workers=0)
+    plain = CIFAR10DataModule(tmp_path, seed=0, batch_size=4, val_fraction=0.2, augment=False, download=False,
+                              num_workers=0, verify=False)
     plain.setup()
     assert not isinstance(plain.train_dataloader().dataset, SeededItems)

@@ -206,7 +206,9 @@ def test_accelerator_code_path_at_the_paper_shapes(monkeypatch):
     monkeypatch.setattr(ZOEstimator, "defer_checks", staticmethod(lambda dev: True))
     monkeypatch.setattr(native, "library", lambda: None)  # a GPU builds its blocks with PyTorch operations
     accelerator = estimate()
-    assert float((accelerator - cpu).norm() / cpu.norm()) < 1e-3
+    # two float32 evaluations of finite differences: their round-off over μ alone differs by ~1e-3
+    # (7.5e-4 with the native build's fused multiply-adds, 1.07e-3 without); a wrong block gives O(1)
+    assert float((accelerator - cpu).norm() / cpu.norm()) < 2e-3
 
 
 # ----------------------------------------------------------------- the native block build

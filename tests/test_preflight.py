@@ -221,3 +221,22 @@ def test_run_refuses_a_model_too_big_before_building_it(make_cfg, monkeypatch):
     with address_space_headroom(3), pytest.raises(ConfigError, match="task.model.hidden=20000"):
         run(cfg)
     assert not Path(cfg.paths.output_dir).exists()
+
+
+def test_the_memory_check_draws_nothing_from_the_global_generators():
+    """Building the model for the estimate draws initial weights; the run's own build must draw the
+    same ones as without the check (a served device's run would otherwise differ from in-process)."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    check_memory(compose_config(["task.model.hidden=32"]), DIGITS)
+    after = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    assert torch.equal(after[0], torch.rand(3)) and np.array_equal(after[1], np.random.rand(3))
+    assert after[2] == random.random()

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
+from astraora.errors import AstraoraError, DeviceFailure, DeviceFault
 from astraora.train import run
 from conftest import REPO
 
@@ -114,9 +116,13 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     assert (run_dir / "metrics.csv").read_text() == (ref_dir / "metrics.csv").read_text()
 
 
-def test_resume_keeps_the_wandb_run_id(make_cfg, monkeypatch):
+@pytest.mark.parametrize("how", ["new_run", "same"])
+def test_a_resumed_run_continues_its_wandb_history_without_holes(make_cfg, monkeypatch, how):
+    """W&B keeps a run's rows in the order they were logged, so steps replayed after a resume would
+    vanish from the old run: by default the resume is a new run of the same group whose history
+    starts at the checkpoint and says what it resumes; ``same`` continues the old run."""
     monkeypatch.setenv("WANDB_MODE", "offline")
-    args = [*RUN, "logger=wandb", "trainer.max_epochs=2"]
+    args = [*RUN, "logger=wandb", "trainer.max_epochs=2", f"logger.wandb.resume={how}"]
     crashed_cfg = make_cfg(*args, out="crashed")
     with pytest.raises(RuntimeError):
         run(crashed_cfg, callbacks=[Crash(step=5)])
@@ -125,22 +131,134 @@ def test_resume_keeps_the_wandb_run_id(make_cfg, monkeypatch):
     summary = run(make_cfg(*args, f"resume={out}", out="elsewhere"))
     assert summary["status"] == "completed"
     runs = sorted((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(f"-{run_id}" in r.name for r in runs)  # W&B adds "-1" within one second
+    new_id = (out / "wandb_id.txt").read_text().strip()
+    assert len(runs) == 2
+    if how == "same":
+        assert new_id == run_id and all(f"-{run_id}" in r.name for r in runs)  # W&B adds "-1" within one second
+        return
+    assert new_id != run_id and sum(f"-{new_id}" in r.name for r in runs) == 1
+    resumed_run = next(r for r in runs if f"-{new_id}" in r.name)
+    record_file, deadline = resumed_run / f"run-{new_id}.wandb", time.time() + 30
+    while b"resumed_from" not in record_file.read_bytes() and time.time() < deadline:
+        time.sleep(0.2)  # W&B's service writes the offline records behind the run
+    record = record_file.read_bytes()  # offline: config and tags in the run's records
+    assert b"resumed_from" in record and run_id.encode() in record and b"resumed" in record
+
+
+def test_an_unknown_wandb_resume_mode_is_refused(make_cfg):
+    with pytest.raises(AstraoraError, match=r"logger.wandb.resume='fork' is not allowed; choose one of"):
+        run(make_cfg(*RUN, "logger=wandb", "logger.wandb.resume=fork"))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_still_writes_summary(tmp_path, sig):
+    """The run cannot end before the signal (10^5 epochs), which is sent once a checkpoint exists;
+    SIGTERM stops it in the middle of a step (a large M), not at the step's end."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *RUN, "trainer.max_epochs=50",
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *RUN, "trainer.max_epochs=100000",
                              f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list((run_dir / "checkpoints").glob("step*.ckpt")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    assert proc.poll() is None, "the run stopped before it was signalled"
     proc.send_signal(sig)
     assert proc.wait(timeout=120) != 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] >= 3
+
+
+def test_sigterm_stops_a_long_step_at_once(tmp_path):
+    """A step at M = 10^6 directions takes minutes; SIGTERM ends the run within seconds of arriving,
+    with summary.json saying interrupted (nothing is checkpointed from the middle of the step)."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *RUN, "zo.samples=1000000",
+                             f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    log = run_dir / "train.log"
+    while not (log.exists() and "TPU available" in log.read_text(errors="replace")):  # the trainer is built
+        assert time.time() < deadline and proc.poll() is None, "the run did not start training"
+        time.sleep(0.1)
+    time.sleep(3)  # inside the first step's estimate
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    proc.wait(timeout=120)
+    assert time.time() - sent < 30, "SIGTERM waited for the step to end"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == 0
+    assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").glob("*.ckpt"))
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(make_cfg, caplog):
+    cfg = make_cfg(*RUN, "trainer.max_epochs=2", out="finished")
+    first = run(cfg)
+    out = Path(first["run_dir"])
+    rows = (out / "metrics.csv").read_text()
+    with caplog.at_level("INFO", logger="astraora"):
+        again = run(make_cfg(*RUN, "trainer.max_epochs=2", f"resume={out}", out="elsewhere"))
+    assert again == json.loads((out / "summary.json").read_text()) and comparable(again) == comparable(first)
+    assert "already finished" in caplog.text and "trainer.max_epochs" in caplog.text
+    assert (out / "metrics.csv").read_text() == rows
+
+
+def test_resuming_after_a_failure_in_the_test_loop_tests_again(make_cfg):
+    """Training ended (its last checkpoint is at the end), the test loop failed: a resume trains
+    nothing and tests again, in a fresh process's order: evaluation first, under inference mode,
+    whose cached buffers the diagnostics then reuse outside it."""
+    reference = run(make_cfg(*RUN, "trainer.max_epochs=2", out="reference"))
+    cfg = make_cfg(*RUN, "trainer.max_epochs=2", out="failed")
+
+    class FailInTest(L.Callback):
+        def on_test_batch_start(self, *args) -> None:
+            raise DeviceFailure("device 'head.physical': a forward query failed 4 times")
+
+    with pytest.raises(DeviceFailure, match="continues exactly from the checkpoint at step 8"):
+        run(cfg, callbacks=[FailInTest()])
+    out = Path(cfg.paths.output_dir)
+    assert json.loads((out / "summary.json").read_text())["status"] == "device_failure"
+    resumed = run(make_cfg(*RUN, "trainer.max_epochs=2", f"resume={out}", out="elsewhere"))
+    assert comparable(resumed) | {"wall_seconds": None} == comparable(reference) | {"wall_seconds": None}
+
+
+class FailMidStep(L.Callback):
+    """From step ``step`` on, every ZO query of the physical layer raises DeviceFault: the step's
+    forward queries have been made and counted, the estimate fails (the ledger's retries too)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step != self.step:
+            return
+        device = pl_module.model.head.physical.device
+        query = device.query
+
+        def failing(x, theta=None, *, purpose="forward"):
+            if purpose == "zo":
+                raise DeviceFault("injected: the chip stopped answering")
+            return query(x, theta, purpose=purpose)
+
+        device.query = failing
+
+
+def test_device_failure_mid_step_then_resume_equals_uninterrupted(make_cfg):
+    """A device that fails in the middle of step 7 (last checkpoint: step 6, noisy device): the run
+    stops with a DeviceFailure and writes no checkpoint of the half-done step; resumed, it ends
+    equal to the uninterrupted run: steps, every metrics.csv row, test metrics, queries by purpose
+    and reprograms (the forward queries of the failed step are counted once)."""
+    noisy = [*RUN, "device.nonideal.output_noise=0.01"]
+    reference = run(make_cfg(*noisy, out="reference"))
+    cfg = make_cfg(*noisy, out="failed")
+    with pytest.raises(DeviceFailure, match="continues exactly from the checkpoint at step 6"):
+        run(cfg, callbacks=[FailMidStep(step=7)])
+    out = Path(cfg.paths.output_dir)
+    failed = json.loads((out / "summary.json").read_text())
+    assert failed["status"] == "device_failure" and failed["steps"] == 7
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    resumed = run(make_cfg(*noisy, f"resume={out}", out="elsewhere"))
+    assert comparable(resumed) == comparable(reference)
+    assert (out / "metrics.csv").read_text() == (Path(reference["run_dir"]) / "metrics.csv").read_text()
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -152,3 +270,16 @@ def test_mid_epoch_resume_with_augmentation_equals_uninterrupted(make_cfg, worke
             "task.datamodule.n_mels=16", "task.model.channels=8", "task.model.embedding_dim=8",
             "task.model.attention_channels=8", *RUN[:-2], "surrogate.rank=4"]
     assert_mid_epoch_resume_is_exact(make_cfg, tiny)
+
+
+def test_an_mzi_classical_checkpoint_of_the_old_phase_order_is_refused(make_cfg, tmp_path):
+    """Format 1 stored mzi_classical's cell phases as (θ, φ): the same numbers would now be another
+    device, so such a checkpoint is refused in one line instead of resumed silently wrong."""
+    args = [*RUN, "device=mzi_classical", "trainer.max_epochs=1"]
+    first = run(make_cfg(*args, out="old"))
+    ckpt = Path(first["run_dir"]) / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    state["astraora"]["format"] = 1
+    torch.save(state, ckpt)
+    with pytest.raises(AstraoraError, match=r"stores mzi_classical's cell phases in the order of format 1"):
+        run(make_cfg(*args, f"resume={first['run_dir']}", out="elsewhere"))

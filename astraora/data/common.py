@@ -3,6 +3,7 @@ resumable training loaders and seeded augmentation."""
 
 from __future__ import annotations
 
+
 import os
 import socket
 import threading
@@ -55,8 +56,10 @@ def unreachable(url: str, timeout: float | None = None) -> str | None:
 
     def attempt() -> None:
         try:
-            socket.create_connection((host, port), timeout=timeout).close()
+            connection = socket.create_connection((host, port), timeout=timeout)
             outcome.append(None)
+            if connection is not None:  # (a stand-in in tests may return none)
+                connection.close()
         except OSError as exc:
             outcome.append(f"cannot connect to {host}:{port} ({type(exc).__name__}: {exc})".replace("\n", " "))
 

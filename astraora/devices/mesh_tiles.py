@@ -222,7 +222,9 @@ class TiledMesh:
         """Two reused flat work buffers of ``size`` entries: the first zeroed, the second zeroed
         too, or only its first and last ``spare_zeros`` entries (where every factor overwrites
         the rest before it is read)."""
-        key = (dtype, device)
+        # Buffers made under inference mode (an evaluation loop) are inference tensors, which may not
+        # be written outside it (and vice versa for autograd's version counters): one pair per mode.
+        key = (dtype, device, torch.is_inference_mode_enabled())
         bufs = self._buffers.get(key)
         if bufs is None or bufs[0].numel() < size:
             bufs = self._buffers[key] = (torch.empty(size, dtype=dtype, device=device), torch.empty(size, dtype=dtype, device=device))
