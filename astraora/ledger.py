@@ -56,8 +56,9 @@ class QueryLedger:
         self.skipped = {"zo": 0, "surrogate": 0}
         self.wait_seconds = 0.0
         self._programmed: Tensor | None = None  # the θ the hardware holds now
+        self.drift_steps = 0  # drift steps of a device that drifts: a reading from an earlier one is stale
         self.keep_readings = bool(keep_readings)  # keep the last full readout for reading_at (an m × n matrix)
-        self._reading: dict | None = None  # the last full readout: {"theta", "drift", "noisy", "matrix"}
+        self._reading: dict | None = None  # the last full readout: {"theta", "drift_steps", "noisy", "matrix"}
 
     # ----------------------------------------------------------------- totals
     @property
@@ -127,7 +128,7 @@ class QueryLedger:
         matrix = self.query(eye, purpose).T
         if not self.keep_readings:
             return matrix
-        self._reading = {"theta": theta.clone(), "drift": drift_of(self.device),
+        self._reading = {"theta": theta.clone(), "drift_steps": self.drift_steps,
                          "noisy": _sees_nonidealities(self.device, purpose), "matrix": matrix.clone()}
         return matrix
 
@@ -139,13 +140,23 @@ class QueryLedger:
         reading = self._reading
         if reading is None or reading["noisy"] != _sees_nonidealities(self.device, purpose):
             return None
-        return reading["matrix"] if still_current(reading, self.device, theta) else None
+        return reading["matrix"] if self.still_current(reading, theta) else None
 
     def step_drift(self) -> None:
-        """Advance the device's drift by one training step. A reading taken before no longer is one
-        of the device (a served chip's drift is not visible here), so it is dropped."""
+        """Advance the device's drift by one training step. For a device that drifts (:func:`drifts`),
+        a reading taken before no longer is one of the device: it is dropped, and every reading
+        stamped with an earlier :attr:`drift_steps` is stale."""
         self.device.step_drift()
-        self._reading = None
+        if drifts(self.device):
+            self.drift_steps += 1
+            self._reading = None
+
+    def still_current(self, saved: dict, theta: Tensor) -> bool:
+        """Whether readings taken at ``saved["theta"]`` after ``saved["drift_steps"]`` drift steps still
+        are readings of the device at ``theta``: the same θ exactly, no drift step since. Decided from
+        what the trainer itself did (programmed θ, stepped the drift), never from the device's
+        hidden state, so a simulator and a served chip behave alike."""
+        return saved.get("drift_steps") == self.drift_steps and torch.equal(saved["theta"], theta.detach())
 
     def _send(self, x: Tensor, theta: Tensor, purpose: str, check: bool = True) -> Tensor:
         last_error: Exception | None = None
@@ -169,7 +180,7 @@ class QueryLedger:
             return y
         raise DeviceFailure(
             f"device {self.device.name!r}: a {purpose} query failed {self.max_retries + 1} times "
-            f"(last error: {last_error}); stopping after a checkpoint."
+            f"(last error: {last_error}); the run stops."
         )
 
     # ----------------------------------------------------------------- oracle access
@@ -193,6 +204,7 @@ class QueryLedger:
             "skipped": dict(self.skipped),
             "wait_seconds": self.wait_seconds,
             "programmed": None if self._programmed is None else self._programmed.cpu(),
+            "drift_steps": self.drift_steps,
             "reading": None if self._reading is None else {k: v.cpu() if isinstance(v, Tensor) else v
                                                            for k, v in self._reading.items()},
         }
@@ -204,6 +216,7 @@ class QueryLedger:
         self.retries = int(state["retries"])
         self.skipped = dict(state["skipped"])
         self.wait_seconds = float(state.get("wait_seconds", 0.0))  # absent in older checkpoints
+        self.drift_steps = int(state.get("drift_steps", 0))  # absent in older checkpoints (readings then are stale)
         programmed = state["programmed"]
         self._programmed = None if programmed is None else programmed.to(self.device.theta.device)
         reading = state.get("reading")  # absent in older checkpoints: the next step reads again
@@ -224,26 +237,12 @@ def _sees_nonidealities(device: Device, purpose: str) -> bool:
     return sees(purpose) if sees is not None else purpose == "forward"
 
 
-def _live_drift(device: Device) -> Tensor | None:
-    drift = getattr(device, "drift", None)
-    return drift if isinstance(drift, Tensor) else None
-
-
-def drift_of(device: Device) -> Tensor | None:
-    """A copy of the device's simulated drift, or None where it has none visible (a served chip)."""
-    drift = _live_drift(device)
-    return None if drift is None else drift.detach().clone()
-
-
-def still_current(saved: dict, device: Device, theta: Tensor) -> bool:
-    """Whether readings taken at ``saved["theta"]`` under ``saved["drift"]`` (:func:`drift_of`)
-    still are readings of ``device`` at ``theta``: the same θ exactly, the same drift."""
-    if not torch.equal(saved["theta"], theta.detach()):
-        return False
-    drift = _live_drift(device)
-    if (drift is None) != (saved["drift"] is None):
-        return False
-    return drift is None or torch.equal(drift, saved["drift"])
+def drifts(device: Device) -> bool:
+    """Whether ``device`` says it drifts between training steps (``Device.drifts``: a simulator with
+    ``nonideal.drift_std``; a served chip whose server says ``needs_step``). A device that does not say
+    is assumed to drift, so no reading outlives a drift step on it."""
+    says = getattr(device, "drifts", None)
+    return True if says is None else bool(says)
 
 
 def _finite(y: Tensor) -> bool:

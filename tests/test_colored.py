@@ -170,7 +170,7 @@ def test_a_reading_is_not_reused_once_theta_or_drift_moved_or_after_reuse_readou
     assert ledger.reading_at(device.theta, "zo") is not None
     ColoredEstimator(reuse_readout=False).estimate(ledger, x, g)
     assert ledger.queries["zo"] == 2 * 6  # told not to
-    device.step_drift()  # the chip moved under the same θ: the reading is stale
+    ledger.step_drift()  # the chip moved under the same θ: the reading is stale
     assert ledger.reading_at(device.theta, "zo") is None
     ColoredEstimator().estimate(ledger, x, g)
     assert ledger.queries["zo"] == 2 * 2 * 6
@@ -178,12 +178,21 @@ def test_a_reading_is_not_reused_once_theta_or_drift_moved_or_after_reuse_readou
     with torch.no_grad():
         device.theta.add_(1e-3)  # an optimizer step
     assert ledger.reading_at(device.theta, "zo") is None
-    # the ledger's drift step drops a reading even where the drift is not visible (a served chip)
+    # the decision is the trainer's, from what the device declares, never from its drift itself: a
+    # device that declares none keeps its reading over a drift step; one that does not say loses it
     still = SLM(6, 4, seed=0)
     still_ledger = QueryLedger(still, keep_readings=True)
     still_ledger.read_matrix("readout")
     still_ledger.step_drift()
-    assert still_ledger.reading_at(still.theta, "zo") is None
+    assert still_ledger.reading_at(still.theta, "zo") is not None
+
+    class Undeclared(SLM):
+        drifts = None  # a driver that does not say whether its chip drifts
+
+    quiet = QueryLedger(Undeclared(6, 4, seed=0), keep_readings=True)
+    quiet.read_matrix("readout")
+    quiet.step_drift()
+    assert quiet.reading_at(quiet.device.theta, "zo") is None
     # a reading kept in a checkpoint is one after the restore
     ledger.read_matrix("readout")
     restored = QueryLedger(device, keep_readings=True)
@@ -255,3 +264,20 @@ def test_only_a_layer_that_reuses_readouts_keeps_one():
         layer(x)  # the initial readout
         assert layer.ledger.keep_readings is kept
         assert (layer.ledger.state_dict()["reading"] is not None) is kept
+
+
+def test_colored_differences_warn_where_random_directions_are_cheaper(caplog):
+    """(k + 1)·n per step against M·min(B, m) + 2r + 2·M_sm: a wide SLM layer is cheaper with the
+    paper's random directions, a narrow one with colored differences; the build says which."""
+    from astraora.build import colored_crossover, make_layer_factory
+    from conftest import compose_config
+
+    factory = make_layer_factory(compose_config(["device=slm", "task.datamodule.batch_size=32"]))
+    with caplog.at_level("WARNING", logger="astraora"):
+        narrow = factory(64, 10, "narrow")
+    assert not caplog.records
+    assert colored_crossover(narrow.zo, narrow.device, 32, 10) == (2 * 64, 100 * 10 + 2 * 10 + 2 * 100)
+    with caplog.at_level("WARNING", logger="astraora"):
+        wide = factory(2048, 64, "wide")
+    assert colored_crossover(wide.zo, wide.device, 32, 16) == (2 * 2048, 100 * 32 + 2 * 16 + 2 * 100)
+    assert len(caplog.records) == 1 and "zo=gaussian is the cheaper estimate" in caplog.text and "4096" in caplog.text

@@ -231,7 +231,7 @@ def _tracked(reuse: bool, steps: int = 4, drift: float = 0.0, noise: float = 0.0
             sur.readout(ledger)  # a health rebuild in the forward pass, at the θ of the last update
         with torch.no_grad():
             device.theta.add_(0.05 * torch.randn(device.theta.shape, generator=gen))
-        device.step_drift()
+        ledger.step_drift()  # as the layer does, once per training step
         if forget:
             integ._cache = None
         before = ledger.queries["surrogate"]

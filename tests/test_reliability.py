@@ -362,3 +362,33 @@ def test_finite_check_is_exact_where_the_sum_overflows():
     y = torch.randn(5, 7)
     y[0, 0], y[1, 1] = float("inf"), -float("inf")  # their sum is NaN; each alone is caught too
     assert not _finite(y)
+
+
+@pytest.mark.parametrize("how", ["integrator", "health"])
+def test_every_full_readout_resets_the_health_reference(how):
+    """The reference of ``health_growth`` is the surrogate's error just after its last full readout:
+    whether the integrator read the device out (``rebuild_every``) or the health check did, the
+    next window measures a fresh reference. Kept across a readout, it would compare a newly
+    rebuilt surrogate against a worn one's error and never fire again."""
+    device = SLM(24, 16, seed=0, name="d")
+    integrator = {"name": "psi_implicit", "samples": 8, "rebuild_every": 3 if how == "integrator" else 0}
+    layer = HybridLayer(device, mode="exact+sm", rank=4, health_growth=0.1, integrator=integrator).train()
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1, 7):
+        layer(torch.randn(64, 24, generator=gen))
+        if how == "health" and step == 5:
+            assert layer.reference_residual is not None
+            layer.reference_residual = 1e-9  # any error now is growth: the next window reads out
+            before = layer.health_rebuilds
+            layer(torch.randn(64, 24, generator=gen))
+            assert layer.health_rebuilds == before + 1
+            assert layer.reference_residual is None and layer.health_window == []
+            return
+        with torch.no_grad():
+            device.theta.add_(0.01 * torch.randn(device.theta.shape, generator=gen).sign())
+        layer.after_optimizer_step()
+        if how == "integrator" and step == 3:  # the third θ update ended in a full readout
+            assert layer.reference_residual is None and layer.health_window == []
+            return
+        assert step < 3 or how == "health"
+    pytest.fail("no readout happened")

@@ -301,6 +301,12 @@ class Device(nn.Module):
             y[(0,) * y.dim()] = float("nan")
         return y
 
+    @property
+    def drifts(self) -> bool:
+        """Whether the device drifts between training steps (declared, like a chip's datasheet: the
+        trainer drops readings taken before a drift step; it never looks at the drift itself)."""
+        return bool(self.nonideal.drift_std)
+
     @torch.no_grad()
     def step_drift(self) -> None:
         """Advance the drift random walk by one training step."""

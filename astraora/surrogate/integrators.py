@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from astraora.errors import ConfigError
-from astraora.ledger import QueryLedger, drift_of, still_current
+from astraora.ledger import QueryLedger
 from astraora.surrogate.auto import keeps_fixed_sketch, psi_queries
 from astraora.surrogate.lowrank import LowRankSurrogate, truncated_svd
 
@@ -132,7 +132,7 @@ class PsiImplicitIntegrator(Integrator):
         self.samples, self.sketch, self.generator = int(samples), sketch, generator
         self.reuse_sketch = bool(reuse_sketch)
         self._fixed_z: Tensor | None = None  # Z when reused
-        self._cache: dict | None = None  # {"theta", "drift", "readings"}: Z's readings at the last θ₁
+        self._cache: dict | None = None  # {"theta", "drift_steps", "readings"}: Z's readings at the last θ₁
         self.reused = 0  # updates that took their θ₀ readings of Z from the cache
         self._warned = False
 
@@ -152,10 +152,10 @@ class PsiImplicitIntegrator(Integrator):
             self._fixed_z, self._cache = self.draw_sketch(n, dtype).to(device), None
         return self._fixed_z
 
-    def _cached_readings(self, device, theta0: Tensor) -> Tensor | None:
+    def _cached_readings(self, ledger: QueryLedger, theta0: Tensor) -> Tensor | None:
         """Z's readings at θ₀ from the last update, if they still are that (see ``reuse_sketch``)."""
         cache = self._cache
-        return cache["readings"] if cache is not None and still_current(cache, device, theta0) else None
+        return cache["readings"] if cache is not None and ledger.still_current(cache, theta0) else None
 
     def draw_sketch(self, n: int, dtype: torch.dtype) -> Tensor:
         """Z (M_sm, n) with E[zzᵀ] = I."""
@@ -181,7 +181,7 @@ class PsiImplicitIntegrator(Integrator):
         Z = self._sketch(V.shape[0], V.dtype, V.device)
         probes = torch.cat([V.T, Z])  # (r + M_sm, n): Vᵀ for the K-step, Z for the L-step
         reuse = self.reuses(V.shape[0])
-        cached = self._cached_readings(ledger.device, theta0) if reuse else None
+        cached = self._cached_readings(ledger, theta0) if reuse else None
         if cached is None:
             # θ₀ then θ₁ as one batched call (θ₁ last, so the hardware stays at θ₁).
             Y0, Y1 = ledger.query_settings(probes, torch.stack([theta0, theta1]), "surrogate", first_may_match=True)
@@ -190,7 +190,7 @@ class PsiImplicitIntegrator(Integrator):
             Y1 = ledger.query(probes, "surrogate", theta=theta1)
             self.reused += 1
         if reuse:
-            self._cache = {"theta": theta1.clone(), "drift": drift_of(ledger.device), "readings": Y1[r:].clone()}
+            self._cache = {"theta": theta1.clone(), "drift_steps": ledger.drift_steps, "readings": Y1[r:].clone()}
         D = Y1 - Y0
         P1 = D[:r].T  # ΔA V, (m, r)
         # K-step
