@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -13,10 +14,12 @@ from torch import nn
 from astraora.errors import AstraoraError, ConfigError
 from astraora.hybrid import HybridLayer
 from astraora.rng import make_generator
-from astraora.surrogate.auto import readout_rank, resolve_integrator, resolve_rank
+from astraora.surrogate.auto import psi_queries, readout_rank, resolve_integrator, resolve_rank
 from astraora.zo import make_estimator, reuses_readout
+from astraora.zo.colored import ColoredEstimator
 
 LayerFactory = Callable[[int, int, str], nn.Module]
+log = logging.getLogger("astraora")
 
 
 def instantiate(config, **kwargs):
@@ -67,6 +70,8 @@ def make_layer_factory(cfg: DictConfig) -> LayerFactory:
         rank = resolve_rank(cfg.surrogate.rank, d_in, d_out)  # `auto`: by this layer's size
         integrator = resolve_integrator(integrator_cfg, d_in, rank, estimate_reuses_readout=reuses_readout(zo))
         rank = readout_rank(cfg.surrogate.get("readout_rank", "same"), integrator, d_in, d_out, rank)
+        if isinstance(zo, ColoredEstimator):
+            warn_if_colored_costs_more(zo, device, int(cfg.task.datamodule.batch_size), rank, name)
         return HybridLayer(
             device, mode=cfg.mode, rank=rank, zo=zo, integrator=integrator,
             output_scale=cfg.surrogate.output_scale, output_bias=cfg.surrogate.get("output_bias", False),
@@ -75,6 +80,36 @@ def make_layer_factory(cfg: DictConfig) -> LayerFactory:
         )
 
     return factory
+
+
+# The paper's random-direction settings the colored differences are weighed against.
+PAPER_M, PAPER_M_SM = 100, 100
+
+
+def colored_crossover(zo, device, batch: int, rank: int) -> tuple[int, int]:
+    """Queries per step for θ's gradient and the surrogate's upkeep: colored differences (a full
+    readout of n rows, whose reading the k·n one-sided differences reuse: (k + 1)·n; 2k·n + n
+    two-sided) against the paper's M = 100 random directions on min(B, m) rows plus psi_implicit's
+    2r + 2·M_sm (docs/ALGORITHM.md §9). The forward pass's B rows are the same for both."""
+    n, m = device.d_in, device.d_out
+    k = zo.colors(zo.offsets_of(device))
+    colored = (2 * k + 1) * n if zo.two_sided else (k + 1) * n
+    random = PAPER_M * min(batch, m) + psi_queries(rank, PAPER_M_SM)
+    return colored, random
+
+
+def warn_if_colored_costs_more(zo, device, batch: int, rank: int, name: str) -> None:
+    """Colored differences cost (k + 1)·n per step, random directions M·min(B, m) + 2r + 2·M_sm: for
+    wide layers (the paper's 6144 → 192 SLM) the random directions are the cheaper estimate."""
+    try:
+        colored, random = colored_crossover(zo, device, batch, rank)
+    except AstraoraError:
+        return  # a device without the entry-wise structure is refused elsewhere, with its own message
+    if colored > random:
+        log.warning("physical layer %s (%d -> %d): zo=colored costs %d queries per step here, against %d for the "
+                    "paper's M = 100 random directions with psi_implicit (batch %d, rank %d); zo=gaussian is the "
+                    "cheaper estimate at this size (docs/ALGORITHM.md §9).", name, device.d_in, device.d_out,
+                    colored, random, batch, rank)
 
 
 def build_model(cfg: DictConfig, model_kwargs: dict) -> nn.Module:
