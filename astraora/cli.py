@@ -4,21 +4,46 @@ An override naming a group option that does not exist, a key the config lacks, o
 validation refuses stops here with one line and exit code 2, in the time it takes to compose the
 config (about a second, no torch or Lightning start-up), and leaves no run directory behind. Then
 :func:`astraora.train.hydra_main` runs the job.
+
+The checks see the configs Hydra will compose: astraora's own folder (:data:`CONFIG_DIR`, inside the
+installed package or the clone's top-level ``conf/``), the folders and packages a user adds with
+``hydra.searchpath`` (command line or primary config), ``--config-dir`` and Hydra's SearchPathPlugins,
+in Hydra's order (:func:`hydra_for`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
 import shutil
 import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repository's conf/ (editable install)
+
+def find_config_dir(package_dir: Path) -> str:
+    """astraora's Hydra config folder for the package at ``package_dir``: ``<package>/conf`` where a wheel
+    installed it (pyproject.toml maps the repository's ``conf/`` to ``astraora/conf``), else ``conf/``
+    beside the package (a clone, an editable install). Where neither holds ``config.yaml``, the packaged
+    place, which Hydra then names in its error."""
+    for candidate in (package_dir / "conf", package_dir.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    return str(package_dir / "conf")
+
+
+CONFIG_DIR = find_config_dir(Path(__file__).resolve().parent)
 MULTIRUN_FLAGS = ("-m", "--multirun")
+# Hydra's flags that choose where configs come from (hydra/_internal/utils.py: get_args_parser)
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+CONFIG_NAME_FLAGS = ("--config-name", "-cn")
+CONFIG_PATH_FLAGS = ("--config-path", "-cp")
 MAX_CHECKED_JOBS = 64  # a bigger sweep has each swept value checked once, not every combination
 # A key naming a secret: Hydra saves every override in the run folder (.hydra/), so none may carry one.
 SECRET_WORDS = ("token", "secret", "password", "passwd")
@@ -45,29 +70,146 @@ def check_secrets(argv: list[str]) -> None:
                      f"instead.")
 
 
-def check_group_overrides(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
-    """Reject ``group=option`` overrides naming an option that does not exist, in one line and with
-    exit code 2, before Hydra composes anything (Hydra's own message spans several lines)."""
-    root = Path(config_dir)
-    for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        group = root / key
-        if not sep or not group.is_dir() or not value or value == "null":
+@dataclass(frozen=True)
+class ConfigSources:
+    """Where Hydra looks for the configs of one command line, besides its ``hydra.searchpath`` overrides
+    and the SearchPathPlugins: astraora's folder, the ``--config-dir`` folder, the primary config's name."""
+
+    config_dir: str = CONFIG_DIR
+    extra_dir: str | None = None  # --config-dir, made absolute as Hydra makes it
+    config_name: str = "config"
+
+
+def config_sources(argv: list[str], config_dir: str = CONFIG_DIR,
+                   config_name: str = "config") -> tuple[ConfigSources | None, list[str]]:
+    """The sources ``argv`` composes from and ``argv`` without the flags that chose them (``--config-dir``,
+    ``--config-name``, in either of Hydra's spellings, ``FLAG VALUE`` or ``FLAG=VALUE``). None for the
+    sources where ``--config-path`` replaces astraora's folder: Hydra alone checks such a command line."""
+    sources, rest, i = ConfigSources(config_dir, None, config_name), [], 0
+    while i < len(argv):
+        flag, sep, value = argv[i].partition("=")
+        if flag not in CONFIG_DIR_FLAGS + CONFIG_NAME_FLAGS + CONFIG_PATH_FLAGS:
+            rest.append(argv[i])
+            i += 1
             continue
-        allowed = sorted(p.stem for p in group.glob("*.yaml"))
-        for option in value.split(","):
-            if option not in allowed:
-                fail(f"{key}={option} is not allowed; choose one of {allowed}.")
+        if not sep:
+            if i + 1 == len(argv):
+                return sources, rest + argv[i:]  # Hydra's own parser says what is missing
+            value, i = argv[i + 1], i + 1
+        i += 1
+        if flag in CONFIG_PATH_FLAGS:
+            return None, argv
+        if flag in CONFIG_NAME_FLAGS:
+            sources = replace(sources, config_name=value)
+            continue
+        extra = os.path.abspath(value)
+        if not os.path.isdir(extra):
+            fail(f"{flag} {value} is not a folder; give a folder of config groups (e.g. one holding "
+                 f"device/<name>.yaml).")
+        sources = replace(sources, extra_dir=extra)
+    return sources, rest
 
 
-def _compose_and_validate(overrides: list[str], config_dir: str, hydra_config: bool = False):
-    """The config ``overrides`` give, validated (one line and exit 2 where it is not usable)."""
-    from hydra import compose, initialize_config_dir
+@contextlib.contextmanager
+def hydra_for(sources: ConfigSources) -> Iterator:
+    """Hydra initialised, for the ``with`` block, on the search path ``hydra.main`` builds for ``sources``:
+    Hydra's own configs, astraora's folder, the SearchPathPlugins (``hydra_plugins.*``), ``--config-dir``
+    (as initialize_config_dir does, plus that folder); ``hydra.searchpath`` then comes with the overrides
+    of each compose. Yields the config loader."""
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    backup = get_gh_backup()
+    version.setbase("1.3")
+    search_path = create_config_search_path(f"file://{sources.config_dir}")
+    if sources.extra_dir:
+        search_path.prepend(provider="command-line", path=f"file://{sources.extra_dir}",
+                            anchor=SearchPathQuery(provider="schema"))
+    try:
+        Hydra.create_main_hydra2(task_name="train", config_search_path=search_path)
+        yield GlobalHydra.instance().config_loader()
+    finally:
+        restore_gh_from_backup(backup)
+
+
+def group_options(groups: list[str], argv: list[str], sources: ConfigSources) -> dict[str, list[str]]:
+    """The options Hydra offers for each of ``groups`` (empty for a name that is no config group): the
+    union over its whole search path, the ``hydra.searchpath`` of ``argv`` or of the primary config
+    included. A ``hydra.searchpath`` entry that is not there (no such folder, a package that cannot be
+    imported) stops here in one line: Hydra would only warn, and then refuse the user's options."""
+    from hydra.core.object_type import ObjectType
     from hydra.errors import HydraException
 
+    searchpath = [arg for arg in argv if arg.lstrip("+").partition("=")[0] == "hydra.searchpath"]
+    options = {}
+    with hydra_for(sources) as loader, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            for group in groups:
+                options[group] = loader.get_group_options(group, ObjectType.CONFIG, sources.config_name, searchpath)
+        except HydraException as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            fail(" ".join(lines[:2]))
+    for warning in caught:
+        found = re.search(r"provider=(.*), path=(\S+) is not available", str(warning.message))
+        if found:
+            fail(f"{found.group(1)}: {found.group(2)} is not available: no such folder, or no importable package "
+                 f"of that name with an __init__.py (put its folder on PYTHONPATH or pip install it).")
+    return options
+
+
+def check_group_overrides(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
+    """Reject ``group=option`` overrides naming an option that does not exist, in one line and with
+    exit code 2, before Hydra composes anything (Hydra's own message spans several lines). The options
+    are those Hydra would find: astraora's and the user's (``hydra.searchpath``, ``--config-dir``)."""
+    sources, argv = config_sources(argv, config_dir)
+    if sources is None:
+        return
+    chosen = []  # (key, group, override) of each group=option override
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        group = key.partition("@")[0]  # group@package=option
+        if sep and value and group and "." not in group and not arg.startswith("-"):
+            chosen.append((key, group, arg))
+    searchpath = any(arg.lstrip("+").startswith("hydra.searchpath=") for arg in argv)
+    if not chosen and not sources.extra_dir and not searchpath:
+        return  # nothing to check; a user's folder is checked even so (group_options: one that is not there)
+    options = group_options(sorted({group for _, group, _ in chosen}), argv, sources)
+    for key, group, arg in chosen:
+        if not options[group]:
+            continue  # not a config group: a plain key, which the compose checks
+        for option in named_options(arg):
+            if option not in options[group]:
+                fail(f"{key}={option} is not allowed; choose one of {options[group]}.")
+
+
+def named_options(override: str) -> list[str]:
+    """The options a group override names: one, a list (``[a,b]``) or a sweep (``a,b``, ``choice(a,b)``);
+    none for ``null`` or where they cannot be listed (a malformed override: the compose says what is wrong)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     try:
-        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            cfg = compose("config", overrides=overrides, return_hydra_config=hydra_config)
+        parsed = OverridesParser.create().parse_override(override)
+        value = list(parsed.sweep_string_iterator()) if parsed.is_sweep_override() else parsed.value()
+    except Exception:  # noqa: BLE001 - not listable here
+        return []
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    return [str(v) for v in values]
+
+
+def _compose_and_validate(overrides: list[str], config_dir: str | ConfigSources, hydra_config: bool = False):
+    """The config ``overrides`` give, validated (one line and exit 2 where it is not usable)."""
+    from hydra import compose
+    from hydra.errors import HydraException
+
+    sources = config_dir if isinstance(config_dir, ConfigSources) else ConfigSources(config_dir)
+    try:
+        with hydra_for(sources):
+            cfg = compose(sources.config_name, overrides=overrides, return_hydra_config=hydra_config)
     except HydraException as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         fail(" ".join(lines[:2]))
@@ -115,9 +257,10 @@ def check_single_run(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
     cannot apply (a key the config lacks, a malformed value), a value validation refuses or an
     unusable ``resume`` checkpoint stops before Hydra makes a run directory. A multirun
     (:func:`check_multirun`) and other Hydra flags (``--cfg``, ``--info``, ...) are left alone."""
-    if any(arg.startswith("-") for arg in argv):
+    sources, argv = config_sources(argv, config_dir)
+    if sources is None or any(arg.startswith("-") for arg in argv):
         return
-    check_launcher(_compose_and_validate(argv, config_dir, hydra_config=True), multirun=False)
+    check_launcher(_compose_and_validate(argv, sources, hydra_config=True), multirun=False)
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
@@ -149,6 +292,9 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
 def check_multirun(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
     """Compose and validate every job of a multirun (``-m``) before Hydra makes its sweep folder."""
+    sources, argv = config_sources(argv, config_dir)
+    if sources is None:
+        return
     flags = [arg for arg in argv if arg.startswith("-")]
     if not flags or any(flag not in MULTIRUN_FLAGS for flag in flags):
         return
@@ -161,7 +307,7 @@ def check_multirun(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         fail(" ".join(lines[:2]))
     for i, job in enumerate(jobs):
-        cfg = _compose_and_validate(job, config_dir, hydra_config=i == 0)
+        cfg = _compose_and_validate(job, sources, hydra_config=i == 0)
         if i == 0:
             check_launcher(cfg, multirun=True)
 

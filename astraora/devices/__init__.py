@@ -1,4 +1,5 @@
-"""Black-box physical devices. A new device is one class here plus one YAML file in conf/device/."""
+"""Black-box physical devices. A new device is one class plus one YAML file in conf/device/ (in your own
+package's conf/device, put on Hydra's search path: README, "Adding a device")."""
 
 from astraora.devices.base import Device, Faults, NonIdealities, dense_transfer
 from astraora.devices.dense import EntrywiseDevice, MatVec, MRRBank, SLM

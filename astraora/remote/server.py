@@ -35,7 +35,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import zmq
@@ -43,6 +42,7 @@ from torch import Tensor
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
+from astraora.cli import CONFIG_DIR, config_sources, group_options  # CONFIG_DIR: also scripts' and benchmark's
 from astraora.devices.base import Device
 from astraora.errors import AstraoraError, ConfigError, DeviceFault
 from astraora.remote.keys import ServerKeys
@@ -50,7 +50,6 @@ from astraora.remote.lab import PURPOSES, DeviceInfo, LabDevice, SimulatedDevice
 from astraora.remote.wire import DTYPES, PROTOCOL_VERSION, ProtocolError, decode, encode, short
 
 log = logging.getLogger("astraora.server")
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 MIB = 2**20
 NOT_SERVABLE = ("digital", "remote")
 ZAP_DOMAIN = "astraora"
@@ -803,14 +802,16 @@ def serve_from_config(cfg) -> None:
 
 
 def check_device_override(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
-    """``device=<name>`` must name a file in conf/device: one line and exit 2 otherwise (unless
-    ``hydra.searchpath`` adds config directories, e.g. a lab's own conf/device/<chip>.yaml)."""
-    if any(arg.startswith("hydra.searchpath") for arg in argv):
+    """``device=<name>`` must name a servable entry of the device group Hydra will compose from: astraora's
+    conf/device, and a lab's own conf/device/<chip>.yaml added with ``hydra.searchpath`` or ``--config-dir``.
+    One line listing them and exit 2 otherwise."""
+    sources, argv = config_sources(argv, config_dir, config_name="server")
+    chosen = [arg.partition("=")[2] for arg in argv if arg.partition("=")[0] == "device" and "=" in arg]
+    if sources is None or not chosen:
         return
-    allowed = sorted(p.stem for p in Path(config_dir, "device").glob("*.yaml") if p.stem not in NOT_SERVABLE)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if key == "device" and sep and value not in allowed:
+    allowed = [name for name in group_options(["device"], argv, sources)["device"] if name not in NOT_SERVABLE]
+    for value in chosen:
+        if value not in allowed:
             print(f"error: device={value} is not allowed; choose one of {allowed}.", file=sys.stderr)
             sys.exit(2)
 

@@ -122,7 +122,7 @@ def command(out: Path, task: str, device: str, mode: str, seed: int, extra: tupl
     runs only (e.g. ``surrogate.rank=32``: the digital twin has no surrogate)."""
     data = [f"task.root={out / 'data' / 'image_folder'}"] if task == "image_folder" else []
     hybrid = [] if device == DIGITAL else [f"mode={mode}", *extra]
-    return [sys.executable, str(ROOT / "train.py"), f"task={task}", f"device={device}", *hybrid,
+    return [sys.executable, "-m", "astraora.train", f"task={task}", f"device={device}", *hybrid,
             f"seed={seed}", *TASK_OVERRIDES.get(task, []), *data,
             f"hydra.run.dir={run_dir(out, task, device, mode, seed)}", "logger=csv"]
 

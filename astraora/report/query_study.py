@@ -67,7 +67,7 @@ def image_root(out: Path) -> Path:
 
 def command(task: str, variant: str, seed: int, directory: Path, device: str = "mzi") -> list[str]:
     data = [f"task.root={image_root(directory.parents[3])}"] if task == "image_folder" else []
-    return [sys.executable, str(ROOT / "train.py"), f"task={task}", f"device={device}", f"seed={seed}",
+    return [sys.executable, "-m", "astraora.train", f"task={task}", f"device={device}", f"seed={seed}",
             *TASK_OVERRIDES.get(task, []), *data, *VARIANTS[variant], f"hydra.run.dir={directory}", "logger=csv"]
 
 
