@@ -266,6 +266,19 @@ def make_loggers(cfg: DictConfig, output_dir: Path, wandb_id: str | None, module
     return loggers
 
 
+class StepCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
+    """The every-N-steps checkpoint, except at an epoch's last batch: the epoch's own checkpoint follows
+    its validation there. A step checkpoint at that batch would be one Lightning resumes as a finished
+    epoch whose validation never ran (a run stopped during it would skip that validation and its
+    queries on resume); without it, such a run resumes from the step checkpoint before and redoes the
+    epoch's last steps, exactly."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
 def make_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
     callbacks: list[L.Callback] = [ResumeStateCallback(run_meta(cfg))]
     if uses_ddp(cfg):
@@ -278,7 +291,7 @@ def make_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
         # one callback saves every N steps, one at every epoch end; both refresh the same last.ckpt
         common = dict(dirpath=dirpath, auto_insert_metric_name=False, save_top_k=1, save_last=ckpt.save_last,
                       enable_version_counter=False)
-        callbacks.append(ModelCheckpoint(filename="step{step}", every_n_train_steps=ckpt.every_n_train_steps, **common))
+        callbacks.append(StepCheckpoint(filename="step{step}", every_n_train_steps=ckpt.every_n_train_steps, **common))
         callbacks.append(ModelCheckpoint(filename="epoch{epoch}", every_n_epochs=1, save_on_train_epoch_end=True, **common))
     stop = cfg.callbacks.get("early_stopping")
     if stop:

@@ -283,3 +283,31 @@ def test_an_mzi_classical_checkpoint_of_the_old_phase_order_is_refused(make_cfg,
     torch.save(state, ckpt)
     with pytest.raises(AstraoraError, match=r"stores mzi_classical's cell phases in the order of format 1"):
         run(make_cfg(*args, f"resume={first['run_dir']}", out="elsewhere"))
+
+
+class CrashInValidation(L.Callback):
+    """Stops the process during the validation that ends the epoch whose last step is ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_validation_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step and not trainer.sanity_checking:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_run_stopped_during_an_epochs_validation_resumes_exactly(make_cfg):
+    """Steps 4 and 8 are the last batches of their epochs and multiples of every_n_train_steps: no step
+    checkpoint is written there (the epoch's follows its validation), so a run stopped during that
+    validation resumes from step 2 and redoes steps 3-4 and the validation, instead of resuming as if
+    the epoch had ended (its validation and queries would be missing)."""
+    args = [*RUN, "callbacks.checkpoint.every_n_train_steps=2"]
+    reference = run(make_cfg(*args, out="reference"))
+    crashed_cfg = make_cfg(*args, out="crashed")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crashed_cfg, callbacks=[CrashInValidation(step=4)])
+    crashed = Path(crashed_cfg.paths.output_dir)
+    assert sorted(p.name for p in (crashed / "checkpoints").glob("*.ckpt")) == ["last.ckpt", "step2.ckpt"]
+    resumed = run(make_cfg(*args, f"resume={crashed}", out="elsewhere"))
+    assert comparable(resumed) == comparable(reference)
+    assert (crashed / "metrics.csv").read_text() == (Path(reference["run_dir"]) / "metrics.csv").read_text()
