@@ -45,8 +45,13 @@ def device_spec(device_cfg: DictConfig | dict) -> dict:
         return {key: value for key, value in device_cfg.items() if key not in RUN_KEYS}
     # run keys are left unresolved: they may refer to the rest of the run's config (slm's theta_lr
     # to zo.direction), which a device entry loaded on its own (a device server) does not have
-    return {key: OmegaConf.to_container(device_cfg[key], resolve=True) if OmegaConf.is_config(device_cfg[key])
-            else device_cfg[key] for key in device_cfg if key not in RUN_KEYS}
+    return {
+        key: OmegaConf.to_container(device_cfg[key], resolve=True)
+        if OmegaConf.is_config(device_cfg[key])
+        else device_cfg[key]
+        for key in device_cfg
+        if key not in RUN_KEYS
+    }
 
 
 def make_device(device_cfg: DictConfig | dict, d_in: int, d_out: int, seed: int, name: str):
@@ -66,17 +71,30 @@ def make_layer_factory(cfg: DictConfig) -> LayerFactory:
 
     def factory(d_in: int, d_out: int, name: str) -> nn.Module:
         device = make_device(cfg.device, d_in, d_out, cfg.seed, name)
-        zo = make_estimator(zo_cfg, generator=make_generator(cfg.seed, name, "zo")) if cfg.mode.startswith("zo") else None
+        zo = (
+            make_estimator(zo_cfg, generator=make_generator(cfg.seed, name, "zo"))
+            if cfg.mode.startswith("zo")
+            else None
+        )
         rank = resolve_rank(cfg.surrogate.rank, d_in, d_out)  # `auto`: by this layer's size
         integrator = resolve_integrator(integrator_cfg, d_in, rank, estimate_reuses_readout=reuses_readout(zo))
         rank = readout_rank(cfg.surrogate.get("readout_rank", "same"), integrator, d_in, d_out, rank)
         if isinstance(zo, ColoredEstimator):
             warn_if_colored_costs_more(zo, device, int(cfg.task.datamodule.batch_size), rank, name)
         return HybridLayer(
-            device, mode=cfg.mode, rank=rank, zo=zo, integrator=integrator,
-            output_scale=cfg.surrogate.output_scale, output_bias=cfg.surrogate.get("output_bias", False),
-            health_threshold=cfg.surrogate.health_threshold, health_growth=cfg.surrogate.get("health_growth"),
-            max_retries=driver.max_retries, timeout_s=driver.timeout_s, seed=cfg.seed, name=name,
+            device,
+            mode=cfg.mode,
+            rank=rank,
+            zo=zo,
+            integrator=integrator,
+            output_scale=cfg.surrogate.output_scale,
+            output_bias=cfg.surrogate.get("output_bias", False),
+            health_threshold=cfg.surrogate.health_threshold,
+            health_growth=cfg.surrogate.get("health_growth"),
+            max_retries=driver.max_retries,
+            timeout_s=driver.timeout_s,
+            seed=cfg.seed,
+            name=name,
         )
 
     return factory
@@ -106,10 +124,18 @@ def warn_if_colored_costs_more(zo, device, batch: int, rank: int, name: str) -> 
     except AstraoraError:
         return  # a device without the entry-wise structure is refused elsewhere, with its own message
     if colored > random:
-        log.warning("physical layer %s (%d -> %d): zo=colored costs %d queries per step here, against %d for the "
-                    "paper's M = 100 random directions with psi_implicit (batch %d, rank %d); zo=gaussian is the "
-                    "cheaper estimate at this size (docs/ALGORITHM.md §9).", name, device.d_in, device.d_out,
-                    colored, random, batch, rank)
+        log.warning(
+            "physical layer %s (%d -> %d): zo=colored costs %d queries per step here, against %d for the "
+            "paper's M = 100 random directions with psi_implicit (batch %d, rank %d); zo=gaussian is the "
+            "cheaper estimate at this size (docs/ALGORITHM.md §9).",
+            name,
+            device.d_in,
+            device.d_out,
+            colored,
+            random,
+            batch,
+            rank,
+        )
 
 
 def build_model(cfg: DictConfig, model_kwargs: dict) -> nn.Module:

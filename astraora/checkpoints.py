@@ -32,7 +32,11 @@ def find_checkpoint(resume: str | os.PathLike) -> Path:
 def run_meta(cfg: DictConfig) -> dict:
     """What a checkpoint records about its run, and a resume must match."""
     digital = cfg.device.family == "digital"
-    return {"task": str(cfg.task.name), "device": str(cfg.device.family), "mode": "digital" if digital else str(cfg.mode)}
+    return {
+        "task": str(cfg.task.name),
+        "device": str(cfg.device.family),
+        "mode": "digital" if digital else str(cfg.mode),
+    }
 
 
 def read_checkpoint(cfg: DictConfig) -> tuple[Path, dict]:
@@ -44,21 +48,31 @@ def read_checkpoint(cfg: DictConfig) -> tuple[Path, dict]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated zip, not a torch file, foreign pickled objects
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
-        raise AstraoraError(f"resume={resume}: {path} is not a readable checkpoint (truncated or not written by "
-                            f"torch.save: {reason}); resume from another .ckpt in its checkpoints/ folder.") from None
+        raise AstraoraError(
+            f"resume={resume}: {path} is not a readable checkpoint (truncated or not written by "
+            f"torch.save: {reason}); resume from another .ckpt in its checkpoints/ folder."
+        ) from None
     meta = state.get(CHECKPOINT_META) if isinstance(state, dict) else None
     if not isinstance(meta, dict) or "global_step" not in state or "state_dict" not in state:
-        raise AstraoraError(f"resume={resume}: {path} was not written by astraora (no '{CHECKPOINT_META}' entry); "
-                            "resume from a run directory or a .ckpt in its checkpoints/ folder.")
+        raise AstraoraError(
+            f"resume={resume}: {path} was not written by astraora (no '{CHECKPOINT_META}' entry); "
+            "resume from a run directory or a .ckpt in its checkpoints/ folder."
+        )
     if int(meta.get("format", 0)) > CHECKPOINT_FORMAT:
-        raise AstraoraError(f"resume={resume}: {path} has checkpoint format {meta['format']}, newer than the "
-                            f"{CHECKPOINT_FORMAT} this astraora reads; upgrade astraora to resume it.")
+        raise AstraoraError(
+            f"resume={resume}: {path} has checkpoint format {meta['format']}, newer than the "
+            f"{CHECKPOINT_FORMAT} this astraora reads; upgrade astraora to resume it."
+        )
     if int(meta.get("format", 0)) < 2 and meta.get("device") == "mzi_classical":
-        raise AstraoraError(f"resume={resume}: {path} stores mzi_classical's cell phases in the order of format "
-                            f"{meta.get('format', 0)} (θ, φ), which this astraora reads as (φ, θ); convert θ with "
-                            "astraora.devices.mzi.swap_cell_phases or start the run again.")
+        raise AstraoraError(
+            f"resume={resume}: {path} stores mzi_classical's cell phases in the order of format "
+            f"{meta.get('format', 0)} (θ, φ), which this astraora reads as (φ, θ); convert θ with "
+            "astraora.devices.mzi.swap_cell_phases or start the run again."
+        )
     for key, value in run_meta(cfg).items():
         if meta.get(key) != value:
-            raise AstraoraError(f"resume={resume}: the checkpoint was trained with {key}={meta.get(key)}, not "
-                                f"{key}={value}; resume with the overrides the run was started with.")
+            raise AstraoraError(
+                f"resume={resume}: the checkpoint was trained with {key}={meta.get(key)}, not "
+                f"{key}={value}; resume with the overrides the run was started with."
+            )
     return path, state

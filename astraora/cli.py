@@ -65,9 +65,11 @@ def check_secrets(argv: list[str]) -> None:
         for segment in key.split("."):
             words = [w for w in re.split(r"[_\-]", segment.lower()) if w]
             if any(w in SECRET_WORDS for w in words) and words[-1] not in ("file", "path", "env"):
-                fail(f"{arg.partition('=')[0]}=... is refused: a secret on the command line would be saved in the "
-                     f"run folder (.hydra/); set $ASTRAORA_DEVICE_TOKEN or device.token_file (a file holding it) "
-                     f"instead.")
+                fail(
+                    f"{arg.partition('=')[0]}=... is refused: a secret on the command line would be saved in the "
+                    f"run folder (.hydra/); set $ASTRAORA_DEVICE_TOKEN or device.token_file (a file holding it) "
+                    f"instead."
+                )
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,9 @@ class ConfigSources:
     config_name: str = "config"
 
 
-def config_sources(argv: list[str], config_dir: str = CONFIG_DIR,
-                   config_name: str = "config") -> tuple[ConfigSources | None, list[str]]:
+def config_sources(
+    argv: list[str], config_dir: str = CONFIG_DIR, config_name: str = "config"
+) -> tuple[ConfigSources | None, list[str]]:
     """The sources ``argv`` composes from and ``argv`` without the flags that chose them (``--config-dir``,
     ``--config-name``, in either of Hydra's spellings, ``FLAG VALUE`` or ``FLAG=VALUE``). None for the
     sources where ``--config-path`` replaces astraora's folder: Hydra alone checks such a command line."""
@@ -104,8 +107,9 @@ def config_sources(argv: list[str], config_dir: str = CONFIG_DIR,
             continue
         extra = os.path.abspath(value)
         if not os.path.isdir(extra):
-            fail(f"{flag} {value} is not a folder; give a folder of config groups (e.g. one holding "
-                 f"device/<name>.yaml).")
+            fail(
+                f"{flag} {value} is not a folder; give a folder of config groups (e.g. one holding device/<name>.yaml)."
+            )
         sources = replace(sources, extra_dir=extra)
     return sources, rest
 
@@ -127,8 +131,9 @@ def hydra_for(sources: ConfigSources) -> Iterator:
     version.setbase("1.3")
     search_path = create_config_search_path(f"file://{sources.config_dir}")
     if sources.extra_dir:
-        search_path.prepend(provider="command-line", path=f"file://{sources.extra_dir}",
-                            anchor=SearchPathQuery(provider="schema"))
+        search_path.prepend(
+            provider="command-line", path=f"file://{sources.extra_dir}", anchor=SearchPathQuery(provider="schema")
+        )
     try:
         Hydra.create_main_hydra2(task_name="train", config_search_path=search_path)
         yield GlobalHydra.instance().config_loader()
@@ -157,8 +162,10 @@ def group_options(groups: list[str], argv: list[str], sources: ConfigSources) ->
     for warning in caught:
         found = re.search(r"provider=(.*), path=(\S+) is not available", str(warning.message))
         if found:
-            fail(f"{found.group(1)}: {found.group(2)} is not available: no such folder, or no importable package "
-                 f"of that name with an __init__.py (put its folder on PYTHONPATH or pip install it).")
+            fail(
+                f"{found.group(1)}: {found.group(2)} is not available: no such folder, or no importable package "
+                f"of that name with an __init__.py (put its folder on PYTHONPATH or pip install it)."
+            )
     return options
 
 
@@ -243,13 +250,17 @@ def check_launcher(cfg, multirun: bool) -> None:
     if "Slurm" not in target:
         return
     if not multirun:
-        fail("launcher=slurm submits SLURM jobs in a multirun only: add -m (python train.py -m launcher=slurm ...); "
-             "without it the run would train here.")
+        fail(
+            "launcher=slurm submits SLURM jobs in a multirun only: add -m (python train.py -m launcher=slurm ...); "
+            "without it the run would train here."
+        )
     missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
     if missing:
         verb = "is" if len(missing) == 1 else "are"
-        fail(f"launcher=slurm needs SLURM's {' and '.join(missing)} on this machine, which {verb} not found; "
-             f"submit from a SLURM login node, or use launcher=basic or launcher=joblib here.")
+        fail(
+            f"launcher=slurm needs SLURM's {' and '.join(missing)} on this machine, which {verb} not found; "
+            f"submit from a SLURM login node, or use launcher=basic or launcher=joblib here."
+        )
 
 
 def check_single_run(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
@@ -287,7 +298,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     if combinations <= MAX_CHECKED_JOBS:
         return [fixed + list(job) for job in itertools.product(*swept)]
     first = [values[0] for values in swept]
-    return [fixed + first[:i] + [value] + first[i + 1:] for i, values in enumerate(swept) for value in values]
+    return [fixed + first[:i] + [value] + first[i + 1 :] for i, values in enumerate(swept) for value in values]
 
 
 def check_multirun(argv: list[str], config_dir: str = CONFIG_DIR) -> None:

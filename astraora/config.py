@@ -23,8 +23,23 @@ SCHEDULERS = ("cosine", "constant")
 # Lightning's Trainer(accelerator=...) names and precision values (tests/test_preflight.py checks them
 # against the installed Lightning); kept here so that the command line checks them without importing it.
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
-PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine",
-              "transformer-engine-float16", 64, 32, 16, "64", "32", "16", "bf16")
+PRECISIONS = (
+    "32-true",
+    "16-mixed",
+    "bf16-mixed",
+    "16-true",
+    "bf16-true",
+    "64-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+    64,
+    32,
+    16,
+    "64",
+    "32",
+    "16",
+    "bf16",
+)
 
 
 def _get(cfg: DictConfig, key: str):
@@ -59,7 +74,11 @@ def _check_betas(cfg, key: str) -> None:
     if value is None:
         return
     items = list(value) if isinstance(value, (list, tuple, ListConfig)) else None
-    if items is None or len(items) != 2 or not all(isinstance(b, Real) and not isinstance(b, bool) and 0 <= b < 1 for b in items):
+    if (
+        items is None
+        or len(items) != 2
+        or not all(isinstance(b, Real) and not isinstance(b, bool) and 0 <= b < 1 for b in items)
+    ):
         raise ConfigError(f"{key}={value!r} is not allowed; give two numbers in [0, 1), e.g. [0.9, 0.999].")
 
 
@@ -82,13 +101,15 @@ def _int(low: int, none: bool = False) -> Callable[[Any], bool]:
     return lambda v: (none and v is None) or (isinstance(v, Integral) and not isinstance(v, bool) and v >= low)
 
 
-def _real(low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = True
-          ) -> Callable[[Any], bool]:
+def _real(
+    low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = True
+) -> Callable[[Any], bool]:
     def test(v) -> bool:
         if isinstance(v, bool) or not isinstance(v, Real):
             return False
         above = v > low if low_open else v >= low
         return above and (high is None or (v < high if high_open else v <= high))
+
     return test
 
 
@@ -118,8 +139,11 @@ def _epochs(v) -> bool:
 # (max_epochs=0 trains nothing).
 RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("trainer.accelerator", lambda v: v in ACCELERATORS, f"choose one of {list(ACCELERATORS)}"),
-    ("trainer.precision", lambda v: v is None or (v in PRECISIONS and not isinstance(v, bool)),
-     f"choose one of {list(PRECISIONS)}"),
+    (
+        "trainer.precision",
+        lambda v: v is None or (v in PRECISIONS and not isinstance(v, bool)),
+        f"choose one of {list(PRECISIONS)}",
+    ),
     ("trainer.devices", _devices, "give a number of devices >= 1, -1 (all), 'auto', or a list of device indices"),
     ("trainer.num_nodes", _int(1), "give an integer >= 1"),
     ("trainer.max_epochs", _epochs, "give an integer >= 1, or -1 (no limit) with trainer.max_steps >= 1"),
@@ -132,8 +156,11 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("trainer.num_sanity_val_steps", lambda v: _int(0)(v) or v == -1, "give an integer >= 0, or -1 (all)"),
     ("trainer.deterministic", lambda v: v in (True, False, "warn"), "choose true, false or 'warn'"),
     ("task.datamodule.batch_size", _int(1), "give an integer >= 1"),
-    ("task.datamodule.num_workers", _int(0, none=True),
-     "give an integer >= 0 (0: load in the training process; null: by the machine's cores)"),
+    (
+        "task.datamodule.num_workers",
+        _int(0, none=True),
+        "give an integer >= 0 (0: load in the training process; null: by the machine's cores)",
+    ),
     ("task.model.hidden", _int(1), "give an integer >= 1"),
     ("task.model.channels", _int(1), "give an integer >= 1"),
     ("task.model.embedding_dim", _int(1), "give an integer >= 1"),
@@ -162,8 +189,10 @@ def _check_rules(cfg) -> None:
             raise ConfigError(f"{key}={value!r} is not allowed; {allowed}.")
     steps, epochs = _get(cfg, "trainer.max_epochs"), OmegaConf.select(cfg, "trainer.max_steps", default=-1)
     if epochs == -1 and steps == -1 and OmegaConf.select(cfg, "trainer.max_time", default=None) is None:
-        raise ConfigError("trainer.max_epochs=-1 with trainer.max_steps=-1 trains without end; give trainer.max_epochs "
-                          ">= 1, or trainer.max_steps >= 1.")
+        raise ConfigError(
+            "trainer.max_epochs=-1 with trainer.max_steps=-1 trains without end; give trainer.max_epochs "
+            ">= 1, or trainer.max_steps >= 1."
+        )
 
 
 def _check_query_options(cfg) -> None:
@@ -235,14 +264,19 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
                 raise ConfigError(f"zo.reuse_readout={_get(cfg, 'zo.reuse_readout')!r} must be true or false.")
         else:
             if OmegaConf.select(cfg, "zo.reuse_readout", default=None) is not None:
-                raise ConfigError(f"zo.reuse_readout={_get(cfg, 'zo.reuse_readout')!r}: only with zo.direction=colored "
-                                  f"(random directions read no matrix out; zo.direction is {_get(cfg, 'zo.direction')!r}).")
+                raise ConfigError(
+                    f"zo.reuse_readout={_get(cfg, 'zo.reuse_readout')!r}: only with zo.direction=colored "
+                    f"(random directions read no matrix out; zo.direction is {_get(cfg, 'zo.direction')!r})."
+                )
             _check_int(cfg, "zo.samples", 1)
             if _get(cfg, "zo.chunk_size") != "auto":
                 _check_int(cfg, "zo.chunk_size", 1)
             _check_query_options(cfg)
-        problem = zo_step_problem(OmegaConf.select(cfg, "device.nonideal.phase_bits", default=0),
-                                  OmegaConf.select(cfg, "device.nonideal.queries", default="all"), _get(cfg, "zo.mu"))
+        problem = zo_step_problem(
+            OmegaConf.select(cfg, "device.nonideal.phase_bits", default=0),
+            OmegaConf.select(cfg, "device.nonideal.queries", default="all"),
+            _get(cfg, "zo.mu"),
+        )
         if problem:
             raise ConfigError(problem)
     _check_choice(cfg, "integrator.name", [*INTEGRATORS, AUTO])
@@ -252,4 +286,6 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
         _check_int(cfg, "integrator.samples", 1)
         _check_choice(cfg, "integrator.sketch", SKETCHES)
         if OmegaConf.select(cfg, "integrator.reuse_sketch", default=False) not in (True, False):
-            raise ConfigError(f"integrator.reuse_sketch={_get(cfg, 'integrator.reuse_sketch')!r} must be true or false.")
+            raise ConfigError(
+                f"integrator.reuse_sketch={_get(cfg, 'integrator.reuse_sketch')!r} must be true or false."
+            )

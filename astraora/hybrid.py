@@ -47,14 +47,16 @@ def is_collective_failure(error: BaseException) -> bool:
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
     text = str(error)
-    return isinstance(error, RuntimeError) and any(mark in text for mark in (
-        "gloo", "Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL"))
+    return isinstance(error, RuntimeError) and any(
+        mark in text
+        for mark in ("gloo", "Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL")
+    )
 
 
 def _one_line(text: str, limit: int = 300) -> str:
     """``text`` as one printable line of at most ``limit`` characters (it may come from the network)."""
     line = " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class RankSync:
@@ -153,8 +155,11 @@ class RankSync:
                 note = json.loads(bytes(raw).decode("utf-8"))
             except (UnicodeDecodeError, ValueError):
                 note = None
-        if (not isinstance(note, dict) or note.get("kind") not in ("device_failure", "error")
-                or not isinstance(note.get("message"), str)):
+        if (
+            not isinstance(note, dict)
+            or note.get("kind") not in ("device_failure", "error")
+            or not isinstance(note.get("message"), str)
+        ):
             return {"kind": "error", "message": "its note in the process group's store was unreadable"}
         return {"kind": note["kind"], "message": _one_line(note["message"])}
 
@@ -173,8 +178,9 @@ class RankSync:
             error = PeerFailure(f"data-parallel {who} stopped (killed or crashed); this process stops too.")
         else:
             who = "process 0" if self.world_size == 2 else "another process"
-            error = PeerFailure(f"data-parallel {who} stopped (killed, crashed or failed: see its output); "
-                                "this process stops too.")
+            error = PeerFailure(
+                f"data-parallel {who} stopped (killed, crashed or failed: see its output); this process stops too."
+            )
         self.stopped = error
         return error
 
@@ -217,11 +223,11 @@ class RankSync:
         payload = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8).to(device)
         sizes = self._all_gather(torch.tensor([payload.numel()], dtype=torch.int64, device=device))
         padded = torch.zeros(int(max(int(n) for n in sizes)), dtype=torch.uint8, device=device)
-        padded[:payload.numel()] = payload
+        padded[: payload.numel()] = payload
         parts = self._all_gather(padded)
         if self.rank != 0:
             return None
-        return [self.decode(part[:int(n)], rank) for rank, (part, n) in enumerate(zip(parts, sizes))]
+        return [self.decode(part[: int(n)], rank) for rank, (part, n) in enumerate(zip(parts, sizes, strict=True))]
 
     @staticmethod
     def decode(data: Tensor, rank: int = 0):
@@ -229,8 +235,10 @@ class RankSync:
         try:
             return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - torch's weights-only unpickler refuses other objects
-            raise PeerFailure(f"data-parallel process {rank} sent a checkpoint state that is not plain tensors "
-                              f"and numbers ({_one_line(err, 200)}); this process stops.") from None
+            raise PeerFailure(
+                f"data-parallel process {rank} sent a checkpoint state that is not plain tensors "
+                f"and numbers ({_one_line(err, 200)}); this process stops."
+            ) from None
 
     def _collective_device(self) -> torch.device:
         """Where the backend's collectives take tensors (NCCL: this process's GPU)."""
@@ -289,7 +297,7 @@ def batch_view(x: Tensor, y: Tensor, y_hat: Tensor, rank: int, rcond: float = 0.
     rows, n = x.shape
     if rows <= n:
         lam, basis = torch.linalg.eigh(x @ x.T)
-        left_y, left_r = basis.T @ y, basis.T @ residual            # Uᵀ Y, Uᵀ R
+        left_y, left_r = basis.T @ y, basis.T @ residual  # Uᵀ Y, Uᵀ R
         power = 0.5
     else:
         lam, basis = torch.linalg.eigh(x.T @ x)
@@ -297,14 +305,14 @@ def batch_view(x: Tensor, y: Tensor, y_hat: Tensor, rank: int, rcond: float = 0.
         power = 1.0
     if lam.numel() == 0 or not lam[-1] > 0:
         return None
-    keep = lam > (rcond ** 2) * lam[-1]                               # s > rcond · s_max
+    keep = lam > (rcond**2) * lam[-1]  # s > rcond · s_max
     if int(keep.sum()) <= rank or y.shape[1] <= rank:
         return None
-    scale = lam[keep].pow(-power).unsqueeze(1)                        # S⁻¹ (rows ≤ n) or S⁻² (rows > n)
-    seen = scale * left_y[keep]                                       # (A V)ᵀ: (k, m)
+    scale = lam[keep].pow(-power).unsqueeze(1)  # S⁻¹ (rows ≤ n) or S⁻² (rows > n)
+    seen = scale * left_y[keep]  # (A V)ᵀ: (k, m)
     error = (scale * left_r[keep]).square().sum()
     tail = torch.linalg.svdvals(seen)[rank:].square().sum()
-    if not tail > rounding ** 2 * seen.square().sum():
+    if not tail > rounding**2 * seen.square().sum():
         return None
     return error, tail
 
@@ -313,7 +321,7 @@ class _PhysicalLayerFunction(torch.autograd.Function):
     """y = query(x) forward; the layer's gradient mode decides the backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, theta: Tensor, layer: "HybridLayer") -> Tensor:
+    def forward(ctx, x: Tensor, theta: Tensor, layer: HybridLayer) -> Tensor:
         y = layer.ledger.query(x, "forward")
         ctx.layer = layer
         ctx.save_for_backward(x, y)
@@ -358,16 +366,31 @@ class HybridLayer(nn.Module):
     # happens to span (with fewer rows than inputs, each batch sees A on another subspace)
     HEALTH_WINDOW = 3
 
-    def __init__(self, device: Device, *, mode: str = "zo+sm", rank: int = 10, zo: ZOEstimator | ColoredEstimator | None = None,
-                 integrator: dict | None = None, output_scale: bool = True, output_bias: bool = False,
-                 health_threshold: float | None = None, health_growth: float | None = None,
-                 max_retries: int = 3, timeout_s: float | None = None,
-                 seed: int = 0, name: str = "physical"):
+    def __init__(
+        self,
+        device: Device,
+        *,
+        mode: str = "zo+sm",
+        rank: int = 10,
+        zo: ZOEstimator | ColoredEstimator | None = None,
+        integrator: dict | None = None,
+        output_scale: bool = True,
+        output_bias: bool = False,
+        health_threshold: float | None = None,
+        health_growth: float | None = None,
+        max_retries: int = 3,
+        timeout_s: float | None = None,
+        seed: int = 0,
+        name: str = "physical",
+    ):
         super().__init__()
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r} is not allowed; choose one of {MODES}.")
         if mode != "zo+sm" and not device.has_simulator:
-            raise ConfigError(f"mode={mode!r} needs the true device matrix, but {type(device).__name__} has no simulator; use mode=zo+sm.")
+            raise ConfigError(
+                f"mode={mode!r} needs the true device matrix, but {type(device).__name__} has no simulator; "
+                "use mode=zo+sm."
+            )
         if mode.startswith("zo") and zo is None:
             raise ConfigError(f"mode={mode!r} needs a ZO estimator (the zo config group).")
         if mode.startswith("zo"):
@@ -384,7 +407,9 @@ class HybridLayer(nn.Module):
         self.uses_surrogate = mode.endswith("+sm")
         self.surrogate = LowRankSurrogate(device.d_in, device.d_out, rank, tuple(device.theta.shape), layer=name)
         integrator = dict(integrator or {"name": "psi_implicit"})
-        self.integrator = make_integrator(integrator.pop("name"), generator=make_generator(seed, name, "sketch"), **integrator)
+        self.integrator = make_integrator(
+            integrator.pop("name"), generator=make_generator(seed, name, "sketch"), **integrator
+        )
         self.scale = nn.Parameter(torch.ones(())) if output_scale else None
         self.bias = nn.Parameter(torch.zeros(device.d_out)) if output_bias else None
         self.health_threshold = health_threshold
@@ -436,12 +461,16 @@ class HybridLayer(nn.Module):
         sur, theta = self.surrogate, self.device.theta.detach()
         # flags: initialised; θ_ref is the current θ (an update sets it so; else it kept the value
         # every process already shares), so θ_ref never needs to be sent
-        flags = torch.stack([sur.initialized, torch.tensor(torch.equal(sur.theta_ref, theta), device=sur.U.device)]).to(sur.U.dtype)
+        flags = torch.stack([sur.initialized, torch.tensor(torch.equal(sur.theta_ref, theta), device=sur.U.device)]).to(
+            sur.U.dtype
+        )
         packed = self.sync.broadcast(torch.cat([flags, sur.U.reshape(-1), sur.S.reshape(-1), sur.V.reshape(-1)]))
         if self.sync.rank != 0 and bool(packed[0]):
             m, n, r = self.d_out, self.d_in, sur.rank
             u, s, v = packed[2:].split([m * r, r * r, n * r])
-            sur.set_factors(u.view(m, r), s.view(r, r), v.view(n, r), theta if bool(packed[1]) else sur.theta_ref.clone())
+            sur.set_factors(
+                u.view(m, r), s.view(r, r), v.view(n, r), theta if bool(packed[1]) else sur.theta_ref.clone()
+            )
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
@@ -450,8 +479,11 @@ class HybridLayer(nn.Module):
         if self.training and self.uses_surrogate and not bool(self.surrogate.initialized):
             self._read_out()
         y = _PhysicalLayerFunction.apply(x2, self.device.theta, self)
-        if self.training and self.uses_surrogate and (self.measure_residual or self.health_threshold is not None
-                                                      or self.health_growth is not None):
+        if (
+            self.training
+            and self.uses_surrogate
+            and (self.measure_residual or self.health_threshold is not None or self.health_growth is not None)
+        ):
             self._check_health(x2.detach(), y.detach())
         if self.scale is not None:
             y = self.scale * y
@@ -468,8 +500,14 @@ class HybridLayer(nn.Module):
         view = batch_view(x, y, y_hat, self.surrogate.rank) if growth else None
         zero = residual.new_zeros(())  # on y's device, as the collective needs
         # [residual², ‖Y‖², error², best rank-r error², 1 where this process has a view]
-        sq = torch.stack([residual, y.square().sum().double(), *(view if view is not None else (zero, zero)),
-                          residual.new_tensor(float(view is not None))])
+        sq = torch.stack(
+            [
+                residual,
+                y.square().sum().double(),
+                *(view if view is not None else (zero, zero)),
+                residual.new_tensor(float(view is not None)),
+            ]
+        )
         if self.sync is not None:  # the whole batch's, so that every process takes the same decision
             sq = self.sync.sum(sq)
         everywhere = self.sync is None or int(sq[4]) == self.sync.world_size
@@ -504,7 +542,7 @@ class HybridLayer(nn.Module):
         self.health_plain_run = 0
         pair = [float(sq[2]), float(sq[3])] if kind == "view" else [float(sq[0]), float(sq[1])]
         self.health_window = [*self.health_window, pair]
-        self.health_window = self.health_window[-self.HEALTH_WINDOW:]
+        self.health_window = self.health_window[-self.HEALTH_WINDOW :]
         if len(self.health_window) < self.HEALTH_WINDOW:
             return
         ratio = math.sqrt(sum(r for r, _ in self.health_window) / max(sum(f for _, f in self.health_window), 1e-300))

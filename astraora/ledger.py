@@ -44,8 +44,9 @@ class QueryLedger:
         timeout_s: a query slower than this counts as failed (None: no limit).
     """
 
-    def __init__(self, device: Device, *, max_retries: int = 3, timeout_s: float | None = None,
-                 keep_readings: bool = False):
+    def __init__(
+        self, device: Device, *, max_retries: int = 3, timeout_s: float | None = None, keep_readings: bool = False
+    ):
         self.device = device
         self.max_retries = int(max_retries)
         self.timeout_s = timeout_s
@@ -100,8 +101,9 @@ class QueryLedger:
         self.queries[purpose] += rows.shape[0]
         return y.reshape(*x.shape[:-1], self.device.d_out)
 
-    def query_settings(self, x: Tensor, thetas: Tensor, purpose: str, *, check: bool = True,
-                       first_may_match: bool = False) -> Tensor:
+    def query_settings(
+        self, x: Tensor, thetas: Tensor, purpose: str, *, check: bool = True, first_may_match: bool = False
+    ) -> Tensor:
         """Query K settings in turn (e.g. ZO perturbations): thetas (K, *theta_shape),
         x (B, n) sent at every setting or (K, B, n) one batch per setting → (K, B, m).
 
@@ -128,8 +130,12 @@ class QueryLedger:
         matrix = self.query(eye, purpose).T
         if not self.keep_readings:
             return matrix
-        self._reading = {"theta": theta.clone(), "drift_steps": self.drift_steps,
-                         "noisy": _sees_nonidealities(self.device, purpose), "matrix": matrix.clone()}
+        self._reading = {
+            "theta": theta.clone(),
+            "drift_steps": self.drift_steps,
+            "noisy": _sees_nonidealities(self.device, purpose),
+            "matrix": matrix.clone(),
+        }
         return matrix
 
     def reading_at(self, theta: Tensor, purpose: str) -> Tensor | None:
@@ -205,8 +211,9 @@ class QueryLedger:
             "wait_seconds": self.wait_seconds,
             "programmed": None if self._programmed is None else self._programmed.cpu(),
             "drift_steps": self.drift_steps,
-            "reading": None if self._reading is None else {k: v.cpu() if isinstance(v, Tensor) else v
-                                                           for k, v in self._reading.items()},
+            "reading": None
+            if self._reading is None
+            else {k: v.cpu() if isinstance(v, Tensor) else v for k, v in self._reading.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -220,8 +227,11 @@ class QueryLedger:
         programmed = state["programmed"]
         self._programmed = None if programmed is None else programmed.to(self.device.theta.device)
         reading = state.get("reading")  # absent in older checkpoints: the next step reads again
-        self._reading = None if reading is None else {
-            k: v.to(self.device.theta.device) if isinstance(v, Tensor) else v for k, v in reading.items()}
+        self._reading = (
+            None
+            if reading is None
+            else {k: v.to(self.device.theta.device) if isinstance(v, Tensor) else v for k, v in reading.items()}
+        )
 
     @staticmethod
     def _check_purpose(purpose: str) -> None:

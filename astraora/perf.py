@@ -31,8 +31,12 @@ def synchronize(device: str | torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(calls: dict[str, Callable[[], object]], repeats: int, device: str | torch.device = "cpu",
-                setup: Callable[[], object] | None = None) -> dict[str, float]:
+def interleaved(
+    calls: dict[str, Callable[[], object]],
+    repeats: int,
+    device: str | torch.device = "cpu",
+    setup: Callable[[], object] | None = None,
+) -> dict[str, float]:
     """Fastest of ``repeats`` runs of each call, the calls taking turns (after one warm-up each)."""
     best = {name: float("inf") for name in calls}
     for rep in range(repeats + 1):
@@ -76,20 +80,35 @@ class EngineComparison:
         return self.readout_columns / self.readout_tiles
 
 
-def compare_engines(family: str, n: int = 512, m: int = 1024, batch: int = 256, samples: int = 100, timed: int = 4,
-                    rank: int = 10, sketch: int = 100, repeats: int = 2, seed: int = 0, device: str = "cpu") -> EngineComparison:
+def compare_engines(
+    family: str,
+    n: int = 512,
+    m: int = 1024,
+    batch: int = 256,
+    samples: int = 100,
+    timed: int = 4,
+    rank: int = 10,
+    sketch: int = 100,
+    repeats: int = 2,
+    seed: int = 0,
+    device: str = "cpu",
+) -> EngineComparison:
     """Time one ZO estimate (on ``timed`` of the M samples, scaled to M), one psi_implicit update
     and one readout with ``engine=tiles`` and ``engine=columns`` on the same θ, inputs and draws
     (subnormal floats flushed to zero, as training runs do)."""
     torch.set_flush_denormal(True)
-    meshes = {engine: MESHES[family](n, m, seed=seed, name=f"bench.{family}", engine=engine).to(device)
-              for engine in ("tiles", "columns")}
+    meshes = {
+        engine: MESHES[family](n, m, seed=seed, name=f"bench.{family}", engine=engine).to(device)
+        for engine in ("tiles", "columns")
+    }
     ledgers = {engine: QueryLedger(mesh) for engine, mesh in meshes.items()}
     gen = make_generator(seed, "bench", "data")
     x = torch.randn(batch, n, generator=gen).to(device)
     g = torch.randn(batch, m, generator=gen).to(device)
     with torch.no_grad():
-        thetas = meshes["tiles"].theta.detach() + 0.01 * torch.randn(3, *meshes["tiles"].theta.shape, generator=gen).to(device)
+        thetas = meshes["tiles"].theta.detach() + 0.01 * torch.randn(3, *meshes["tiles"].theta.shape, generator=gen).to(
+            device
+        )
         outputs = {engine: mesh.query(x, thetas) for engine, mesh in meshes.items()}
     diff = float(((outputs["tiles"] - outputs["columns"]).norm(dim=(1, 2)) / outputs["columns"].norm(dim=(1, 2))).max())
     y = {engine: ledgers[engine].query(x, "forward") for engine in meshes}
@@ -98,6 +117,7 @@ def compare_engines(family: str, n: int = 512, m: int = 1024, batch: int = 256, 
         def call() -> None:
             est = ZOEstimator(samples=timed, generator=make_generator(seed, "bench", "zo"))
             est.estimate(ledgers[engine], x, g, y[engine])
+
         return call
 
     zo = interleaved({e: zo_call(e) for e in meshes}, repeats, device)
@@ -114,12 +134,25 @@ def compare_engines(family: str, n: int = 512, m: int = 1024, batch: int = 256, 
         for mesh in meshes.values():
             mesh.theta.add_(step)
 
-    psi = interleaved({e: (lambda e=e: integrators[e].update(surrogates[e], ledgers[e])) for e in meshes}, repeats,
-                      device, setup=move_theta)
+    psi = interleaved(
+        {e: (lambda e=e: integrators[e].update(surrogates[e], ledgers[e])) for e in meshes},
+        repeats,
+        device,
+        setup=move_theta,
+    )
     readout = interleaved({e: (lambda e=e: surrogates[e].readout(ledgers[e])) for e in meshes}, repeats, device)
     scale = samples / timed
-    return EngineComparison(family, zo["tiles"] * scale, zo["columns"] * scale, timed, psi["tiles"], psi["columns"],
-                            readout["tiles"], readout["columns"], diff)
+    return EngineComparison(
+        family,
+        zo["tiles"] * scale,
+        zo["columns"] * scale,
+        timed,
+        psi["tiles"],
+        psi["columns"],
+        readout["tiles"],
+        readout["columns"],
+        diff,
+    )
 
 
 @dataclass
@@ -176,9 +209,18 @@ def compare_steps(overrides: list[str] = (), steps: int = 10, rounds: int = 3) -
         torch.set_num_threads(int(cfg.cpu_threads))  # the run's threads, as run() sets them
     for _ in range(rounds):
         for dm, module, timer in runs.values():
-            trainer = L.Trainer(max_epochs=1, limit_train_batches=steps + 1, limit_val_batches=0, logger=False,
-                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                callbacks=[timer], accelerator="cpu", devices=1)
+            trainer = L.Trainer(
+                max_epochs=1,
+                limit_train_batches=steps + 1,
+                limit_val_batches=0,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                callbacks=[timer],
+                accelerator="cpu",
+                devices=1,
+            )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 trainer.fit(module, dm)

@@ -20,7 +20,6 @@ activations are not counted: the estimate is a floor, refused only when even tha
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import os
 import warnings
@@ -58,20 +57,25 @@ def check_accelerator(cfg: DictConfig) -> None:
     than it has). The command line calls it for jobs that train on this machine."""
     accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.accelerator={accelerator}: torch sees no CUDA GPU on this machine "
-                          f"(torch {torch.__version__}); use trainer=cpu, or run where a GPU is.")
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: torch sees no CUDA GPU on this machine "
+            f"(torch {torch.__version__}); use trainer=cpu, or run where a GPU is."
+        )
     if accelerator == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.accelerator=mps: torch sees no Apple MPS device on this machine; use trainer=cpu.")
     if accelerator == "tpu":
         import importlib.util
 
         if importlib.util.find_spec("torch_xla") is None:
-            raise ConfigError("trainer.accelerator=tpu needs torch_xla, which is not installed; "
-                              "use trainer=cpu or trainer=gpu.")
+            raise ConfigError(
+                "trainer.accelerator=tpu needs torch_xla, which is not installed; use trainer=cpu or trainer=gpu."
+            )
     devices = OmegaConf.select(cfg, "trainer.devices", default=1)
     if accelerator in ("gpu", "cuda") and isinstance(devices, int) and devices > torch.cuda.device_count():
-        raise ConfigError(f"trainer.devices={devices} is not allowed: torch sees {torch.cuda.device_count()} CUDA "
-                          f"GPU(s) here; give at most that many, or -1 (all of them).")
+        raise ConfigError(
+            f"trainer.devices={devices} is not allowed: torch sees {torch.cuda.device_count()} CUDA "
+            f"GPU(s) here; give at most that many, or -1 (all of them)."
+        )
 
 
 def _probe_trainer(cfg: DictConfig) -> None:
@@ -95,7 +99,7 @@ def _probe_trainer(cfg: DictConfig) -> None:
         where = f"trainer.{max(named, key=len)}={kwargs[max(named, key=len)]!r}" if named else "the trainer settings"
         raise ConfigError(f"{where} refused by Lightning: {message}") from None
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
 
@@ -202,6 +206,7 @@ def _layer_step_bytes(cfg: DictConfig, layer, rows: int, diagnostics: bool, wher
     if mode.endswith("+sm"):
         out["readout"] = readout
     if trace and getattr(device, "has_simulator", False) and (mode != "zo+sm" or diagnostics):
+
         def simulate():
             meta = device.to("meta")  # the estimate's own model: nothing else uses it
             theta = meta.theta.detach().requires_grad_(True)
@@ -216,8 +221,9 @@ def _layer_step_bytes(cfg: DictConfig, layer, rows: int, diagnostics: bool, wher
     return out
 
 
-def estimate_memory(cfg: DictConfig, model_kwargs: dict, where: str = "cpu", limit: float | None = None
-                    ) -> MemoryEstimate | None:
+def estimate_memory(
+    cfg: DictConfig, model_kwargs: dict, where: str = "cpu", limit: float | None = None
+) -> MemoryEstimate | None:
     """The run's memory from its config (see the module's docstring), without allocating the model;
     None where the model cannot be built on meta tensors (the check is then left out). With
     ``limit`` (bytes), the simulator's autograd graph is traced only where the rest fits in it."""
@@ -227,8 +233,9 @@ def estimate_memory(cfg: DictConfig, model_kwargs: dict, where: str = "cpu", lim
     try:
         with LargeTensorsOnMeta():
             if remote:
-                model = instantiate(cfg.task.model, layer_factory=lambda d_in, d_out, name: nn.Linear(d_in, d_out),
-                                    **model_kwargs)
+                model = instantiate(
+                    cfg.task.model, layer_factory=lambda d_in, d_out, name: nn.Linear(d_in, d_out), **model_kwargs
+                )
             else:
                 model = build_model(cfg, model_kwargs)
     except AstraoraError:
@@ -244,8 +251,9 @@ def estimate_memory(cfg: DictConfig, model_kwargs: dict, where: str = "cpu", lim
     estimate.parts["parameters and buffers"] = sum(_nbytes(t) for t in [*params, *model.buffers()])
     estimate.parts["gradients"] = sum(_nbytes(t) for t in params if t.requires_grad)
     moments = lambda spec, ps: OPTIMIZER_MOMENTS.get(str(spec.name), 2) * sum(_nbytes(t) for t in ps)  # noqa: E731
-    estimate.parts["optimizer state"] = (moments(cfg.task.optimizer, [t for t in params if id(t) not in physical])
-                                         + moments(cfg.physical_optimizer, [t for t in params if id(t) in physical]))
+    estimate.parts["optimizer state"] = moments(
+        cfg.task.optimizer, [t for t in params if id(t) not in physical]
+    ) + moments(cfg.physical_optimizer, [t for t in params if id(t) in physical])
     estimate.parts["θ copy on logging steps"] = sum(_nbytes(t) for t in params if id(t) in thetas)
     diagnostics = int(OmegaConf.select(cfg, "callbacks.diagnostics.every_n_steps", default=0) or 0) > 0
     rows = _rows(cfg)
@@ -298,8 +306,9 @@ def _driving_keys(cfg: DictConfig, shape: tuple[int, int] | None) -> list[str]:
     """The config keys behind the largest layer's size: task.model's numbers equal to one of its
     widths (else all of task.model's integers), and device.modes where set."""
     model = OmegaConf.to_container(cfg.task.model, resolve=True)
-    numbers = {k: v for k, v in model.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "dropout"}
+    numbers = {
+        k: v for k, v in model.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "dropout"
+    }
     keys = [f"task.model.{k}={v}" for k, v in numbers.items() if shape and v in shape]
     keys = keys or [f"task.model.{k}={v}" for k, v in numbers.items() if isinstance(v, int)]
     if OmegaConf.select(cfg, "device.modes", default=None) is not None:
@@ -352,12 +361,20 @@ def check_memory(cfg: DictConfig, model_kwargs: dict) -> None:
         return
     part, largest = max(estimate.parts.items(), key=lambda item: item[1])
     keys = ", ".join(_driving_keys(cfg, estimate.layer_shape)) or "task.model"
-    layer = (f" (physical layer {estimate.layer}: {estimate.layer_shape[0]} -> {estimate.layer_shape[1]})"
-             if estimate.layer_shape else "")
-    hint = (" or callbacks.diagnostics.every_n_steps=0" if part.startswith("simulator autograd") and cfg.mode == "zo+sm"
-            else "")
+    layer = (
+        f" (physical layer {estimate.layer}: {estimate.layer_shape[0]} -> {estimate.layer_shape[1]})"
+        if estimate.layer_shape
+        else ""
+    )
+    hint = (
+        " or callbacks.diagnostics.every_n_steps=0"
+        if part.startswith("simulator autograd") and cfg.mode == "zo+sm"
+        else ""
+    )
     memory = "free GPU memory" if where == "cuda" else "RAM available"
     per = f" for {processes} processes" if processes > 1 else ""
-    raise ConfigError(f"{keys}{layer}: the run needs about {needed / GB:.1f} GB{per} ({part}: {largest / GB:.1f} GB), "
-                      f"{available / GB:.1f} GB {memory}; choose a smaller size{hint} "
-                      f"(memory_check=false skips this check).")
+    raise ConfigError(
+        f"{keys}{layer}: the run needs about {needed / GB:.1f} GB{per} ({part}: {largest / GB:.1f} GB), "
+        f"{available / GB:.1f} GB {memory}; choose a smaller size{hint} "
+        f"(memory_check=false skips this check)."
+    )

@@ -49,8 +49,10 @@ def requested(environ: MutableMapping[str, str] | None = None) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise ConfigError(f"{ENV}={value!r} is not allowed; choose one of 1, true, on, yes (pin the CPU kernels) "
-                      "or 0, false, off, no (the fastest kernels for this CPU).")
+    raise ConfigError(
+        f"{ENV}={value!r} is not allowed; choose one of 1, true, on, yes (pin the CPU kernels) "
+        "or 0, false, off, no (the fastest kernels for this CPU)."
+    )
 
 
 def apply(environ: MutableMapping[str, str] | None = None, strict: bool = False) -> dict[str, str]:
@@ -66,8 +68,10 @@ def apply(environ: MutableMapping[str, str] | None = None, strict: bool = False)
         return {}
     added = {key: value for key, value in SETTINGS.items() if key not in environ}
     if added and environ is os.environ and "torch" in sys.modules:
-        message = (f"{ENV}=1 came after torch was imported (ATEN_CPU_CAPABILITY is read at import): import astraora "
-                   "before torch, or set " + " ".join(f"{k}={v}" for k, v in added.items()) + " in the environment")
+        message = (
+            f"{ENV}=1 came after torch was imported (ATEN_CPU_CAPABILITY is read at import): import astraora "
+            "before torch, or set " + " ".join(f"{k}={v}" for k, v in added.items()) + " in the environment"
+        )
         if strict:
             raise RuntimeError(message)
         warnings.warn(message + "; this process runs the CPU's fastest kernels", RuntimeWarning, stacklevel=2)
@@ -81,5 +85,7 @@ def describe() -> str:
     reproducibility mode and oneDNN's limit, e.g. ``ATen AVX2, MKL_CBWR=COMPATIBLE, oneDNN ≤ AVX2``."""
     import torch
 
-    return (f"ATen {torch.backends.cpu.get_cpu_capability()}, MKL_CBWR={os.environ.get('MKL_CBWR', 'AUTO')}, "
-            f"oneDNN ≤ {os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL')}")
+    return (
+        f"ATen {torch.backends.cpu.get_cpu_capability()}, MKL_CBWR={os.environ.get('MKL_CBWR', 'AUTO')}, "
+        f"oneDNN ≤ {os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL')}"
+    )

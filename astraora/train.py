@@ -47,7 +47,6 @@ warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and i
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
-
 class ResumeStateCallback(L.Callback):
     """What a checkpoint needs beyond Lightning's own state, so a resumed run continues exactly.
 
@@ -78,8 +77,11 @@ class ResumeStateCallback(L.Callback):
         if trainer.training and progress.processed > progress.completed and connector.should_update_logs:
             row = {k: float(v) for k, v in convert_tensors_to_scalars(connector.metrics["log"]).items()}
             if row:
-                checkpoint["pending_log_row"] = {**row, "epoch": trainer.current_epoch,
-                                                 "step": trainer.fit_loop.epoch_loop._batches_that_stepped}
+                checkpoint["pending_log_row"] = {
+                    **row,
+                    "epoch": trainer.current_epoch,
+                    "step": trainer.fit_loop.epoch_loop._batches_that_stepped,
+                }
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         states = checkpoint.get("rng_states")
@@ -157,8 +159,10 @@ def check_checkpoint_fits(module: L.LightningModule, state: dict, resume: str) -
         shape = tuple(saved[name].shape) if name in saved else None
         if shape != tuple(param.shape):
             found = "missing" if shape is None else f"of shape {list(shape)}"
-            raise AstraoraError(f"resume={resume}: the checkpoint's {name} is {found}, this config's is "
-                                f"{list(param.shape)}; resume with the overrides the run was started with.")
+            raise AstraoraError(
+                f"resume={resume}: the checkpoint's {name} is {found}, this config's is "
+                f"{list(param.shape)}; resume with the overrides the run was started with."
+            )
 
 
 def csv_logger(output_dir: Path) -> L.pytorch.loggers.CSVLogger:
@@ -190,13 +194,29 @@ def comparison_setting(cfg: DictConfig) -> dict:
     (a digital run has no mode, rank or M; ``exact`` and ``zo=colored`` have no M; ``+exact`` modes
     no surrogate)."""
     if cfg.device.family == "digital":
-        return {"task": cfg.task.name, "device": "digital", "mode": "digital", "rank": None, "M": None,
-                "integrator": None, "hybrid": False, "seed": int(cfg.seed)}
+        return {
+            "task": cfg.task.name,
+            "device": "digital",
+            "mode": "digital",
+            "rank": None,
+            "M": None,
+            "integrator": None,
+            "hybrid": False,
+            "seed": int(cfg.seed),
+        }
     surrogate = str(cfg.mode).endswith("+sm")
-    return {"task": cfg.task.name, "device": cfg.device.family, "mode": cfg.mode,
-            "rank": (cfg.surrogate.rank if cfg.surrogate.rank == "auto" else int(cfg.surrogate.rank)) if surrogate else None,
-            "M": zo_samples(cfg) if str(cfg.mode).startswith("zo") else None,
-            "integrator": cfg.integrator.name if surrogate else None, "hybrid": True, "seed": int(cfg.seed)}
+    return {
+        "task": cfg.task.name,
+        "device": cfg.device.family,
+        "mode": cfg.mode,
+        "rank": (cfg.surrogate.rank if cfg.surrogate.rank == "auto" else int(cfg.surrogate.rank))
+        if surrogate
+        else None,
+        "M": zo_samples(cfg) if str(cfg.mode).startswith("zo") else None,
+        "integrator": cfg.integrator.name if surrogate else None,
+        "hybrid": True,
+        "seed": int(cfg.seed),
+    }
 
 
 def zo_samples(cfg: DictConfig) -> int | None:
@@ -222,11 +242,12 @@ def check_wandb_resume(cfg: DictConfig) -> None:
     """``logger.wandb.resume`` names one of :data:`WANDB_RESUME` (checked before anything is written)."""
     spec = cfg.logger.get("wandb")
     if spec and spec.get("resume", "new_run") not in WANDB_RESUME:
-        raise AstraoraError(f"logger.wandb.resume={spec.get('resume')!r} is not allowed; choose one of {list(WANDB_RESUME)}.")
+        raise AstraoraError(
+            f"logger.wandb.resume={spec.get('resume')!r} is not allowed; choose one of {list(WANDB_RESUME)}."
+        )
 
 
-def make_loggers(cfg: DictConfig, output_dir: Path, wandb_id: str | None, module=None,
-                 resumed_step: int | None = None):
+def make_loggers(cfg: DictConfig, output_dir: Path, wandb_id: str | None, module=None, resumed_step: int | None = None):
     """metrics.csv, plus a W&B run when ``logger.wandb`` is set. A resume (``resumed_step``: the
     checkpoint's step) continues the W&B history as ``logger.wandb.resume`` says: ``new_run``, a new run
     in the same group whose history starts at the checkpoint (W&B keeps a run's history only in the
@@ -247,22 +268,40 @@ def make_loggers(cfg: DictConfig, output_dir: Path, wandb_id: str | None, module
 
             def log_metrics(self, metrics, step=None):
                 if module is not None and "queries/total" not in metrics:
-                    metrics = {"queries/total": float(module.query_totals(collective=False).get("queries/total", 0)), **metrics}
+                    metrics = {
+                        "queries/total": float(module.query_totals(collective=False).get("queries/total", 0)),
+                        **metrics,
+                    }
                 super().log_metrics(metrics, step)
 
         spec = cfg.logger.wandb
         setting = comparison_setting(cfg)
-        tags = [f"device:{setting['device']}", f"mode:{setting['mode']}", f"task:{cfg.task.name}",
-                "hybrid" if setting["hybrid"] else "digital", *spec.tags]
+        tags = [
+            f"device:{setting['device']}",
+            f"mode:{setting['mode']}",
+            f"task:{cfg.task.name}",
+            "hybrid" if setting["hybrid"] else "digital",
+            *spec.tags,
+        ]
         name = f"{cfg.task.name}-{setting['device']}-{setting['mode']}-s{cfg.seed}"
         if wandb_id and resumed_step is not None and spec.get("resume", "new_run") == "new_run":
             wandb_id, name, tags = None, f"{name}-resumed{resumed_step}", [*tags, "resumed"]
-        loggers.append(QueryAxisWandbLogger(
-            project=spec.project, entity=spec.entity, group=wandb_group(spec.group), tags=tags, save_dir=str(output_dir),
-            offline=spec.mode != "online", mode=spec.mode if spec.mode == "disabled" else None, id=wandb_id,
-            resume="allow" if wandb_id else None, log_model=spec.log_model, job_type=setting["mode"],
-            name=name,
-        ))
+        loggers.append(
+            QueryAxisWandbLogger(
+                project=spec.project,
+                entity=spec.entity,
+                group=wandb_group(spec.group),
+                tags=tags,
+                save_dir=str(output_dir),
+                offline=spec.mode != "online",
+                mode=spec.mode if spec.mode == "disabled" else None,
+                id=wandb_id,
+                resume="allow" if wandb_id else None,
+                log_model=spec.log_model,
+                job_type=setting["mode"],
+                name=name,
+            )
+        )
     return loggers
 
 
@@ -289,10 +328,17 @@ def make_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
 
         dirpath = output_dir / "checkpoints"
         # one callback saves every N steps, one at every epoch end; both refresh the same last.ckpt
-        common = dict(dirpath=dirpath, auto_insert_metric_name=False, save_top_k=1, save_last=ckpt.save_last,
-                      enable_version_counter=False)
+        common = dict(
+            dirpath=dirpath,
+            auto_insert_metric_name=False,
+            save_top_k=1,
+            save_last=ckpt.save_last,
+            enable_version_counter=False,
+        )
         callbacks.append(StepCheckpoint(filename="step{step}", every_n_train_steps=ckpt.every_n_train_steps, **common))
-        callbacks.append(ModelCheckpoint(filename="epoch{epoch}", every_n_epochs=1, save_on_train_epoch_end=True, **common))
+        callbacks.append(
+            ModelCheckpoint(filename="epoch{epoch}", every_n_epochs=1, save_on_train_epoch_end=True, **common)
+        )
     stop = cfg.callbacks.get("early_stopping")
     if stop:
         from lightning.pytorch.callbacks import EarlyStopping
@@ -303,8 +349,11 @@ def make_callbacks(cfg: DictConfig, output_dir: Path) -> list[L.Callback]:
 
 def reached_metrics(trainer: L.Trainer) -> dict[str, float]:
     """The latest val/ and test/ scalars the trainer holds."""
-    return {k: float(v) for k, v in trainer.callback_metrics.items()
-            if k.startswith(("val/", "test/")) and torch.as_tensor(v).numel() == 1}
+    return {
+        k: float(v)
+        for k, v in trainer.callback_metrics.items()
+        if k.startswith(("val/", "test/")) and torch.as_tensor(v).numel() == 1
+    }
 
 
 def summarize(cfg: DictConfig, module, trainer, metrics: dict, status: str, started: float, output_dir: Path) -> dict:
@@ -326,12 +375,19 @@ def summarize(cfg: DictConfig, module, trainer, metrics: dict, status: str, star
         }
     distributed = {"distributed": module.distributed_info} if getattr(module, "distributed_info", None) else {}
     return {
-        "task": cfg.task.name, "device": cfg.device.family, "mode": cfg.mode if layers else "digital",
-        "seed": int(cfg.seed), "metrics": metrics, "queries": queries, "reprograms": reprograms,
+        "task": cfg.task.name,
+        "device": cfg.device.family,
+        "mode": cfg.mode if layers else "digital",
+        "seed": int(cfg.seed),
+        "metrics": metrics,
+        "queries": queries,
+        "reprograms": reprograms,
         "surrogate": surrogate,
         "steps": int(trainer.global_step) if trainer is not None else 0,
         "epochs": int(trainer.current_epoch) if trainer is not None else 0,
-        "wall_seconds": round(time.time() - started, 3), "status": status, "run_dir": str(output_dir),
+        "wall_seconds": round(time.time() - started, 3),
+        "status": status,
+        "run_dir": str(output_dir),
         "config": {
             "surrogate": {"rank": cfg.surrogate.rank if cfg.surrogate.rank == "auto" else int(cfg.surrogate.rank)},
             "zo": {"samples": zo_samples(cfg), "direction": cfg.zo.direction, "two_sided": bool(cfg.zo.two_sided)},
@@ -349,12 +405,15 @@ def write_language_sample(cfg: DictConfig, module, dm, output_dir: Path) -> None
     prompt = torch.tensor([dm.encode(spec.prompt)], dtype=torch.long, device=module.device)
     gen = torch.Generator(device=module.device).manual_seed(int(cfg.seed))
     with torch.no_grad():
-        out = model.generate(prompt, max_new_tokens=int(spec.max_new_tokens), temperature=float(spec.temperature), generator=gen)
+        out = model.generate(
+            prompt, max_new_tokens=int(spec.max_new_tokens), temperature=float(spec.temperature), generator=gen
+        )
     (output_dir / "samples.txt").write_text(dm.decode(out[0].tolist()) + "\n", encoding="utf-8")
 
 
-def build_module(cfg: DictConfig, dm: L.LightningDataModule, model_kwargs: dict | None = None
-                 ) -> ClassificationModule | LanguageModelModule:
+def build_module(
+    cfg: DictConfig, dm: L.LightningDataModule, model_kwargs: dict | None = None
+) -> ClassificationModule | LanguageModelModule:
     """The task's backbone with its physical layer(s), inside the LightningModule of its kind.
     ``dm`` must be set up: it supplies what only the data knows (classes, vocabulary), unless
     ``model_kwargs`` is given."""
@@ -364,7 +423,9 @@ def build_module(cfg: DictConfig, dm: L.LightningDataModule, model_kwargs: dict 
         optimizer=OmegaConf.to_container(cfg.task.optimizer, resolve=True),
         physical_optimizer=OmegaConf.to_container(cfg.physical_optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-        physical_scheduler=OmegaConf.to_container(cfg.physical_scheduler, resolve=True) if "physical_scheduler" in cfg else None,
+        physical_scheduler=OmegaConf.to_container(cfg.physical_scheduler, resolve=True)
+        if "physical_scheduler" in cfg
+        else None,
         diagnostics_every=cfg.callbacks.diagnostics.every_n_steps,
     )
     if cfg.task.kind == "classification":
@@ -386,8 +447,10 @@ def check_data_parallel(cfg: DictConfig) -> None:
         return  # "auto" or -1: known only once Lightning has counted the accelerators
     world, batch = devices * int(nodes or 1), int(cfg.task.datamodule.batch_size)
     if batch % world:
-        raise AstraoraError(f"task.datamodule.batch_size={batch} is the global batch and must be divisible by the "
-                            f"{world} processes (trainer.devices={devices} x trainer.num_nodes={nodes}).")
+        raise AstraoraError(
+            f"task.datamodule.batch_size={batch} is the global batch and must be divisible by the "
+            f"{world} processes (trainer.devices={devices} x trainer.num_nodes={nodes})."
+        )
 
 
 # Physical layers wider than this are simulated slowly on a CPU (minutes per step at a few thousand wires).
@@ -400,9 +463,14 @@ def warn_slow_on_cpu(cfg: DictConfig, module) -> None:
         return
     for name, layer in hybrid_layers(module.model).items():
         if max(layer.d_in, layer.d_out) > CPU_WIDE_LAYER:
-            log.warning("physical layer %s is %d -> %d (%s) on a CPU: expect minutes per step; README 'How long a "
-                        "run takes on a CPU' lists CPU-sized settings, scripts/time_epoch.py estimates this one",
-                        name, layer.d_in, layer.d_out, type(layer.device).__name__)
+            log.warning(
+                "physical layer %s is %d -> %d (%s) on a CPU: expect minutes per step; README 'How long a "
+                "run takes on a CPU' lists CPU-sized settings, scripts/time_epoch.py estimates this one",
+                name,
+                layer.d_in,
+                layer.d_out,
+                type(layer.device).__name__,
+            )
 
 
 def resume_hint(output_dir: Path) -> str:
@@ -491,8 +559,12 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
         check_checkpoint_fits(module, state, cfg.resume)
         finished = finished_summary(cfg, state, output_dir)
         if finished is not None:
-            log.info("resume=%s: this run already finished (status completed at step %d); nothing to do. Raise "
-                     "trainer.max_epochs or trainer.max_steps to train it longer.", cfg.resume, finished["steps"])
+            log.info(
+                "resume=%s: this run already finished (status completed at step %d); nothing to do. Raise "
+                "trainer.max_epochs or trainer.max_steps to train it longer.",
+                cfg.resume,
+                finished["steps"],
+            )
             return finished
     warn_slow_on_cpu(cfg, module)
 
@@ -512,8 +584,13 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
     previous_wandb_id = wandb_id_file.read_text().strip() if wandb_id_file.exists() else None
     loggers = make_loggers(cfg, output_dir, previous_wandb_id, module, resumed_step)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer = L.Trainer(**trainer_kwargs, logger=loggers, callbacks=[*make_callbacks(cfg, output_dir), *callbacks],
-                        default_root_dir=str(output_dir), enable_checkpointing=bool(cfg.callbacks.get("checkpoint")))
+    trainer = L.Trainer(
+        **trainer_kwargs,
+        logger=loggers,
+        callbacks=[*make_callbacks(cfg, output_dir), *callbacks],
+        default_root_dir=str(output_dir),
+        enable_checkpointing=bool(cfg.callbacks.get("checkpoint")),
+    )
     for lg in loggers[1:]:
         # the resolved config, plus the settings to colour and group runs by under "setting"
         resumed = {}
@@ -521,8 +598,9 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
             resumed = {"resumed_from": {"run": previous_wandb_id, "step": resumed_step}}
         lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "setting": comparison_setting(cfg), **resumed})
         if resumed and pending_row:  # the checkpoint's own row, which the killed run may not have sent
-            lg.log_metrics({k: v for k, v in pending_row.items() if k not in ("epoch", "step")},
-                           step=int(pending_row["step"]))
+            lg.log_metrics(
+                {k: v for k, v in pending_row.items() if k not in ("epoch", "step")}, step=int(pending_row["step"])
+            )
         wandb_id_file.write_text(lg.experiment.id)
 
     status, metrics = "failed", {}
@@ -531,8 +609,10 @@ def run(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> dict:
             trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
             metrics = reached_metrics(trainer)  # trainer.test replaces the val/ metrics
             if resumed_step is None and trainer.global_step == 0 and not trainer.interrupted:
-                raise AstraoraError("the run trained 0 steps (no training batch reached the model); check "
-                                    "trainer.limit_train_batches, trainer.max_steps and the task's training data.")
+                raise AstraoraError(
+                    "the run trained 0 steps (no training batch reached the model); check "
+                    "trainer.limit_train_batches, trainer.max_steps and the task's training data."
+                )
             if resumed_step is not None and trainer.global_step == resumed_step:
                 # resumed where training had ended (e.g. the test loop failed): no validation ran here
                 metrics = {**last_logged(output_dir / "metrics.csv", "val/"), **metrics}
@@ -576,8 +656,10 @@ def report(summary: dict) -> str:
     metrics = summary["metrics"]
     main = next((k for k in ("test/acc", "test/ppl", "test/loss") if k in metrics), None)
     shown = f"{main} = {metrics[main]:.4f}" if main else "no test metric"
-    return (f"{summary['task']} / {summary['device']} ({summary['mode']}): {shown}; "
-            f"hardware queries: {summary['queries']['total']:,}; outputs: {summary['run_dir']}")
+    return (
+        f"{summary['task']} / {summary['device']} ({summary['mode']}): {shown}; "
+        f"hardware queries: {summary['queries']['total']:,}; outputs: {summary['run_dir']}"
+    )
 
 
 def discard_unused_run_dir(run_dir: Path) -> None:
@@ -587,7 +669,10 @@ def discard_unused_run_dir(run_dir: Path) -> None:
         return
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent.resolve() == run_dir.resolve():
+        if (
+            isinstance(handler, logging.FileHandler)
+            and Path(handler.baseFilename).parent.resolve() == run_dir.resolve()
+        ):
             root.removeHandler(handler)
             handler.close()
     shutil.rmtree(run_dir / ".hydra", ignore_errors=True)

@@ -115,17 +115,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str | None]:
     parser.add_argument("--rank", "-r", type=int, default=10, help="surrogate rank r")
     parser.add_argument("--chunk", type=int, default=4, help="perturbed settings per batched call in the vectorised ZO")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
-    parser.add_argument("--budget", type=float, default=60.0,
-                        help="seconds of timed runs per measurement before repeating stops / sampling is subset")
-    parser.add_argument("--requery-phi", action="store_true",
-                        help="re-query φ(θ) in the ZO estimate (the paper's count, +min(B, m) queries)")
-    parser.add_argument("--real-steps", action="store_true",
-                        help="always count queries with the real device transfer, however slow")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=60.0,
+        help="seconds of timed runs per measurement before repeating stops / sampling is subset",
+    )
+    parser.add_argument(
+        "--requery-phi",
+        action="store_true",
+        help="re-query φ(θ) in the ZO estimate (the paper's count, +min(B, m) queries)",
+    )
+    parser.add_argument(
+        "--real-steps", action="store_true", help="always count queries with the real device transfer, however slow"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke-run sizes n=64, m=128, B=32")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads (default: torch's choice); 1 avoids oversubscription on a busy machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads (default: torch's choice); 1 avoids oversubscription on a busy machine",
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the numbers to PATH")
     parser.add_argument("--engines", action="store_true", help="MZI tile engine vs the column reference, side by side")
     parser.add_argument("--engine-samples", type=int, default=4, help="ZO samples timed per engine (scaled to M)")
@@ -141,10 +153,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str | None]:
         parser.error("--device cuda: no CUDA device is available")
     sizes = QUICK if args.quick else DEFAULTS
     settings = Settings(
-        devices=devices, n=args.n or sizes["n"], m=args.m or sizes["m"], batch=args.batch or sizes["batch"],
-        samples=args.samples, sketch=args.sketch, rank=args.rank, chunk=args.chunk, repeats=max(1, args.repeats),
-        budget=args.budget, requery_phi=args.requery_phi, real_steps=args.real_steps, device=args.device, seed=args.seed,
-        threads=args.threads, engines=args.engines, engine_samples=args.engine_samples, step_ratio=args.step_ratio,
+        devices=devices,
+        n=args.n or sizes["n"],
+        m=args.m or sizes["m"],
+        batch=args.batch or sizes["batch"],
+        samples=args.samples,
+        sketch=args.sketch,
+        rank=args.rank,
+        chunk=args.chunk,
+        repeats=max(1, args.repeats),
+        budget=args.budget,
+        requery_phi=args.requery_phi,
+        real_steps=args.real_steps,
+        device=args.device,
+        seed=args.seed,
+        threads=args.threads,
+        engines=args.engines,
+        engine_samples=args.engine_samples,
+        step_ratio=args.step_ratio,
         steps=args.steps,
     )
     return settings, args.json
@@ -166,8 +192,12 @@ def timed_call(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
-def repeat_runs(fn: Callable[[], object], settings: Settings, first: list[float] | None = None,
-                setup: Callable[[], object] | None = None) -> list[float]:
+def repeat_runs(
+    fn: Callable[[], object],
+    settings: Settings,
+    first: list[float] | None = None,
+    setup: Callable[[], object] | None = None,
+) -> list[float]:
     """Timed runs of ``fn`` (``setup`` untimed before each), starting from the runs in ``first``:
     up to ``settings.repeats`` of them, fewer once they have used ``settings.budget`` seconds."""
     times = list(first or [])
@@ -192,7 +222,7 @@ class Timing:
         return self.timed < self.total
 
     @classmethod
-    def of(cls, times: list[float], timed: int = 1, total: int = 1) -> "Timing":
+    def of(cls, times: list[float], timed: int = 1, total: int = 1) -> Timing:
         return cls(statistics.median(times) * total / timed, len(times), timed, total)
 
 
@@ -228,8 +258,9 @@ def use_stand_in_transfer(device: Device) -> None:
 
 
 # ----------------------------------------------------------------------------- 1. ZO estimate
-def time_zo(ledger: QueryLedger, x: torch.Tensor, g: torch.Tensor, y: torch.Tensor, settings: Settings,
-            per_sample: bool) -> Timing:
+def time_zo(
+    ledger: QueryLedger, x: torch.Tensor, g: torch.Tensor, y: torch.Tensor, settings: Settings, per_sample: bool
+) -> Timing:
     """One ZO estimate with M samples: vectorised (``chunk_size=--chunk``) or per-sample
     (``chunk_size=1``).
 
@@ -242,8 +273,12 @@ def time_zo(ledger: QueryLedger, x: torch.Tensor, g: torch.Tensor, y: torch.Tens
     unit = min(chunk, settings.samples)
 
     def run(samples: int) -> Callable[[], object]:
-        estimator = ZOEstimator(samples=samples, chunk_size=chunk, reuse_forward=not settings.requery_phi,
-                                generator=make_generator(settings.seed, ledger.device.name, "zo"))
+        estimator = ZOEstimator(
+            samples=samples,
+            chunk_size=chunk,
+            reuse_forward=not settings.requery_phi,
+            generator=make_generator(settings.seed, ledger.device.name, "zo"),
+        )
         return lambda: estimator.estimate(ledger, x, g, y)
 
     first = timed_call(run(unit), settings.device)
@@ -258,7 +293,9 @@ def time_zo(ledger: QueryLedger, x: torch.Tensor, g: torch.Tensor, y: torch.Tens
 def time_surrogate(ledger: QueryLedger, settings: Settings) -> tuple[Timing, Timing]:
     """(one psi_implicit update after a small θ change, one full readout + truncated SVD)."""
     device = ledger.device
-    surrogate = LowRankSurrogate(device.d_in, device.d_out, settings.rank, tuple(device.theta.shape)).to(settings.device)
+    surrogate = LowRankSurrogate(device.d_in, device.d_out, settings.rank, tuple(device.theta.shape)).to(
+        settings.device
+    )
     surrogate.readout(ledger)
     integrator = PsiImplicitIntegrator(settings.sketch, generator=make_generator(settings.seed, device.name, "sketch"))
     gen = make_generator(settings.seed, device.name, "theta-step")
@@ -314,11 +351,21 @@ def count_step_queries(family: str, settings: Settings, stand_in: bool) -> StepC
     device = make_device(family, settings)
     if stand_in:
         use_stand_in_transfer(device)
-    zo = ZOEstimator(samples=settings.samples, chunk_size=settings.chunk, reuse_forward=not settings.requery_phi,
-                     generator=make_generator(settings.seed, device.name, "zo"))
-    layer = HybridLayer(device, mode="zo+sm", rank=settings.rank, zo=zo,
-                        integrator={"name": "psi_implicit", "samples": settings.sketch},
-                        seed=settings.seed, name=device.name).to(settings.device)
+    zo = ZOEstimator(
+        samples=settings.samples,
+        chunk_size=settings.chunk,
+        reuse_forward=not settings.requery_phi,
+        generator=make_generator(settings.seed, device.name, "zo"),
+    )
+    layer = HybridLayer(
+        device,
+        mode="zo+sm",
+        rank=settings.rank,
+        zo=zo,
+        integrator={"name": "psi_implicit", "samples": settings.sketch},
+        seed=settings.seed,
+        name=device.name,
+    ).to(settings.device)
     optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
     gen = make_generator(settings.seed, device.name, "step-data")
     x = torch.randn(settings.batch, settings.n, generator=gen).to(settings.device).requires_grad_(True)
@@ -335,8 +382,9 @@ def count_step_queries(family: str, settings: Settings, stand_in: bool) -> StepC
     before, reprograms_before = dict(layer.ledger.queries), layer.ledger.total_reprograms
     seconds = timed_call(step, settings.device)
     measured = {p: layer.ledger.queries[p] - before[p] for p in before}
-    return StepCount(measured, expected_queries(settings), layer.ledger.total_reprograms - reprograms_before,
-                     seconds, stand_in)
+    return StepCount(
+        measured, expected_queries(settings), layer.ledger.total_reprograms - reprograms_before, seconds, stand_in
+    )
 
 
 # ----------------------------------------------------------------------------- one device
@@ -384,19 +432,42 @@ def fmt_time(timing: Timing) -> str:
 
 def markdown_table(results: list[DeviceResult]) -> str:
     """One row per device, columns padded for reading in a terminal."""
-    header = ["device", "p (θ entries)", "ZO vec [s]", "ZO loop [s]", "loop/vec", "ψ update [s]",
-              "readout+SVD [s]", "readout/ψ", "queries/step", "formula §5", "match", "reprograms", "step [s]"]
+    header = [
+        "device",
+        "p (θ entries)",
+        "ZO vec [s]",
+        "ZO loop [s]",
+        "loop/vec",
+        "ψ update [s]",
+        "readout+SVD [s]",
+        "readout/ψ",
+        "queries/step",
+        "formula §5",
+        "match",
+        "reprograms",
+        "step [s]",
+    ]
     rows = []
     for r in results:
-        rows.append([
-            r.family, f"{r.params:,}", fmt_time(r.zo_vectorised), fmt_time(r.zo_loop), f"{r.zo_ratio:.2f}x",
-            fmt_time(r.psi_update), fmt_time(r.readout_svd), f"{r.surrogate_ratio:.2f}x",
-            f"{r.step.total:,}" + ("†" if r.step.stand_in else ""), f"{r.step.expected_total:,}",
-            "yes" if r.step.match else "NO", str(r.step.reprograms),
-            "n/a†" if r.step.stand_in else f"{r.step.seconds:.4g}",
-        ])
+        rows.append(
+            [
+                r.family,
+                f"{r.params:,}",
+                fmt_time(r.zo_vectorised),
+                fmt_time(r.zo_loop),
+                f"{r.zo_ratio:.2f}x",
+                fmt_time(r.psi_update),
+                fmt_time(r.readout_svd),
+                f"{r.surrogate_ratio:.2f}x",
+                f"{r.step.total:,}" + ("†" if r.step.stand_in else ""),
+                f"{r.step.expected_total:,}",
+                "yes" if r.step.match else "NO",
+                str(r.step.reprograms),
+                "n/a†" if r.step.stand_in else f"{r.step.seconds:.4g}",
+            ]
+        )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
@@ -404,17 +475,25 @@ def footnotes(results: list[DeviceResult], settings: Settings) -> list[str]:
     """Which numbers were extrapolated, timed on fewer runs than asked, or counted on a stand-in."""
     notes = []
     for r in results:
-        for label, t in (("ZO vec", r.zo_vectorised), ("ZO loop", r.zo_loop), ("ψ update", r.psi_update),
-                         ("readout+SVD", r.readout_svd)):
+        for label, t in (
+            ("ZO vec", r.zo_vectorised),
+            ("ZO loop", r.zo_loop),
+            ("ψ update", r.psi_update),
+            ("readout+SVD", r.readout_svd),
+        ):
             if t.extrapolated:
-                notes.append(f"* {r.family}: {label} EXTRAPOLATED: timed on {t.timed} of {t.total} samples "
-                             f"and scaled ×{t.total / t.timed:.3g} ({t.runs} run(s)).")
+                notes.append(
+                    f"* {r.family}: {label} EXTRAPOLATED: timed on {t.timed} of {t.total} samples "
+                    f"and scaled ×{t.total / t.timed:.3g} ({t.runs} run(s))."
+                )
             elif t.runs < settings.repeats:
                 notes.append(f"  {r.family}: {label}: median of {t.runs} run(s) only (budget {settings.budget:g} s).")
         if r.step.stand_in:
-            notes.append(f"† {r.family}: queries counted with a STAND-IN transfer (same θ shape and layer/ledger code; "
-                         f"the real step would take ≈{r.zo_vectorised.seconds + r.psi_update.seconds:.3g} s; "
-                         "use --real-steps to insist).")
+            notes.append(
+                f"† {r.family}: queries counted with a STAND-IN transfer (same θ shape and layer/ledger code; "
+                f"the real step would take ≈{r.zo_vectorised.seconds + r.psi_update.seconds:.3g} s; "
+                "use --real-steps to insist)."
+            )
         if not r.step.match:
             notes.append(f"! {r.family}: per-purpose counts {r.step.measured} differ from §5 {r.step.expected}.")
     return notes
@@ -422,9 +501,13 @@ def footnotes(results: list[DeviceResult], settings: Settings) -> list[str]:
 
 def environment() -> dict:
     """Torch version, threads and hardware, as printed in the header."""
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-           "interop_threads": torch.get_num_interop_threads(), "cpu_count": os.cpu_count(),
-           "python": sys.version.split()[0]}
+    env = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
     if hasattr(os, "getloadavg"):
         env["loadavg_1min"] = round(os.getloadavg()[0], 2)
     if torch.cuda.is_available():
@@ -435,28 +518,44 @@ def environment() -> dict:
 def header(settings: Settings, env: dict) -> str:
     s = settings
     extra = " + min(B,m)" if s.requery_phi else ""
-    return "\n".join([
-        "# astraora core benchmark",
-        "",
-        f"settings: n={s.n}, m={s.m}, B={s.batch}, M={s.samples}, M_sm={s.sketch}, r={s.rank}, chunk={s.chunk}, "
-        f"repeats={s.repeats}, budget={s.budget:g} s, requery_phi={s.requery_phi}, device={s.device}, seed={s.seed}",
-        "environment: " + ", ".join(f"{k}={v}" for k, v in env.items()),
-        *(["warning: load average above the CPU count, timings are noisy"]
-          if env.get("loadavg_1min", 0) > (env["cpu_count"] or 1) else []),
-        f"formula (§5, per step after the initial readout): B + M·min(B,m){extra} + 2r + 2·M_sm",
-        "times: median seconds per call; ZO = one estimate with M samples; ψ = one psi_implicit update",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# astraora core benchmark",
+            "",
+            f"settings: n={s.n}, m={s.m}, B={s.batch}, M={s.samples}, M_sm={s.sketch}, r={s.rank}, chunk={s.chunk}, "
+            f"repeats={s.repeats}, budget={s.budget:g} s, requery_phi={s.requery_phi}, device={s.device}, "
+            f"seed={s.seed}",
+            "environment: " + ", ".join(f"{k}={v}" for k, v in env.items()),
+            *(
+                ["warning: load average above the CPU count, timings are noisy"]
+                if env.get("loadavg_1min", 0) > (env["cpu_count"] or 1)
+                else []
+            ),
+            f"formula (§5, per step after the initial readout): B + M·min(B,m){extra} + 2r + 2·M_sm",
+            "times: median seconds per call; ZO = one estimate with M samples; ψ = one psi_implicit update",
+            "",
+        ]
+    )
 
 
 def to_json(results: list[DeviceResult], settings: Settings, env: dict, runtime: float) -> dict:
     devices = {}
     for r in results:
-        entry = {k: asdict(v) | {"extrapolated": v.extrapolated} for k, v in
-                 (("zo_vectorised", r.zo_vectorised), ("zo_loop", r.zo_loop), ("psi_update", r.psi_update),
-                  ("readout_svd", r.readout_svd))}
-        entry.update(params=r.params, zo_loop_over_vectorised=r.zo_ratio, readout_over_psi=r.surrogate_ratio,
-                     step=asdict(r.step) | {"total": r.step.total, "expected_total": r.step.expected_total})
+        entry = {
+            k: asdict(v) | {"extrapolated": v.extrapolated}
+            for k, v in (
+                ("zo_vectorised", r.zo_vectorised),
+                ("zo_loop", r.zo_loop),
+                ("psi_update", r.psi_update),
+                ("readout_svd", r.readout_svd),
+            )
+        }
+        entry.update(
+            params=r.params,
+            zo_loop_over_vectorised=r.zo_ratio,
+            readout_over_psi=r.surrogate_ratio,
+            step=asdict(r.step) | {"total": r.step.total, "expected_total": r.step.expected_total},
+        )
         devices[r.family] = entry
     return {"settings": asdict(settings), "environment": env, "runtime_s": runtime, "devices": devices}
 
@@ -467,13 +566,16 @@ def engine_table(comparisons: list[perf.EngineComparison], settings: Settings) -
         f"(ZO timed on {settings.engine_samples} samples and scaled), r={settings.rank}, M_sm={settings.sketch}; "
         "seconds, fastest of interleaved repeats",
         "",
-        "| device | ZO tiles s | ZO columns s | ZO speed-up | ψ tiles s | ψ columns s | ψ speed-up | readout tiles s | readout columns s | readout speed-up | max rel. diff |",
+        "| device | ZO tiles s | ZO columns s | ZO speed-up | ψ tiles s | ψ columns s | ψ speed-up "
+        "| readout tiles s | readout columns s | readout speed-up | max rel. diff |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:
-        lines.append(f"| {c.family} | {c.zo_tiles:.3g} | {c.zo_columns:.3g} | {c.zo_speedup:.1f}x | {c.psi_tiles:.3g} | "
-                     f"{c.psi_columns:.3g} | {c.psi_speedup:.1f}x | {c.readout_tiles:.3g} | {c.readout_columns:.3g} | "
-                     f"{c.readout_speedup:.1f}x | {c.max_rel_diff:.1e} |")
+        lines.append(
+            f"| {c.family} | {c.zo_tiles:.3g} | {c.zo_columns:.3g} | {c.zo_speedup:.1f}x | {c.psi_tiles:.3g} | "
+            f"{c.psi_columns:.3g} | {c.psi_speedup:.1f}x | {c.readout_tiles:.3g} | {c.readout_columns:.3g} | "
+            f"{c.readout_speedup:.1f}x | {c.max_rel_diff:.1e} |"
+        )
     return "\n".join(lines)
 
 
@@ -497,17 +599,35 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict = {}
     meshes = [f for f in settings.devices if f in perf.MESHES]
     if settings.engines and meshes:
-        comparisons = [perf.compare_engines(f, settings.n, settings.m, settings.batch, settings.samples,
-                                            settings.engine_samples, settings.rank, settings.sketch,
-                                            settings.repeats, settings.seed, settings.device) for f in meshes]
+        comparisons = [
+            perf.compare_engines(
+                f,
+                settings.n,
+                settings.m,
+                settings.batch,
+                settings.samples,
+                settings.engine_samples,
+                settings.rank,
+                settings.sketch,
+                settings.repeats,
+                settings.seed,
+                settings.device,
+            )
+            for f in meshes
+        ]
         print("\n" + engine_table(comparisons, settings))
-        extra["engines"] = {c.family: asdict(c) | {"zo_speedup": c.zo_speedup, "psi_speedup": c.psi_speedup,
-                                                    "readout_speedup": c.readout_speedup} for c in comparisons}
+        extra["engines"] = {
+            c.family: asdict(c)
+            | {"zo_speedup": c.zo_speedup, "psi_speedup": c.psi_speedup, "readout_speedup": c.readout_speedup}
+            for c in comparisons
+        }
     if settings.step_ratio:
         steps = perf.compare_steps(steps=settings.steps)
-        print(f"\ndefault run (python train.py), one training step: hybrid {1e3 * steps.hybrid_median:.1f} ms, "
-              f"digital {1e3 * steps.digital_median:.1f} ms (medians of {steps.steps}); "
-              f"hybrid/digital = {steps.ratio:.1f}x")
+        print(
+            f"\ndefault run (python train.py), one training step: hybrid {1e3 * steps.hybrid_median:.1f} ms, "
+            f"digital {1e3 * steps.digital_median:.1f} ms (medians of {steps.steps}); "
+            f"hybrid/digital = {steps.ratio:.1f}x"
+        )
         extra["step_ratio"] = asdict(steps) | {"ratio": steps.ratio}
     runtime = time.perf_counter() - start
     print(f"\nruntime: {runtime:.1f} s")

@@ -37,9 +37,21 @@ FRAME = 60 * 2**20  # what the review's peer sent: 3 frames of 60 MiB with MORE,
 
 def start_server(token: str, *overrides: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), TOKEN_ENV: token}
-    proc = subprocess.Popen([sys.executable, "-m", "astraora.remote", "device=slm", "server.address=tcp://127.0.0.1:*",
-                             "server.max_width=8192", *overrides], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "astraora.remote",
+            "device=slm",
+            "server.address=tcp://127.0.0.1:*",
+            "server.max_width=8192",
+            *overrides,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in proc.stdout:
         if "serving" in line:
             threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # drain the log
@@ -132,8 +144,9 @@ def many_layers(endpoint: str, token: str, results: dict) -> None:
     opened, refused, layers = 0, 0, []
     for i in range(70):
         try:
-            layers.append(RemoteDevice(4, 4, address=endpoint, secret=token, name=f"l{i}", session="cd" * 16,
-                                       open_timeout_s=10))
+            layers.append(
+                RemoteDevice(4, 4, address=endpoint, secret=token, name=f"l{i}", session="cd" * 16, open_timeout_s=10)
+            )
             opened += 1
         except AstraoraError:
             refused += 1
@@ -174,9 +187,14 @@ def main(argv: list[str] | None = None) -> None:
         base_rss = rss_mb(server.pid)
         rows.append(("baseline", f"{query_rate(good, args.seconds):.0f}", f"RSS {base_rss:.0f} MB"))
 
-        for label, target, arg in (("plain ZMQ, 3x60 MiB MORE frames x2 connections", more_frames, None),
-                                   ("CURVE wrong key, 3x60 MiB MORE frames x2 connections", more_frames,
-                                    ClientKeys.from_token("wrong-" + token))):
+        for label, target, arg in (
+            ("plain ZMQ, 3x60 MiB MORE frames x2 connections", more_frames, None),
+            (
+                "CURVE wrong key, 3x60 MiB MORE frames x2 connections",
+                more_frames,
+                ClientKeys.from_token("wrong-" + token),
+            ),
+        ):
             stop = threading.Event()
             sampler = Sampler(server.pid)
             threads = [threading.Thread(target=target, args=(endpoint, arg, stop), daemon=True) for _ in range(2)]
@@ -198,8 +216,13 @@ def main(argv: list[str] | None = None) -> None:
         held = rss_mb(server.pid) - base_rss
         peak = sampler.stop() - base_rss
         stop.set()
-        rows.append(("raw ZMTP: CURVE greeting then a 60 MiB frame x2", f"{rate:.0f}",
-                     f"held {held:+.1f} MB after 6 s, peak {peak:+.1f} MB"))
+        rows.append(
+            (
+                "raw ZMTP: CURVE greeting then a 60 MiB frame x2",
+                f"{rate:.0f}",
+                f"held {held:+.1f} MB after 6 s, peak {peak:+.1f} MB",
+            )
+        )
 
         stop = threading.Event()
         threads = [threading.Thread(target=handshake_churn, args=(endpoint, stop), daemon=True) for _ in range(4)]
@@ -215,8 +238,13 @@ def main(argv: list[str] | None = None) -> None:
         rate = query_rate(good, args.seconds)
         thread.join()
         good.query(torch.randn(16, 64))
-        rows.append(("second token holder opens 70 layers", f"{rate:.0f}",
-                     f"{results['opened']} opened, {results['refused']} refused; good layer kept"))
+        rows.append(
+            (
+                "second token holder opens 70 layers",
+                f"{rate:.0f}",
+                f"{results['opened']} opened, {results['refused']} refused; good layer kept",
+            )
+        )
 
         results = {}
         thread = threading.Thread(target=huge_open, args=(endpoint, token, results), daemon=True)
@@ -225,9 +253,14 @@ def main(argv: list[str] | None = None) -> None:
         ping = ping_latency(endpoint, token)
         rate = query_rate(good, args.seconds)
         thread.join()
-        rows.append(("4000-wide open by another session", f"{rate:.0f}",
-                     f"ping {ping * 1000:.0f} ms during it; " + (f"open took {results['open_s']:.1f} s"
-                                                                    if "open_s" in results else results["error"])))
+        rows.append(
+            (
+                "4000-wide open by another session",
+                f"{rate:.0f}",
+                f"ping {ping * 1000:.0f} ms during it; "
+                + (f"open took {results['open_s']:.1f} s" if "open_s" in results else results["error"]),
+            )
+        )
 
         ledger = QueryLedger(good, max_retries=3)
         ledger.query(torch.randn(16, 64), "forward")

@@ -43,11 +43,28 @@ def family_rate(entry) -> float:
     return float(OmegaConf.select(run, "device.theta_lr", default=1e-2))
 
 
-def track(device: str, d_in: int, d_out: int, rank: int, integrator: dict, growth: float | None, steps: int,
-          lr: float, batch: int, seed: int, checkpoints: tuple[int, ...]) -> dict:
+def track(
+    device: str,
+    d_in: int,
+    d_out: int,
+    rank: int,
+    integrator: dict,
+    growth: float | None,
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    checkpoints: tuple[int, ...],
+) -> dict:
     dev = make_device(device_entry(device), d_in, d_out, seed, "physical")
-    layer = HybridLayer(dev, mode="exact+sm", rank=rank, integrator=resolve_integrator(integrator, d_in, rank),
-                        health_growth=growth, seed=seed)
+    layer = HybridLayer(
+        dev,
+        mode="exact+sm",
+        rank=rank,
+        integrator=resolve_integrator(integrator, d_in, rank),
+        health_growth=growth,
+        seed=seed,
+    )
     layer.train()
     layer.measure_residual = False
     opt = torch.optim.Adam([dev.theta], lr=lr)
@@ -70,8 +87,13 @@ def track(device: str, d_in: int, d_out: int, rank: int, integrator: dict, growt
         if step in checkpoints:
             at[step] = ratio
     upkeep = layer.ledger.queries["surrogate"] + layer.ledger.queries["readout"] - upkeep0
-    return {"at": at, "mean": sum(ratios) / len(ratios), "max": max(ratios), "per_step": upkeep / steps,
-            "rebuilds": layer.health_rebuilds}
+    return {
+        "at": at,
+        "mean": sum(ratios) / len(ratios),
+        "max": max(ratios),
+        "per_step": upkeep / steps,
+        "rebuilds": layer.health_rebuilds,
+    }
 
 
 def main(argv=None) -> int:
@@ -81,7 +103,9 @@ def main(argv=None) -> int:
     parser.add_argument("--d-out", type=int, default=1024)
     parser.add_argument("--rank", default="auto")
     parser.add_argument("--samples", type=int, nargs="+", default=[100], help="M_sm of psi_implicit")
-    parser.add_argument("--growth", nargs="+", default=["off", "0.1", "0.25"], help="surrogate.health_growth values (off: null)")
+    parser.add_argument(
+        "--growth", nargs="+", default=["off", "0.1", "0.25"], help="surrogate.health_growth values (off: null)"
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=None, help="θ's rate (default: the family's)")
     parser.add_argument("--batch", type=int, default=256)
@@ -90,8 +114,10 @@ def main(argv=None) -> int:
     rank = auto_rank(args.d_in, args.d_out) if args.rank == "auto" else int(args.rank)
     lr = args.lr if args.lr is not None else family_rate(device_entry(args.device))
     checkpoints = tuple(s for s in (1, 10, 30, 100, 300, 1000) if s <= args.steps)
-    print(f"{args.device} {args.d_in} → {args.d_out}, rank {rank}, θ rate {lr}, {args.steps} steps, batch {args.batch}, "
-          f"seed {args.seed}; error / best rank-r error")
+    print(
+        f"{args.device} {args.d_in} → {args.d_out}, rank {rank}, θ rate {lr}, {args.steps} steps, batch {args.batch}, "
+        f"seed {args.seed}; error / best rank-r error"
+    )
     head = " | ".join(f"step {s}" for s in checkpoints)
     print(f"| integrator | M_sm | health_growth | {head} | mean | max | upkeep queries / step | health rebuilds |")
     print("|---|---|---|" + "---|" * len(checkpoints) + "---|---|---|---|")
@@ -100,10 +126,15 @@ def main(argv=None) -> int:
         start = time.time()
         g = None if growth in (None, "off") else float(growth)
         spec = {"name": name} if name == "rebuild" else {"name": name, "samples": samples}
-        out = track(args.device, args.d_in, args.d_out, rank, spec, g, args.steps, lr, args.batch, args.seed, checkpoints)
+        out = track(
+            args.device, args.d_in, args.d_out, rank, spec, g, args.steps, lr, args.batch, args.seed, checkpoints
+        )
         cells = " | ".join(f"{out['at'][s]:.3f}" for s in checkpoints)
-        print(f"| {name} | {samples or '—'} | {growth or '—'} | {cells} | {out['mean']:.3f} | {out['max']:.3f} | "
-              f"{out['per_step']:.0f} | {out['rebuilds']} |  ({time.time() - start:.0f} s)", flush=True)
+        print(
+            f"| {name} | {samples or '—'} | {growth or '—'} | {cells} | {out['mean']:.3f} | {out['max']:.3f} | "
+            f"{out['per_step']:.0f} | {out['rebuilds']} |  ({time.time() - start:.0f} s)",
+            flush=True,
+        )
     return 0
 
 

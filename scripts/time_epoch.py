@@ -78,22 +78,41 @@ CHAR_VOCAB = {"tinyshakespeare": 65}
 
 # ------------------------------------------------------------------------------------ arguments
 
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Our own options; everything else is a Hydra override."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Any other argument (key=value) is a Hydra override, as for train.py.")
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any other argument (key=value) is a Hydra override, as for train.py.",
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed training steps (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them (default 1)")
-    parser.add_argument("--train-size", type=int, default=None,
-                        help="training examples per epoch (default: per task, see the module docstring)")
-    parser.add_argument("--model-kwargs", type=json.loads, default={},
-                        help='JSON added to the DataModule\'s model kwargs, e.g. \'{"num_classes": 12}\'')
-    parser.add_argument("--input-shape", type=str, default=None,
-                        help="classification tasks without a synthetic source here: per-example input "
-                             "shape, e.g. 64 or 3,64,64 (random standard-normal float32 inputs)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's own choice, normally one per core)")
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="training examples per epoch (default: per task, see the module docstring)",
+    )
+    parser.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON added to the DataModule's model kwargs, e.g. '{\"num_classes\": 12}'",
+    )
+    parser.add_argument(
+        "--input-shape",
+        type=str,
+        default=None,
+        help="classification tasks without a synthetic source here: per-example input "
+        "shape, e.g. 64 or 3,64,64 (random standard-normal float32 inputs)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's own choice, normally one per core)",
+    )
     parser.add_argument("--with-digital", action="store_true", help="also time the same run with device=digital")
     args, overrides = parser.parse_known_args(argv)
     unknown = [a for a in overrides if a.startswith("-")]
@@ -114,6 +133,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 
 # ------------------------------------------------------------------------------- synthetic data
+
 
 class TimedDataset(Dataset):
     """Wraps a dataset and records how long each ``__getitem__`` takes (the per-item transforms).
@@ -137,8 +157,9 @@ class TimedDataset(Dataset):
         return statistics.median(self.item_seconds) * batch_size if self.item_seconds else None
 
 
-def synthetic_classification_sets(cfg: DictConfig, dm, n_items: int, args: argparse.Namespace,
-                                   gen: torch.Generator) -> tuple[TimedDataset, Dataset, Dataset]:
+def synthetic_classification_sets(
+    cfg: DictConfig, dm, n_items: int, args: argparse.Namespace, gen: torch.Generator
+) -> tuple[TimedDataset, Dataset, Dataset]:
     """Train/val/test datasets of random examples shaped as ``dm``'s real ones (val/test: one batch)."""
     from torchvision.transforms import v2
 
@@ -150,40 +171,55 @@ def synthetic_classification_sets(cfg: DictConfig, dm, n_items: int, args: argpa
 
     n_eval = dm.batch_size
     if isinstance(dm, CIFAR10DataModule):
+
         def make(n, train):
             images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
             steps = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if train and dm.augment else []
-            return TensorImages(images, torch.randint(0, 10, (n,), generator=gen),
-                                v2.Compose([*steps, *to_float(dm.MEAN, dm.STD)]))
+            return TensorImages(
+                images, torch.randint(0, 10, (n,), generator=gen), v2.Compose([*steps, *to_float(dm.MEAN, dm.STD)])
+            )
+
         return split(make, n_eval)
     if isinstance(dm, MNISTDataModule):
+
         def make(n, train):
             images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=gen)
-            return TensorImages(images, torch.randint(0, 10, (n,), generator=gen),
-                                v2.Compose(to_float(dm.MEAN, dm.STD)))
+            return TensorImages(
+                images, torch.randint(0, 10, (n,), generator=gen), v2.Compose(to_float(dm.MEAN, dm.STD))
+            )
+
         return split(make, n_eval)
-    num_classes = int(args.model_kwargs.get("num_classes") or NUM_CLASSES.get(cfg.task.name)
-                      or getattr(dm, "num_classes", 0))
+    num_classes = int(
+        args.model_kwargs.get("num_classes") or NUM_CLASSES.get(cfg.task.name) or getattr(dm, "num_classes", 0)
+    )
     if not num_classes:
-        raise SystemExit(f"error: say how many classes task={cfg.task.name} has: --model-kwargs '{{\"num_classes\": K}}'.")
+        raise SystemExit(
+            f"error: say how many classes task={cfg.task.name} has: --model-kwargs '{{\"num_classes\": K}}'."
+        )
     if isinstance(dm, AudioDataModule):
         dm.classes = [f"class{k}" for k in range(num_classes)]
 
         def make(n, train):
             waves = 0.1 * torch.randn(n, dm.frontend.samples, generator=gen)
             return AudioTensors(waves, torch.randint(0, num_classes, (n,), generator=gen), dm.frontend, train=train)
+
         return split(make, n_eval)
     if args.input_shape is None:
-        raise SystemExit(f"error: no synthetic source for {type(dm).__name__}; give the per-example input "
-                         "shape with --input-shape (e.g. 64 or 3,64,64) and --model-kwargs with the model's kwargs.")
+        raise SystemExit(
+            f"error: no synthetic source for {type(dm).__name__}; give the per-example input "
+            "shape with --input-shape (e.g. 64 or 3,64,64) and --model-kwargs with the model's kwargs."
+        )
     shape = tuple(int(s) for s in args.input_shape.split(","))
 
     def make(n, train):
         return TensorDataset(torch.randn(n, *shape, generator=gen), torch.randint(0, num_classes, (n,), generator=gen))
+
     return split(make, n_eval)
 
 
-def synthetic_datamodule(cfg: DictConfig, n_batches: int, args: argparse.Namespace) -> tuple[L.LightningDataModule, TimedDataset | None]:
+def synthetic_datamodule(
+    cfg: DictConfig, n_batches: int, args: argparse.Namespace
+) -> tuple[L.LightningDataModule, TimedDataset | None]:
     """The task's real DataModule with random data in place of the files.
 
     Returns the DataModule, already ``setup("fit")``, and the timed training set (None for
@@ -202,11 +238,16 @@ def synthetic_datamodule(cfg: DictConfig, n_batches: int, args: argparse.Namespa
         else:
             vocab = vocab or CHAR_VOCAB.get(cfg.task.name)
             if not vocab:
-                raise SystemExit(f"error: say how large the vocabulary of task={cfg.task.name} is: "
-                                 "--model-kwargs '{\"vocab_size\": V}'.")
+                raise SystemExit(
+                    f"error: say how large the vocabulary of task={cfg.task.name} is: "
+                    "--model-kwargs '{\"vocab_size\": V}'."
+                )
             tokenizer, dtype = CharTokenizer("".join(chr(32 + k) for k in range(int(vocab)))), torch.int32
         length = max(4 * dm.block_size, 1_000_000)
-        tokens = {s: torch.randint(0, tokenizer.vocab_size, (length,), generator=gen).to(dtype) for s in ("train", "val", "test")}
+        tokens = {
+            s: torch.randint(0, tokenizer.vocab_size, (length,), generator=gen).to(dtype)
+            for s in ("train", "val", "test")
+        }
         dm.load = lambda: (tokenizer, tokens)
     elif isinstance(dm, ClassificationDataModule):
         sets = synthetic_classification_sets(cfg, dm, n_batches * dm.batch_size, args, gen)
@@ -221,6 +262,7 @@ def synthetic_datamodule(cfg: DictConfig, n_batches: int, args: argparse.Namespa
 
 # ------------------------------------------------------------------------------------- timing
 
+
 class Stopwatch:
     """Adds up the wall time spent in the functions it wraps."""
 
@@ -234,6 +276,7 @@ class Stopwatch:
                 return fn(*a, **kw)
             finally:
                 self.seconds += time.perf_counter() - start
+
         return timed
 
 
@@ -311,10 +354,15 @@ class StepTimer(L.Callback):
         wall = time.perf_counter() - self._t0
         step, diag0, read0, q0 = self._start
         q1 = self._queries(pl_module)
-        rec = StepRecord(step, wall, self.diagnostics.seconds - diag0, self.readout.seconds - read0,
-                         {p: q1[p] - q0[p] for p in q1})
+        rec = StepRecord(
+            step, wall, self.diagnostics.seconds - diag0, self.readout.seconds - read0, {p: q1[p] - q0[p] for p in q1}
+        )
         self.records.append(rec)
-        extra = f" (diagnostics {rec.diagnostics_s:.2f} s, readout {rec.readout_s:.2f} s)" if rec.diagnostics_s + rec.readout_s > 0.005 else ""
+        extra = (
+            f" (diagnostics {rec.diagnostics_s:.2f} s, readout {rec.readout_s:.2f} s)"
+            if rec.diagnostics_s + rec.readout_s > 0.005
+            else ""
+        )
         print(f"  [{self.label}] step {step}: {wall:.2f} s{extra}", file=sys.stderr, flush=True)
 
 
@@ -332,17 +380,17 @@ class Timing:
     steps_per_epoch: int
     train_size: int
     drop_last: bool
-    data_s: float | None            # per batch: median item time × batch size (None: not measured)
-    data_serial: bool               # the loader has no workers: data time adds to the step time
+    data_s: float | None  # per batch: median item time × batch size (None: not measured)
+    data_serial: bool  # the loader has no workers: data time adds to the step time
     data_what: str
     diagnostics_every: int
     setup_s: float
-    others_cores: float | None      # CPU cores other processes kept busy meanwhile (None: unknown)
+    others_cores: float | None  # CPU cores other processes kept busy meanwhile (None: unknown)
     notes: list[str] = field(default_factory=list)
 
     @property
     def timed(self) -> list[StepRecord]:
-        return self.records[self.warmup:]
+        return self.records[self.warmup :]
 
     @property
     def step_s(self) -> float:
@@ -351,7 +399,11 @@ class Timing:
     @property
     def diagnostics_s(self) -> float:
         """Diagnostics time of one diagnostic step (median over those seen, warm-up included)."""
-        seen = [r.diagnostics_s for r in self.records if r.step % self.diagnostics_every == 0] if self.diagnostics_every else []
+        seen = (
+            [r.diagnostics_s for r in self.records if r.step % self.diagnostics_every == 0]
+            if self.diagnostics_every
+            else []
+        )
         return statistics.median(seen) if seen else 0.0
 
     @property
@@ -396,9 +448,20 @@ def time_training(cfg: DictConfig, args: argparse.Namespace) -> Timing:
     layers = hybrid_layers(model)
     device_label = cfg.device.family
     timer = StepTimer(module, f"{cfg.task.name}/{device_label}")
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=cfg.trainer.precision, max_steps=n_steps, max_epochs=1,
-                        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=cfg.trainer.precision,
+        max_steps=n_steps,
+        max_epochs=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
     setup_s = time.perf_counter() - started
     with OtherLoad() as others:
         trainer.fit(module, datamodule=dm)
@@ -410,23 +473,40 @@ def time_training(cfg: DictConfig, args: argparse.Namespace) -> Timing:
     num_workers = getattr(dm, "num_workers", 0)
     data_s, data_what = None, "token windows (slicing a tensor; not timed)"
     if timed_set is not None:
-        data_what = {"AudioTensors": "log-mel Frontend per clip (waveform decoding not timed)",
-                     "TensorImages": "image transforms per item"}.get(type(timed_set.dataset).__name__, "random tensors")
+        data_what = {
+            "AudioTensors": "log-mel Frontend per clip (waveform decoding not timed)",
+            "TensorImages": "image transforms per item",
+        }.get(type(timed_set.dataset).__name__, "random tensors")
         if num_workers == 0:
             data_s = timed_set.batch_seconds(dm.batch_size)
     notes = []
     if timed_set is not None and num_workers > 0:
         notes.append(f"the loader has {num_workers} workers: data loading overlaps the step and is not timed")
     return Timing(
-        task=cfg.task.name, device=device_label, mode=cfg.mode if layers else "digital", batch_size=dm.batch_size,
-        physical=[f"{name}: {layer.d_in} → {layer.d_out} ({type(layer.device).__name__})" for name, layer in layers.items()],
-        warmup=args.warmup, records=timer.records, steps_per_epoch=steps_per_epoch, train_size=train_size,
-        drop_last=drop_last, data_s=data_s, data_serial=num_workers == 0, data_what=data_what,
-        diagnostics_every=int(cfg.callbacks.diagnostics.every_n_steps), setup_s=setup_s, others_cores=others.cores, notes=notes,
+        task=cfg.task.name,
+        device=device_label,
+        mode=cfg.mode if layers else "digital",
+        batch_size=dm.batch_size,
+        physical=[
+            f"{name}: {layer.d_in} → {layer.d_out} ({type(layer.device).__name__})" for name, layer in layers.items()
+        ],
+        warmup=args.warmup,
+        records=timer.records,
+        steps_per_epoch=steps_per_epoch,
+        train_size=train_size,
+        drop_last=drop_last,
+        data_s=data_s,
+        data_serial=num_workers == 0,
+        data_what=data_what,
+        diagnostics_every=int(cfg.callbacks.diagnostics.every_n_steps),
+        setup_s=setup_s,
+        others_cores=others.cores,
+        notes=notes,
     )
 
 
 # ------------------------------------------------------------------------------------- report
+
 
 def hours(seconds: float) -> str:
     return f"{seconds:,.0f} s = {seconds / 3600:.2f} h"
@@ -447,16 +527,21 @@ def format_report(t: Timing) -> str:
     lines += [
         f"torch threads    {torch.get_num_threads()} of {os.cpu_count()} CPUs"
         + (f"; other processes kept {t.others_cores:.1f} cores busy meanwhile" if t.others_cores is not None else ""),
-        f"timed steps      {len(timed)} after {t.warmup} warm-up (steady times {', '.join(f'{w:.2f}' for w in walls)} s)",
+        f"timed steps      {len(timed)} after {t.warmup} warm-up "
+        f"(steady times {', '.join(f'{w:.2f}' for w in walls)} s)",
         f"seconds/step     {t.step_s:.3f} (median; model step = forward + backward + optimizers + surrogate update)",
     ]
     if t.data_s is not None:
-        lines.append(f"data/batch       {t.data_s:.3f} s ({t.data_what}; {'serial, added' if t.data_serial else 'overlapped'})")
+        lines.append(
+            f"data/batch       {t.data_s:.3f} s ({t.data_what}; {'serial, added' if t.data_serial else 'overlapped'})"
+        )
     else:
         lines.append(f"data/batch       not timed ({t.data_what})")
     if t.diagnostic_steps:
-        lines.append(f"diagnostics      {t.diagnostics_s:.2f} s per diagnostic step, every {t.diagnostics_every} steps "
-                     f"({t.diagnostic_steps} per epoch)")
+        lines.append(
+            f"diagnostics      {t.diagnostics_s:.2f} s per diagnostic step, every {t.diagnostics_every} steps "
+            f"({t.diagnostic_steps} per epoch)"
+        )
     if t.readout_s > 0:
         lines.append(f"readout          {t.readout_s:.2f} s once per run (first forward; not in the epoch estimate)")
     how = "//" if t.drop_last else "ceil /"
@@ -464,7 +549,8 @@ def format_report(t: Timing) -> str:
         f"steps/epoch      {t.steps_per_epoch} (train size {t.train_size} {how} batch {t.batch_size})",
         f"epoch estimate   {hours(t.epoch_s)}",
         f"queries/step     {t.queries_per_step:,} (ledger, readout excluded; last step by purpose: "
-        + ", ".join(f"{p} {timed[-1].queries[p]:,}" for p in PURPOSES) + ")",
+        + ", ".join(f"{p} {timed[-1].queries[p]:,}" for p in PURPOSES)
+        + ")",
         f"setup            {t.setup_s:.1f} s (build data + model, not in the estimate)",
     ]
     lines += [f"note             {n}" for n in t.notes]
@@ -498,8 +584,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if len(results) == 2 and results[1].epoch_s > 0:
         hybrid, digital = results
-        print(f"hybrid / digital: {hybrid.epoch_s / digital.epoch_s:.1f}x per epoch "
-              f"({hours(hybrid.epoch_s)} vs {hours(digital.epoch_s)})")
+        print(
+            f"hybrid / digital: {hybrid.epoch_s / digital.epoch_s:.1f}x per epoch "
+            f"({hours(hybrid.epoch_s)} vs {hours(digital.epoch_s)})"
+        )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ from astraora.rng import make_generator
 from astraora.zo import ZOEstimator
 
 
-def zo_cosine(device_cls, size: int, batch: int, samples: int, nonideal: dict, reuse: bool, mu: float = 1e-4,
-              seed: int = 0) -> tuple[float, float]:
+def zo_cosine(
+    device_cls, size: int, batch: int, samples: int, nonideal: dict, reuse: bool, mu: float = 1e-4, seed: int = 0
+) -> tuple[float, float]:
     """(cosine, ‖ĝ‖ / ‖∇‖) of one estimate on a size × size device at its initial θ."""
     device = device_cls(size, size, seed=seed, name="probe", nonideal=nonideal).double()
     gen = torch.Generator().manual_seed(seed)
@@ -47,17 +48,26 @@ def main() -> None:
     args = parser.parse_args()
     resolution = 2 * math.pi / 2**args.bits
     bits = {"phase_bits": args.bits}
-    cases = [("continuous", {}, 1e-4), (f"{args.bits}-bit, queries=forward", {**bits, "queries": "forward"}, 1e-4),
-             (f"{args.bits}-bit, queries=all", {**bits, "queries": "all"}, 1e-4),
-             (f"{args.bits}-bit, queries=all, mu=2pi/2^{args.bits}", {**bits, "queries": "all"}, resolution),
-             ("8-bit inputs, B=64 (compressed), reuse", {"input_bits": 8}, 1e-4)]
+    cases = [
+        ("continuous", {}, 1e-4),
+        (f"{args.bits}-bit, queries=forward", {**bits, "queries": "forward"}, 1e-4),
+        (f"{args.bits}-bit, queries=all", {**bits, "queries": "all"}, 1e-4),
+        (f"{args.bits}-bit, queries=all, mu=2pi/2^{args.bits}", {**bits, "queries": "all"}, resolution),
+        ("8-bit inputs, B=64 (compressed), reuse", {"input_bits": 8}, 1e-4),
+    ]
     for name, cls in (("slm", SLM), ("mzi", MZIMesh)):
         for label, nonideal, mu in cases:
             batch = 64 if "B=64" in label else args.batch
-            runs = [zo_cosine(cls, args.size, batch, args.samples, nonideal, reuse=True, mu=mu, seed=s) for s in range(args.seeds)]
+            runs = [
+                zo_cosine(cls, args.size, batch, args.samples, nonideal, reuse=True, mu=mu, seed=s)
+                for s in range(args.seeds)
+            ]
             cos = sum(r[0] for r in runs) / len(runs)
             ratio = sum(r[1] for r in runs) / len(runs)
-            print(f"{name:4s} {label:44s} cosine {cos:+.3f}  norm ratio {ratio:6.2f}  (M={args.samples}, {args.seeds} seeds)")
+            print(
+                f"{name:4s} {label:44s} cosine {cos:+.3f}  norm ratio {ratio:6.2f}  "
+                f"(M={args.samples}, {args.seeds} seeds)"
+            )
 
 
 if __name__ == "__main__":

@@ -63,12 +63,22 @@ def launch(out: Path, task: str, device: str, samples: int, seed: int) -> None:
         return
     directory.mkdir(parents=True, exist_ok=True)
     data = [f"task.root={out / 'data' / 'image_folder'}"] if task == "image_folder" else []
-    overrides = [f"task={task}", f"device={device}", *TASK_OVERRIDES.get(task, []), *data,
-                 f"hydra.run.dir={directory}", "logger=csv"]
+    overrides = [
+        f"task={task}",
+        f"device={device}",
+        *TASK_OVERRIDES.get(task, []),
+        *data,
+        f"hydra.run.dir={directory}",
+        "logger=csv",
+    ]
     started = time.time()
     with open(directory.parent / f"seed{seed}.log", "w") as log:
-        code = subprocess.run([sys.executable, __file__, "train", str(samples), str(seed), *overrides], cwd=ROOT,
-                              stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(
+            [sys.executable, __file__, "train", str(samples), str(seed), *overrides],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ).returncode
     print(f"{task} {device} M={samples} seed {seed}: exit {code}, {time.time() - started:.0f} s", flush=True)
 
 
@@ -104,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zo_variance_study.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["image_folder", "synthetic_audio"], choices=list(TASK_OVERRIDES))
     parser.add_argument("--devices", nargs="+", default=["mzi"])
-    parser.add_argument("--samples", nargs="+", type=int, default=[100, 1000, 10000], help="M values; 0 = true gradient")
+    parser.add_argument(
+        "--samples", nargs="+", type=int, default=[100, 1000, 10000], help="M values; 0 = true gradient"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("outputs/zo_variance"))

@@ -41,8 +41,10 @@ def pytest_collection_modifyitems(config, items):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     slow = getattr(config, "_astraora_slow", [])
     if slow:
-        terminalreporter.write_line(f"{len(slow)} slow end-to-end tests not run here ({', '.join(slow)}); "
-                                    f"run them with: python -m pytest -q -m {SLOW}  (CI runs both commands)")
+        terminalreporter.write_line(
+            f"{len(slow)} slow end-to-end tests not run here ({', '.join(slow)}); "
+            f"run them with: python -m pytest -q -m {SLOW}  (CI runs both commands)"
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -76,8 +78,14 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
     import subprocess
 
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **(env or {})}
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

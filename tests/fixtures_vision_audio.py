@@ -47,12 +47,34 @@ def py2_pickle(obj) -> bytes:
         if isinstance(value, int):
             return integer(value)
         assert isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 2
-        dtype = (b"cnumpy\ndtype\n" + put() + string(b"u1") + b"K\x00K\x01\x87R" + put()
-                 + b"(K\x03" + string(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb")
-        return (b"cnumpy.core.multiarray\n_reconstruct\n" + put() + b"cnumpy\nndarray\n" + put()
-                + b"K\x00\x85" + string(b"b") + b"\x87R" + put()
-                + b"(K\x01" + integer(value.shape[0]) + integer(value.shape[1]) + b"\x86" + dtype
-                + b"\x89" + string(value.tobytes()) + b"tb")
+        dtype = (
+            b"cnumpy\ndtype\n"
+            + put()
+            + string(b"u1")
+            + b"K\x00K\x01\x87R"
+            + put()
+            + b"(K\x03"
+            + string(b"|")
+            + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+        )
+        return (
+            b"cnumpy.core.multiarray\n_reconstruct\n"
+            + put()
+            + b"cnumpy\nndarray\n"
+            + put()
+            + b"K\x00\x85"
+            + string(b"b")
+            + b"\x87R"
+            + put()
+            + b"(K\x01"
+            + integer(value.shape[0])
+            + integer(value.shape[1])
+            + b"\x86"
+            + dtype
+            + b"\x89"
+            + string(value.tobytes())
+            + b"tb"
+        )
 
     return b"\x80\x02" + dump(obj) + b"."
 
@@ -67,9 +89,12 @@ def write_cifar10(data_dir: Path, per_batch: int = 4, test: int = 6) -> Path:
     names = [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]
     for name in names:
         n = test if name == "test_batch" else per_batch
-        batch = {"batch_label": name, "labels": [int(v) for v in rng.integers(0, 10, n)],
-                 "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "filenames": [f"img_{i}.png" for i in range(n)]}
+        batch = {
+            "batch_label": name,
+            "labels": [int(v) for v in rng.integers(0, 10, n)],
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "filenames": [f"img_{i}.png" for i in range(n)],
+        }
         (folder / name).write_bytes(py2_pickle(batch))
     meta = {"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}
     (folder / "batches.meta").write_bytes(py2_pickle(meta))
@@ -88,8 +113,10 @@ def write_mnist(data_dir: Path, train: int = 24, test: int = 8, gz: bool = False
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for prefix, n in (("train", train), ("t10k", test)):
-        files = {f"{prefix}-images-idx3-ubyte": rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
-                 f"{prefix}-labels-idx1-ubyte": np.arange(n, dtype=np.uint8) % 10}
+        files = {
+            f"{prefix}-images-idx3-ubyte": rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+            f"{prefix}-labels-idx1-ubyte": np.arange(n, dtype=np.uint8) % 10,
+        }
         for name, array in files.items():
             data = idx_bytes(array)
             if gz:
@@ -141,8 +168,18 @@ def write_urbansound8k(data_dir: Path) -> Path:
             rate = 22050 if fold % 2 else 44100
             wave = tone(200 * (class_id + 1), 1.0 + (fold % 5), rate, channels=2 if class_id == 1 else 1)
             sf.write(root / "audio" / f"fold{fold}" / file, wave, rate)
-            rows.append({"slice_file_name": file, "fsID": 100 + fold, "start": 0.0, "end": 1.0,
-                         "salience": 1, "fold": fold, "classID": class_id, "class": name})
+            rows.append(
+                {
+                    "slice_file_name": file,
+                    "fsID": 100 + fold,
+                    "start": 0.0,
+                    "end": 1.0,
+                    "salience": 1,
+                    "fold": fold,
+                    "classID": class_id,
+                    "class": name,
+                }
+            )
     with open(root / "metadata" / "UrbanSound8K.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -154,7 +191,7 @@ def write_image_tree(root: Path, per_class: int = 6) -> dict[str, list[Path]]:
     """``root/<class>/<image>`` with RGB PNGs and JPEGs, plus an odd-size grayscale image, a file of
     garbage bytes named .jpg and a truncated PNG. Returns the odd and the bad files."""
     rng = np.random.default_rng(0)
-    for k, name in enumerate(("cat", "dog", "fox")):
+    for name in ("cat", "dog", "fox"):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
             pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
@@ -192,8 +229,7 @@ def compose_task(name: str, data_dir: Path, overrides: dict | None = None):
     from omegaconf import OmegaConf
 
     task = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "task" / f"{name}.yaml")
-    cfg = OmegaConf.merge({"paths": {"data_dir": str(data_dir)}, "seed": 0}, {"task": task},
-                          {"task": overrides or {}})
+    cfg = OmegaConf.merge({"paths": {"data_dir": str(data_dir)}, "seed": 0}, {"task": task}, {"task": overrides or {}})
     OmegaConf.resolve(cfg)
     return cfg
 

@@ -14,8 +14,19 @@ def test_benchmark_core_quick(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # One thread: on a shared CPU, oversubscribed OpenMP threads make this 10x slower.
-    cmd = [sys.executable, str(REPO / "scripts" / "benchmark_core.py"), "--quick", "--repeats", "1",
-           "--devices", "slm,mzi", "--threads", "1", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "benchmark_core.py"),
+        "--quick",
+        "--repeats",
+        "1",
+        "--devices",
+        "slm,mzi",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -38,8 +49,21 @@ def test_time_epoch_with_its_digital_twin():
     """scripts/time_epoch.py --with-digital: the digital twin has no physical layer and so no query
     counters (it stopped with a KeyError after timing the hybrid)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, str(REPO / "scripts" / "time_epoch.py"), "task=audio_folder", "device=mzi", "--with-digital",
-           "--steps", "2", "--warmup", "1", "--train-size", "200", "--model-kwargs", '{"num_classes": 4}']
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "time_epoch.py"),
+        "task=audio_folder",
+        "device=mzi",
+        "--with-digital",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--train-size",
+        "200",
+        "--model-kwargs",
+        '{"num_classes": 4}',
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "hybrid / digital:" in proc.stdout and "per epoch" in proc.stdout
@@ -53,11 +77,34 @@ def test_surrogate_tracking_script(capsys):
         import surrogate_tracking
     finally:
         sys.path.remove(str(REPO / "scripts"))
-    assert surrogate_tracking.main(["--device", "slm", "--d-in", "96", "--d-out", "32", "--rank", "8",
-                                    "--samples", "8", "--growth", "off", "0.1", "--steps", "60"]) == 0
-    lines = [[cell.strip() for cell in line.split("|")[1:]] for line in capsys.readouterr().out.splitlines()
-             if line.startswith("|") and not line.startswith("|---")]
-    header, rows = lines[0], {tuple(cells[:3]): dict(zip(lines[0], cells)) for cells in lines[1:]}
+    assert (
+        surrogate_tracking.main(
+            [
+                "--device",
+                "slm",
+                "--d-in",
+                "96",
+                "--d-out",
+                "32",
+                "--rank",
+                "8",
+                "--samples",
+                "8",
+                "--growth",
+                "off",
+                "0.1",
+                "--steps",
+                "60",
+            ]
+        )
+        == 0
+    )
+    lines = [
+        [cell.strip() for cell in line.split("|")[1:]]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("|") and not line.startswith("|---")
+    ]
+    header, rows = lines[0], {tuple(cells[:3]): dict(zip(lines[0], cells, strict=True)) for cells in lines[1:]}
     assert "mean" in header and "health rebuilds" in header
     assert float(rows[("rebuild", "—", "—")]["mean"]) == 1.0
     drifting, held = rows[("psi_implicit", "8", "off")], rows[("psi_implicit", "8", "0.1")]

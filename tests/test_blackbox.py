@@ -9,14 +9,23 @@ import itertools
 
 import pytest
 import torch
+from conftest import compose_config
 
 from astraora.build import make_layer_factory
 from astraora.ledger import QueryLedger
-from conftest import compose_config
 
 # What only a simulator has: reading any of it from training code would be cheating on hardware.
-INTERNALS = ("matrix", "simulate", "transfer", "settings_for", "effective_theta", "drift", "noise_gen", "drift_gen",
-             "fault_gen")
+INTERNALS = (
+    "matrix",
+    "simulate",
+    "transfer",
+    "settings_for",
+    "effective_theta",
+    "drift",
+    "noise_gen",
+    "drift_gen",
+    "fault_gen",
+)
 DEVICES = {"mzi": [], "mzi_classical": [], "mrr": [], "slm": [], "monarch": [], "matvec": []}
 ENTRYWISE = ("mrr", "slm", "matvec")
 ESTIMATORS = ("gaussian", "rademacher", "sphere", "colored")
@@ -40,6 +49,7 @@ class Watch:
                 return fn(*args, **kwargs)
             finally:
                 self.inside -= 1
+
         return wrapped
 
     def device(self, device):
@@ -84,8 +94,9 @@ def test_zo_sm_touches_the_device_only_through_its_queries(monkeypatch, device, 
     watch = Watch(monkeypatch)
     sizes = {"auto": ["integrator.samples=4"], "psi_implicit": ["integrator.samples=8", "integrator.reuse_sketch=true"]}
     sizes = sizes.get(integrator, []) + ([] if zo == "colored" else ["zo.samples=4"])  # a kept sketch: M_sm >= n
-    cfg = compose_config([f"device={device}", f"zo={zo}", f"integrator={integrator}", "mode=zo+sm", *sizes,
-                          "surrogate.rank=2", *NOISY])
+    cfg = compose_config(
+        [f"device={device}", f"zo={zo}", f"integrator={integrator}", "mode=zo+sm", *sizes, "surrogate.rank=2", *NOISY]
+    )
     layer = make_layer_factory(cfg)(6, 4, "head.physical")
     watch.device(layer.device)
     train_a_few_steps(layer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose_config, random_batch
 
 from astraora.config import validate
 from astraora.devices import SLM, MatVec, MRRBank, MZIMesh
@@ -14,7 +15,6 @@ from astraora.hybrid import HybridLayer
 from astraora.ledger import QueryLedger
 from astraora.train import run
 from astraora.zo import ColoredEstimator
-from conftest import compose_config, random_batch
 
 numeric = pytest.mark.usefixtures("float64")  # the gradient checks run in float64
 
@@ -139,8 +139,11 @@ def test_training_run_with_colored_differences(tmp_path):
 
 
 @numeric
-@pytest.mark.parametrize("device", [SLM(7, 5, seed=3), MRRBank(7, 5, seed=1),
-                                    MatVec(8, 4, seed=2, nonideal={"crosstalk": 0.2})], ids=["slm", "mrr", "matvec-crosstalk"])
+@pytest.mark.parametrize(
+    "device",
+    [SLM(7, 5, seed=3), MRRBank(7, 5, seed=1), MatVec(8, 4, seed=2, nonideal={"crosstalk": 0.2})],
+    ids=["slm", "mrr", "matvec-crosstalk"],
+)
 def test_reuses_the_ledgers_readout_at_the_same_theta(device):
     """After a full readout at the live θ the estimate reads only the k perturbed settings, and
     its value is the one it gets when it reads A(θ) itself."""
@@ -256,9 +259,12 @@ def test_only_a_layer_that_reuses_readouts_keeps_one():
     from astraora.zo import ZOEstimator
 
     x = torch.randn(8, 6)
-    for zo, kept in ((ColoredEstimator(), True), (ColoredEstimator(two_sided=True), False),
-                     (ColoredEstimator(reuse_readout=False), False),
-                     (ZOEstimator(samples=4, generator=make_generator(0, "zo")), False)):
+    for zo, kept in (
+        (ColoredEstimator(), True),
+        (ColoredEstimator(two_sided=True), False),
+        (ColoredEstimator(reuse_readout=False), False),
+        (ZOEstimator(samples=4, generator=make_generator(0, "zo")), False),
+    ):
         layer = HybridLayer(SLM(6, 4, seed=0), zo=zo, rank=2, integrator={"name": "rebuild"})
         layer.train()
         layer(x)  # the initial readout
@@ -269,8 +275,9 @@ def test_only_a_layer_that_reuses_readouts_keeps_one():
 def test_colored_differences_warn_where_random_directions_are_cheaper(caplog):
     """(k + 1)·n per step against M·min(B, m) + 2r + 2·M_sm: a wide SLM layer is cheaper with the
     paper's random directions, a narrow one with colored differences; the build says which."""
-    from astraora.build import colored_crossover, make_layer_factory
     from conftest import compose_config
+
+    from astraora.build import colored_crossover, make_layer_factory
 
     factory = make_layer_factory(compose_config(["device=slm", "task.datamodule.batch_size=32"]))
     with caplog.at_level("WARNING", logger="astraora"):

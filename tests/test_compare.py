@@ -31,53 +31,91 @@ def classification_log(val_acc: list[float], queries_per_step: int, steps_per_ep
         for step in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
             row = {"step": step, "epoch": epoch, "train/loss": 2.0 / (step + 1)}
             if queries_per_step:
-                row.update({"queries/total": (step + 1) * queries_per_step,
-                            "queries/per_step": queries_per_step,
-                            "surrogate/rel_error": 0.5 / (step + 1),
-                            "surrogate/rel_error_best_rank_r": 0.1 / (step + 1)})
+                row.update(
+                    {
+                        "queries/total": (step + 1) * queries_per_step,
+                        "queries/per_step": queries_per_step,
+                        "surrogate/rel_error": 0.5 / (step + 1),
+                        "surrogate/rel_error_best_rank_r": 0.1 / (step + 1),
+                    }
+                )
             logged.append(row)
-        logged.append({"step": (epoch + 1) * steps_per_epoch - 1, "epoch": epoch, "val/acc": acc,
-                       "val/loss": 1.0 - acc})
+        logged.append(
+            {"step": (epoch + 1) * steps_per_epoch - 1, "epoch": epoch, "val/acc": acc, "val/loss": 1.0 - acc}
+        )
     return logged
 
 
-def write_run(run_dir: Path, *, task="digits", device="mzi", seed=0, test=None, val=(0.5, 0.9, 0.8),
-              queries_per_step=100, status="completed", rank=10, samples=100, with_config=True, mode="zo+sm",
-              max_epochs=30, **extra):
+def write_run(
+    run_dir: Path,
+    *,
+    task="digits",
+    device="mzi",
+    seed=0,
+    test=None,
+    val=(0.5, 0.9, 0.8),
+    queries_per_step=100,
+    status="completed",
+    rank=10,
+    samples=100,
+    with_config=True,
+    mode="zo+sm",
+    max_epochs=30,
+    **extra,
+):
     """A run directory as astraora leaves it: summary.json, metrics.csv and .hydra/config.yaml."""
     run_dir.mkdir(parents=True)
     digital = device == "digital"
     steps = 10 * len(val)
     metric = "ppl" if task == "tinyshakespeare" else "acc"
     summary = {
-        "task": task, "device": device, "mode": "digital" if digital else mode, "seed": seed,
+        "task": task,
+        "device": device,
+        "mode": "digital" if digital else mode,
+        "seed": seed,
         "metrics": {f"val/{metric}": val[-1], f"test/{metric}": test, "val/loss": 0.1},
-        "queries": {"forward": 0, "zo": 0, "surrogate": 0, "readout": 0,
-                    "total": 0 if digital else steps * queries_per_step},
+        "queries": {
+            "forward": 0,
+            "zo": 0,
+            "surrogate": 0,
+            "readout": 0,
+            "total": 0 if digital else steps * queries_per_step,
+        },
         "reprograms": 0,
         "surrogate": None if digital else {"rank": rank, "rel_error": 0.02, "rel_error_best_rank_r": 0.01},
-        "steps": steps, "epochs": len(val), "wall_seconds": 1.0, "status": status, "run_dir": str(run_dir),
+        "steps": steps,
+        "epochs": len(val),
+        "wall_seconds": 1.0,
+        "status": status,
+        "run_dir": str(run_dir),
         **extra,
     }
     if with_config:
-        summary["config"] = {"surrogate": {"rank": rank}, "zo": {"samples": samples},
-                             "integrator": {"name": "psi_implicit", "samples": samples}}
+        summary["config"] = {
+            "surrogate": {"rank": rank},
+            "zo": {"samples": samples},
+            "integrator": {"name": "psi_implicit", "samples": samples},
+        }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     if metric == "acc":
         write_metrics_csv(run_dir / "metrics.csv", classification_log(list(val), 0 if digital else queries_per_step))
     else:
-        write_metrics_csv(run_dir / "metrics.csv", [
-            {"step": 9, "epoch": 0, "val/loss": 2.0, "val/ppl": val[0]},
-            {"step": 9, "epoch": 0, "train/loss": 2.1},
-            {"step": 19, "epoch": 1, "val/loss": 1.5, "val/ppl": val[1]},
-        ])
+        write_metrics_csv(
+            run_dir / "metrics.csv",
+            [
+                {"step": 9, "epoch": 0, "val/loss": 2.0, "val/ppl": val[0]},
+                {"step": 9, "epoch": 0, "train/loss": 2.1},
+                {"step": 19, "epoch": 1, "val/loss": 1.5, "val/ppl": val[1]},
+            ],
+        )
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "config.yaml").write_text(
         f"device:\n  name: {device}\nsurrogate:\n  rank: {rank}\n"
         f"zo:\n  samples: {samples}\nintegrator:\n  name: psi_implicit\n  samples: ${{zo.samples}}\n"
         f"seed: {seed}\nmode: {mode}\npaths:\n  output_dir: ${{hydra:runtime.output_dir}}\n"
         f"trainer:\n  max_epochs: ${{task.max_epochs}}\n  enable_progress_bar: {seed % 2 == 0}\n"
-        f"task:\n  name: {task}\n  max_epochs: {max_epochs}\n  datamodule:\n    seed: ${{seed}}\n")
+        f"task:\n  name: {task}\n  max_epochs: {max_epochs}\n  datamodule:\n    seed: ${{seed}}\n"
+    )
 
 
 @pytest.fixture
@@ -101,9 +139,14 @@ def rows_by_device(comparison) -> dict:
 
 
 def test_read_metrics_csv_keeps_only_logged_cells(tmp_path):
-    write_metrics_csv(tmp_path / "metrics.csv", [
-        {"step": 0, "epoch": 0, "train/loss": 1.0}, {"step": 0, "epoch": 0, "val/acc": 0.5},
-        {"step": 1, "epoch": 0, "train/loss": 0.5}])
+    write_metrics_csv(
+        tmp_path / "metrics.csv",
+        [
+            {"step": 0, "epoch": 0, "train/loss": 1.0},
+            {"step": 0, "epoch": 0, "val/acc": 0.5},
+            {"step": 1, "epoch": 0, "train/loss": 0.5},
+        ],
+    )
     history = read_metrics_csv(tmp_path / "metrics.csv")
     assert set(history) == {"train/loss", "val/acc"}
     assert history["train/loss"][0].tolist() == [0, 1] and history["train/loss"][1].tolist() == [1.0, 0.5]
@@ -148,8 +191,9 @@ def test_multirun_layout_groups_seeds(tmp_path):
     jobs = [("digital", 0, 0.96), ("digital", 1, 0.94), ("mzi", 0, 0.90), ("mzi", 1, 0.86), ("mzi", 2, 0.80)]
     jobs += [("digital", 2, 0.90)] * 6  # repeated baselines: job numbers past 9 check the natural order
     for job, (device, seed, test) in enumerate(jobs):
-        write_run(sweep / str(job) / "nested", device=device, seed=seed, test=test, rank=5, samples=10,
-                  with_config=False)  # settings come from .hydra/config.yaml only
+        write_run(
+            sweep / str(job) / "nested", device=device, seed=seed, test=test, rank=5, samples=10, with_config=False
+        )  # settings come from .hydra/config.yaml only
     run_dirs = find_run_dirs([tmp_path / "multirun"])
     assert [path.parent.name for path in run_dirs] == [str(job) for job in range(11)]  # natural order
     (digits,) = compare([load_run(path) for path in run_dirs])
@@ -187,8 +231,14 @@ def test_metric_option_selects_loss(runs_root, tmp_path, capsys):
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "compare.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "compare.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_cli_writes_tables_csv_and_plots(runs_root, tmp_path):
@@ -198,14 +248,22 @@ def test_cli_writes_tables_csv_and_plots(runs_root, tmp_path):
     with open(runs_root / "comparison.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert [(row["task"], row["device"]) for row in rows] == [
-        ("digits", "digital"), ("digits", "mrr"), ("digits", "mzi"),
-        ("tinyshakespeare", "digital"), ("tinyshakespeare", "mzi")]
+        ("digits", "digital"),
+        ("digits", "mrr"),
+        ("digits", "mzi"),
+        ("tinyshakespeare", "digital"),
+        ("tinyshakespeare", "mzi"),
+    ]
     assert float(rows[2]["gap"]) == pytest.approx(6.0) and rows[2]["gap_std"] == "" and rows[2]["gap_unit"] == "pt"
     assert float(rows[4]["gap"]) == pytest.approx(20.0) and rows[4]["gap_unit"] == "%"
     assert all(row["budget_vs_digital"] == "" for row in rows)
     assert (runs_root / "report.html").is_file()
-    for name in ["digits_metric_vs_step", "digits_surrogate_rel_error", "digits_metric_vs_queries",
-                 "tinyshakespeare_metric_vs_step"]:
+    for name in [
+        "digits_metric_vs_step",
+        "digits_surrogate_rel_error",
+        "digits_metric_vs_queries",
+        "tinyshakespeare_metric_vs_step",
+    ]:
         assert (runs_root / f"{name}.png").stat().st_size > 0
 
 
@@ -229,8 +287,11 @@ def test_runs_with_different_budgets_or_configs_are_not_pooled(tmp_path):
         write_run(tmp_path / name, seed=seed, test=test, max_epochs=epochs)
     (digits,) = load_all(tmp_path)
     rows = {row["differs"]: row for row in digits.rows}
-    assert set(rows) == {"task.max_epochs=30 trainer.max_epochs=30", "task.max_epochs=4 trainer.max_epochs=4",
-                         "task.max_epochs=1 trainer.max_epochs=1"}
+    assert set(rows) == {
+        "task.max_epochs=30 trainer.max_epochs=30",
+        "task.max_epochs=4 trainer.max_epochs=4",
+        "task.max_epochs=1 trainer.max_epochs=1",
+    }
     four = rows["task.max_epochs=4 trainer.max_epochs=4"]
     assert four["seeds"] == [0, 1] and four["test"] == (pytest.approx(0.89), pytest.approx(0.01414, rel=1e-3))
     assert rows["task.max_epochs=30 trainer.max_epochs=30"]["test"] == (0.97, None)
@@ -268,9 +329,13 @@ def test_surrogate_error_plot_of_short_runs_shows_points_and_distinct_ticks(tmp_
 
     for name, errors in (("one", [0.61]), ("two", [0.62, 0.63])):
         write_run(tmp_path / name, test=0.9, max_epochs=len(errors))
-        write_metrics_csv(tmp_path / name / "metrics.csv", [
-            {"step": step, "epoch": 0, "surrogate/rel_error": value, "val/acc": 0.5}
-            for step, value in enumerate(errors)])
+        write_metrics_csv(
+            tmp_path / name / "metrics.csv",
+            [
+                {"step": step, "epoch": 0, "surrogate/rel_error": value, "val/acc": 0.5}
+                for step, value in enumerate(errors)
+            ],
+        )
     (digits,) = load_all(tmp_path)
     figure = plot_surrogate_error(digits, _styles(digits))
     axes = figure.axes[0]
@@ -317,8 +382,14 @@ def test_surrogate_plot_tells_seeds_and_best_rank_apart(tmp_path):
     (digits,) = load_all(tmp_path)
     figure = plot_surrogate_error(digits, _styles(digits))
     texts = legend_texts(figure)
-    assert texts == ["mzi rank=5", "mzi rank=10", "surrogate Â (solid)", "best rank-r error, SVD of A (dotted)",
-                     "seed 0", "seed 1"]
+    assert texts == [
+        "mzi rank=5",
+        "mzi rank=10",
+        "surrogate Â (solid)",
+        "best rank-r error, SVD of A (dotted)",
+        "seed 0",
+        "seed 1",
+    ]
     lines = figure.axes[0].get_lines()
     assert len(lines) == 6  # 3 runs × (surrogate, best rank r)
     assert {line.get_linestyle() for line in lines} == {"-", ":"}
@@ -418,10 +489,15 @@ def test_default_output_folders_are_git_ignored(tmp_path):
 
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("needs the git checkout")
-    paths = ["compare_out/report.html", "outputs/multirun/x/0/report.html", "report/comparison.csv",
-             "scripts/compare_out/comparison.csv"]
+    paths = [
+        "compare_out/report.html",
+        "outputs/multirun/x/0/report.html",
+        "report/comparison.csv",
+        "scripts/compare_out/comparison.csv",
+    ]
     result = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True)
     assert result.stdout.split() == paths
-    kept = subprocess.run(["git", "check-ignore", "--no-index", "astraora/report/compare.py"], cwd=REPO,
-                          capture_output=True, text=True)
+    kept = subprocess.run(
+        ["git", "check-ignore", "--no-index", "astraora/report/compare.py"], cwd=REPO, capture_output=True, text=True
+    )
     assert kept.returncode == 1  # not ignored

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from astraora.devices import MRRBank, MatVec, SLM
+from astraora.devices import SLM, MatVec, MRRBank
 from astraora.errors import ConfigError, DeviceFailure
 from astraora.hybrid import HybridLayer
 from astraora.ledger import QueryLedger
@@ -81,8 +81,17 @@ def test_ledger_counts_are_the_logged_keys_of_its_counters():
     led.query(torch.randn(4, 4), "surrogate")
     led.oracle_matrix()
     led.skipped["surrogate"] += 1
-    expected = {"queries/forward": 2, "queries/zo": 15, "queries/surrogate": 4, "queries/total": 21,
-                "queries/oracle": 1, "reprograms": 1 + 3 + 1, "queries/retries": 0, "skipped/zo": 0, "skipped/surrogate": 1}
+    expected = {
+        "queries/forward": 2,
+        "queries/zo": 15,
+        "queries/surrogate": 4,
+        "queries/total": 21,
+        "queries/oracle": 1,
+        "reprograms": 1 + 3 + 1,
+        "queries/retries": 0,
+        "skipped/zo": 0,
+        "skipped/surrogate": 1,
+    }
     assert {k: v for k, v in led.counts().items() if k in expected} == expected
     assert QueryLedger.counts_of(led.state_dict()) == led.counts()
 
@@ -342,9 +351,16 @@ def train_mlp(kind, steps=300):
         physical = nn.Linear(hidden, hidden)
     else:
         zo = zo_estimator(40, mu=1e-3, chunk_size=40) if kind == "zo+sm" else None
-        physical = HybridLayer(MRRBank(hidden, hidden, seed=0, name="mlp.physical"), mode=kind, rank=8, zo=zo,
-                               integrator={"name": "psi_implicit", "samples": 32})
-    net = nn.Sequential(nn.Linear(10, hidden), nn.ReLU(), physical, nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 5))
+        physical = HybridLayer(
+            MRRBank(hidden, hidden, seed=0, name="mlp.physical"),
+            mode=kind,
+            rank=8,
+            zo=zo,
+            integrator={"name": "psi_implicit", "samples": 32},
+        )
+    net = nn.Sequential(
+        nn.Linear(10, hidden), nn.ReLU(), physical, nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 5)
+    )
     theta = [p for n_, p in net.named_parameters() if n_.endswith("device.theta")]
     digital = [p for n_, p in net.named_parameters() if not n_.endswith("device.theta")]
     opt = torch.optim.Adam(digital, lr=1e-2)

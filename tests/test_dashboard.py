@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import compose_config
 
 from astraora.report import dashboard
 from astraora.report.dashboard import config_keys, dashboard_spec, history_keys, summary_keys, tags
 from astraora.train import build_module, comparison_setting, make_loggers, run, summarize, wandb_summary
-from conftest import compose_config
 
 FAST = ["debug=fast", "surrogate.rank=4"]
 LM = ["task=pydoc_text", "device=slm", "task.model.n_layer=1", "task.model.n_embd=32", "task.model.block_size=16"]
@@ -75,8 +75,9 @@ def test_grouping_keys_and_tags_are_what_runs_log(tmp_path):
     """The spec's config keys are in the ``setting`` config of hybrid, exact and digital runs alike;
     each run set's tags are on the runs it is meant to hold (the W&B logger's own tags)."""
     spec = dashboard_spec("astraora", task="digits")
-    assert {f"setting.{key}" for key in ("task", "device", "mode", "rank", "M", "integrator", "hybrid", "seed")} \
-        == config_keys(spec)
+    assert {
+        f"setting.{key}" for key in ("task", "device", "mode", "rank", "M", "integrator", "hybrid", "seed")
+    } == config_keys(spec)
     run_tags = {}
     for kind, overrides in (("hybrid", []), ("exact", ["mode=exact"]), ("digital", ["device=digital"])):
         cfg = compose_config([*overrides, "logger=wandb", "logger.wandb.mode=disabled"], tmp_path / kind)
@@ -92,8 +93,10 @@ def test_grouping_keys_and_tags_are_what_runs_log(tmp_path):
 
 
 def test_dry_run_prints_the_spec_as_json(capsys):
-    assert dashboard.main(["--dry-run", "--project", "P", "--entity", "E", "--task", "pydoc_text",
-                           "--metric", "val/ppl"]) == 0
+    assert (
+        dashboard.main(["--dry-run", "--project", "P", "--entity", "E", "--task", "pydoc_text", "--metric", "val/ppl"])
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed == dashboard_spec("P", "E", "val/ppl", "pydoc_text")
     assert [section["groupby"] for section in printed["sections"]][1] == []  # the per-run section: seeds apart
@@ -105,6 +108,7 @@ def test_dry_run_prints_the_spec_as_json(capsys):
 
 def fake_report_api(monkeypatch, saved: list, fail: Exception | None = None) -> None:
     """A stand-in for wandb_workspaces.reports.v2 that records what would be saved."""
+
     class Element:
         def __init__(self, *args, **kwargs):
             self.args, self.kwargs = args, kwargs
@@ -161,8 +165,10 @@ def test_upload_failures_are_one_line(monkeypatch, capsys):
     assert len(grids) == 2
     runset = grids[0].kwargs["runsets"][0]
     assert runset.kwargs["filters"] == "Tags() in ['hybrid']"
-    assert "config.setting.device" in runset.kwargs["groupby"] and "config:setting.seed.value" in \
-        runset.kwargs["pinned_columns"]
+    assert (
+        "config.setting.device" in runset.kwargs["groupby"]
+        and "config:setting.seed.value" in runset.kwargs["pinned_columns"]
+    )
 
 
 def test_report_builds_with_the_installed_report_api():
@@ -189,8 +195,9 @@ def test_offline_wandb_runs_carry_every_key_of_the_spec(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     spec = dashboard_spec("astraora", task="digits")
     for kind, overrides in (("hybrid", []), ("digital", ["device=digital"])):
-        cfg = compose_config([*FAST, *overrides, "logger=wandb", "callbacks.diagnostics.every_n_steps=1"],
-                             tmp_path / kind)
+        cfg = compose_config(
+            [*FAST, *overrides, "logger=wandb", "callbacks.diagnostics.every_n_steps=1"], tmp_path / kind
+        )
         run(cfg)
         (offline,) = (Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*")
         wb = read_offline_run(offline)

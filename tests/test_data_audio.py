@@ -6,14 +6,29 @@ import logging
 
 import pytest
 import torch
+from fixtures_vision_audio import (
+    URBAN_CLASSES,
+    check_classification_task,
+    check_forward_backward,
+    compose_task,
+    first_batch,
+    linear_factory,
+    train_for,
+    write_audio_tree,
+    write_speech_commands,
+    write_urbansound8k,
+)
 
-from astraora.data.audio import (AudioFolderDataModule, Frontend, SpeechCommandsDataModule, SyntheticAudioDataModule,
-                                 UrbanSound8KDataModule, read_audio)
+from astraora.data.audio import (
+    AudioFolderDataModule,
+    Frontend,
+    SpeechCommandsDataModule,
+    SyntheticAudioDataModule,
+    UrbanSound8KDataModule,
+    read_audio,
+)
 from astraora.errors import ConfigError, DataFileError, DatasetNotFoundError
 from astraora.models.audio import EcapaTDNN
-from fixtures_vision_audio import (URBAN_CLASSES, check_classification_task, check_forward_backward, compose_task,
-                                   first_batch, linear_factory, train_for, write_audio_tree, write_speech_commands,
-                                   write_urbansound8k)
 
 
 def tiny_model(**model_kwargs) -> EcapaTDNN:
@@ -25,6 +40,7 @@ def paths(dataset) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- decoding, features
+
 
 def test_read_audio_downmixes_and_resamples(tmp_path):
     files = write_audio_tree(tmp_path)
@@ -48,6 +64,7 @@ def test_frontend_shapes_crop_and_masks():
 
 
 # --------------------------------------------------------------------------------- Speech Commands
+
 
 def test_speech_commands_official_lists(tmp_path):
     write_speech_commands(tmp_path, words=("yes", "no", "up"), per_word=4)
@@ -82,6 +99,7 @@ def test_speech_commands_missing_or_undownloadable_is_one_line(tmp_path, monkeyp
 
 # ------------------------------------------------------------------------------------ UrbanSound8K
 
+
 def test_urbansound8k_folds(tmp_path):
     write_urbansound8k(tmp_path)
     dm = UrbanSound8KDataModule(data_dir=tmp_path, batch_size=4, n_mels=32, num_workers=0)
@@ -110,11 +128,13 @@ def test_urbansound8k_missing_file_skipped_and_missing_dataset(tmp_path, caplog)
 
 # ------------------------------------------------------------------------------------ audio folders
 
+
 def test_audio_folder_resamples_and_skips_bad_files(tmp_path, caplog):
     files = write_audio_tree(tmp_path / "sounds", per_class=5)
     caplog.set_level(logging.WARNING)
-    dm = AudioFolderDataModule(tmp_path / "sounds", seed=0, batch_size=3, n_mels=40, val_fraction=0.25,
-                               test_fraction=0.25, num_workers=0)
+    dm = AudioFolderDataModule(
+        tmp_path / "sounds", seed=0, batch_size=3, n_mels=40, val_fraction=0.25, test_fraction=0.25, num_workers=0
+    )
     dm.setup("fit")
     assert dm.classes == ["bird", "siren"] and "skipped 1" in caplog.text and "broken.wav" in caplog.text
     everything = paths(dm.train_set) + paths(dm.val_set) + paths(dm.test_set)
@@ -141,6 +161,7 @@ def test_audio_folder_errors(tmp_path):
 
 # --------------------------------------------------------------------------------------- synthetic
 
+
 def test_synthetic_audio_is_seeded():
     dm = SyntheticAudioDataModule(seed=0, num_classes=3, clips_per_class=12, batch_size=6)
     dm.setup("fit")
@@ -151,14 +172,20 @@ def test_synthetic_audio_is_seeded():
     x, _ = first_batch(dm.train_dataloader())
     assert x.shape == (6, 32, 51)  # 0.5 s at 8 kHz, 10 ms hop
     names = []
-    model = EcapaTDNN(lambda a, b, name: names.append((name, a, b)) or linear_factory(a, b, name), channels=8,
-                      embedding_dim=6, attention_channels=4, **dm.model_kwargs())
+    model = EcapaTDNN(
+        lambda a, b, name: names.append((name, a, b)) or linear_factory(a, b, name),
+        channels=8,
+        embedding_dim=6,
+        attention_channels=4,
+        **dm.model_kwargs(),
+    )
     assert names == [("embedding.physical", 48, 6)]
     assert isinstance(model.get_submodule("embedding.physical"), torch.nn.Linear)
     check_forward_backward(model, x, 3)
 
 
 # ------------------------------------------------------------------------------------- task YAMLs
+
 
 @pytest.mark.parametrize("name", ["speechcommands", "urbansound8k", "audio_folder", "synthetic_audio"])
 def test_task_yaml_builds_datamodule_and_model(tmp_path, name):

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures_vision_audio import write_cifar10, write_image_tree
 
 from astraora.data.audio import SyntheticAudioDataModule
 from astraora.data.common import ResumableSampler, SeededItems
 from astraora.data.vision import CIFAR10DataModule, ImageFolderDataModule
-from fixtures_vision_audio import write_cifar10, write_image_tree
 
 
 def cifar(tmp_path, seed=0):
     write_cifar10(tmp_path, per_batch=4, test=2)  # 20 training images, 16 after the val split
-    return CIFAR10DataModule(tmp_path, seed=seed, batch_size=4, val_fraction=0.2, download=False, num_workers=0,
-                             verify=False)  # the official format, not the official files
+    return CIFAR10DataModule(
+        tmp_path, seed=seed, batch_size=4, val_fraction=0.2, download=False, num_workers=0, verify=False
+    )  # the official format, not the official files
 
 
 def image_folder(tmp_path, seed=0):
@@ -38,7 +39,7 @@ def epoch_of(loader, epoch: int) -> tuple[list[int], torch.Tensor]:
     loader.sampler.set_epoch(epoch)
     order = [i for _, i in loader.sampler]
     x = torch.cat([x for x, _ in loader])
-    return order[:len(x)], x
+    return order[: len(x)], x
 
 
 @pytest.mark.parametrize("name", list(MODULES))
@@ -102,7 +103,8 @@ def test_only_augmenting_training_sets_are_seeded_per_item(tmp_path):
     augmented = cifar(tmp_path)
     augmented.setup()
     assert isinstance(augmented.train_dataloader().dataset, SeededItems)
-    plain = CIFAR10DataModule(tmp_path, seed=0, batch_size=4, val_fraction=0.2, augment=False, download=False,
-                              num_workers=0, verify=False)
+    plain = CIFAR10DataModule(
+        tmp_path, seed=0, batch_size=4, val_fraction=0.2, augment=False, download=False, num_workers=0, verify=False
+    )
     plain.setup()
     assert not isinstance(plain.train_dataloader().dataset, SeededItems)

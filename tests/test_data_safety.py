@@ -4,7 +4,6 @@ offline download fails at once with the URL to fetch by hand."""
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import pickle
@@ -20,22 +19,40 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio.transforms as T
+from fixtures_vision_audio import (
+    py2_pickle,
+    tone,
+    write_cifar10,
+    write_image_tree,
+    write_mnist,
+    write_speech_commands,
+    write_urbansound8k,
+)
 from PIL import Image, ImageFile
 
-from astraora.data import common
+from astraora.data import common, vision
 from astraora.data import text as text_data
-from astraora.data import vision
-from astraora.data.audio import (MAX_RATIO_TERM, SpeechCommandsDataModule, UrbanSound8KDataModule, read_audio,
-                                 resampler, resampling_rates)
+from astraora.data.audio import (
+    MAX_RATIO_TERM,
+    SpeechCommandsDataModule,
+    UrbanSound8KDataModule,
+    read_audio,
+    resampler,
+    resampling_rates,
+)
 from astraora.data.text import TextFileDataModule, TinyShakespeareDataModule, WikiText2DataModule
-from astraora.data.vision import (CIFAR10_MD5, CIFAR10DataModule, ImageFiles, ImageFolderDataModule, MNISTDataModule,
-                                  read_cifar_batch)
+from astraora.data.vision import (
+    CIFAR10_MD5,
+    CIFAR10DataModule,
+    ImageFiles,
+    ImageFolderDataModule,
+    MNISTDataModule,
+    read_cifar_batch,
+)
 from astraora.errors import ConfigError, DataFileError, DatasetNotFoundError
-from fixtures_vision_audio import (py2_pickle, tone, write_cifar10, write_image_tree, write_mnist,
-                                   write_speech_commands, write_urbansound8k)
-
 
 # ------------------------------------------------------------------------------ CIFAR-10 pickles
+
 
 def pickle_globals(data: bytes) -> set[str]:
     """The ``module.name`` of every GLOBAL a protocol ≤ 2 pickle references."""
@@ -71,9 +88,11 @@ class RunsCode:
 def test_cifar10_planted_pickle_is_refused_and_never_runs(tmp_path, payload):
     folder = write_cifar10(tmp_path)
     marker = tmp_path / "pwned"
-    planted = {"os.system": RunsCode(os.system, f"touch {marker}"),
-               "builtins.exec": RunsCode(exec, f"open({str(marker)!r}, 'w').close()"),
-               "inside the data": {"data": RunsCode(os.system, f"touch {marker}"), "labels": [1]}}[payload]
+    planted = {
+        "os.system": RunsCode(os.system, f"touch {marker}"),
+        "builtins.exec": RunsCode(exec, f"open({str(marker)!r}, 'w').close()"),
+        "inside the data": {"data": RunsCode(os.system, f"touch {marker}"), "labels": [1]},
+    }[payload]
     (folder / "data_batch_3").write_bytes(pickle.dumps(planted, protocol=2))
     dm = CIFAR10DataModule(tmp_path, download=False, verify=False, num_workers=0)
     with pytest.raises(DataFileError) as caught:
@@ -107,11 +126,15 @@ def test_cifar10_wrong_contents_are_one_line(tmp_path):
 
 # ------------------------------------------------------------------------------------ empty splits
 
+
 def test_empty_or_one_example_training_split_refuses_to_start(tmp_path):
     write_mnist(tmp_path, train=2, test=4)
     dm = MNISTDataModule(tmp_path, val_fraction=0.5, download=False, num_workers=0)
-    with pytest.raises(DataFileError, match=r"'mnist': the training split from .*MNIST/raw "
-                                            r"\(task.datamodule.val_fraction=0.5\) has 1 example"):
+    with pytest.raises(
+        DataFileError,
+        match=r"'mnist': the training split from .*MNIST/raw "
+        r"\(task.datamodule.val_fraction=0.5\) has 1 example",
+    ):
         dm.setup("fit")
     with pytest.raises(ConfigError, match="val_fraction=1.0"):
         MNISTDataModule(tmp_path, val_fraction=1.0)
@@ -121,8 +144,11 @@ def test_empty_or_one_example_training_split_refuses_to_start(tmp_path):
 
 def test_empty_audio_splits_name_their_source(tmp_path):
     write_urbansound8k(tmp_path)
-    with pytest.raises(DataFileError, match=r"training split of .*UrbanSound8K \(readable clips of folds \[11\], "
-                                            r"task.datamodule.train_folds\) has 0"):
+    with pytest.raises(
+        DataFileError,
+        match=r"training split of .*UrbanSound8K \(readable clips of folds \[11\], "
+        r"task.datamodule.train_folds\) has 0",
+    ):
         UrbanSound8KDataModule(data_dir=tmp_path, train_folds=[11], num_workers=0).setup("fit")
     dm = UrbanSound8KDataModule(data_dir=tmp_path, val_folds=[], num_workers=0)  # no val folds: on purpose
     dm.setup("fit")
@@ -177,8 +203,10 @@ def test_odd_rate_keeps_the_pitch(tmp_path):
 
 # ------------------------------------------------------------------------------ decompression bombs
 
+
 def huge_png(path: Path, width: int, height: int) -> Path:
     """A valid 1-bit grey PNG of width × height black pixels, a few kB on disk (written row by row)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
@@ -228,8 +256,11 @@ def test_nothing_left_but_oversized_images_is_an_error(tmp_path, no_decoding_of)
         old.unlink()
     for i in range(2):
         no_decoding_of.add(str(huge_png(tmp_path / "pets" / "fox" / f"{i}.png", 64, 64)))
-    with pytest.raises(DataFileError, match=r"class folder .*fox has no readable files.*; 2 image\(s\) over "
-                                            r"task.datamodule.max_pixels=1000 were skipped"):
+    with pytest.raises(
+        DataFileError,
+        match=r"class folder .*fox has no readable files.*; 2 image\(s\) over "
+        r"task.datamodule.max_pixels=1000 were skipped",
+    ):
         ImageFolderDataModule(tmp_path / "pets", max_pixels=1000).setup("fit")
     with pytest.raises(ConfigError, match="max_pixels"):
         ImageFolderDataModule(tmp_path / "pets", max_pixels=0)
@@ -240,8 +271,8 @@ def test_pillow_bomb_limits_are_handled_like_ours(tmp_path, monkeypatch, caplog,
     count as oversized (here with Pillow's limit lowered to 1000 pixels)."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     write_image_tree(tmp_path / "pets", per_class=4)
-    warned = huge_png(tmp_path / "pets" / "cat" / "warned.png", 40, 40)      # 1600: Pillow warns
-    refused = huge_png(tmp_path / "pets" / "dog" / "refused.png", 50, 50)    # 2500: DecompressionBombError
+    warned = huge_png(tmp_path / "pets" / "cat" / "warned.png", 40, 40)  # 1600: Pillow warns
+    refused = huge_png(tmp_path / "pets" / "dog" / "refused.png", 50, 50)  # 2500: DecompressionBombError
     no_decoding_of.update({str(warned), str(refused)})
     caplog.set_level(logging.WARNING)
     import warnings
@@ -256,6 +287,7 @@ def test_pillow_bomb_limits_are_handled_like_ours(tmp_path, monkeypatch, caplog,
 
 
 # ------------------------------------------------------------------------------- text paths
+
 
 def finishes(function, seconds: float = 5.0):
     """Run ``function`` in a daemon thread; return what it raised. Fails if it has not ended in ``seconds``
@@ -285,10 +317,12 @@ def test_non_regular_text_paths_are_named_and_never_block(tmp_path):
     try:
         cases = {fifo: "a FIFO (named pipe)", Path("/dev/zero"): "a character device", sock_path: "a socket"}
         for path, kind in cases.items():
-            error = finishes(lambda: TextFileDataModule(path=str(path), block_size=8).setup())
+            error = finishes(lambda path=path: TextFileDataModule(path=str(path), block_size=8).setup())
             assert isinstance(error, DataFileError), error
-            assert str(error) == (f"text path {path} is {kind}, not a regular file; pass task.path=FILE "
-                                  "(a regular UTF-8 text file, a list of files, or a directory of .txt files).")
+            assert str(error) == (
+                f"text path {path} is {kind}, not a regular file; pass task.path=FILE "
+                "(a regular UTF-8 text file, a list of files, or a directory of .txt files)."
+            )
     finally:
         server.close()
     # where a dataset expects a file: a directory or a FIFO in its place
@@ -305,6 +339,7 @@ def test_non_regular_text_paths_are_named_and_never_block(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- offline
+
 
 def no_download(*args, **kwargs):
     raise AssertionError("a download was started although the network is unreachable")
@@ -330,21 +365,39 @@ def offline(monkeypatch):
     monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", no_download)
     monkeypatch.setattr(torchvision.datasets, "MNIST", no_download)
     monkeypatch.setattr(torchaudio.datasets, "SPEECHCOMMANDS", no_download)
-    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "https_proxy", "HTTPS_PROXY",
-                 "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+    for flag in (
+        "HF_HUB_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "HF_ENDPOINT",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "HTTP_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ):
         monkeypatch.delenv(flag, raising=False)
     return attempts
 
 
 DOWNLOADABLE = {
-    "wikitext2": (lambda d: WikiText2DataModule(data_dir=d), "https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
-                  "huggingface.co:443"),
-    "tinyshakespeare": (lambda d: TinyShakespeareDataModule(data_dir=d), text_data.TINYSHAKESPEARE_URL,
-                        "raw.githubusercontent.com:443"),
+    "wikitext2": (
+        lambda d: WikiText2DataModule(data_dir=d),
+        "https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
+        "huggingface.co:443",
+    ),
+    "tinyshakespeare": (
+        lambda d: TinyShakespeareDataModule(data_dir=d),
+        text_data.TINYSHAKESPEARE_URL,
+        "raw.githubusercontent.com:443",
+    ),
     "mnist": (lambda d: MNISTDataModule(d), MNISTDataModule.URL, "ossci-datasets.s3.amazonaws.com:443"),
     "cifar10": (lambda d: CIFAR10DataModule(d), CIFAR10DataModule.URL, "www.cs.toronto.edu:443"),
-    "speechcommands": (lambda d: SpeechCommandsDataModule(d), SpeechCommandsDataModule.URL,
-                       "download.tensorflow.org:80"),
+    "speechcommands": (
+        lambda d: SpeechCommandsDataModule(d),
+        SpeechCommandsDataModule.URL,
+        "download.tensorflow.org:80",
+    ),
 }
 
 

@@ -51,8 +51,9 @@ def write_wikitext(root: Path) -> None:
     folder = root / "wikitext2" / "wikitext-2-raw"
     folder.mkdir(parents=True)
     for i, file in enumerate(("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw")):
-        (folder / file).write_text(f" = Heading {i} = \n\n" + corpus(60 if i else 200, seed=i) + "Café ✓\n",
-                                   encoding="utf-8")
+        (folder / file).write_text(
+            f" = Heading {i} = \n\n" + corpus(60 if i else 200, seed=i) + "Café ✓\n", encoding="utf-8"
+        )
 
 
 def sha256_of(path: Path) -> str:
@@ -67,12 +68,12 @@ def check_batches(dm, split_tokens: dict[str, torch.Tensor]) -> None:
     assert torch.equal(idx[:, 1:], targets[:, :-1])
     train = split_tokens["train"].long()
     offsets = dm.train_dataloader().dataset.offsets
-    for row, offset in zip(idx, offsets):
-        assert torch.equal(row, train[offset:offset + T])
+    for row, offset in zip(idx, offsets[: len(idx)], strict=True):  # the first batch: its offsets
+        assert torch.equal(row, train[offset : offset + T])
     for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
         windows = torch.cat([x for x, _ in loader])
         assert len(windows) == (len(split_tokens[split]) - 1) // T
-        assert torch.equal(windows.flatten(), split_tokens[split][:windows.numel()].long())
+        assert torch.equal(windows.flatten(), split_tokens[split][: windows.numel()].long())
 
 
 # -------------------------------------------------------------------------------------- tinyshakespeare
@@ -80,8 +81,14 @@ def check_batches(dm, split_tokens: dict[str, torch.Tensor]) -> None:
 
 def test_tinyshakespeare_loads_from_its_real_location(shakespeare_dir):
     path = shakespeare_dir / "tinyshakespeare" / "input.txt"
-    dm = TinyShakespeareDataModule(data_dir=shakespeare_dir, download=False, sha256=sha256_of(path),
-                                   block_size=T, batch_size=4, samples_per_epoch=16)
+    dm = TinyShakespeareDataModule(
+        data_dir=shakespeare_dir,
+        download=False,
+        sha256=sha256_of(path),
+        block_size=T,
+        batch_size=4,
+        samples_per_epoch=16,
+    )
     dm.prepare_data()
     dm.setup("fit")
     text = path.read_text(encoding="utf-8")
@@ -90,7 +97,7 @@ def test_tinyshakespeare_loads_from_its_real_location(shakespeare_dir):
     # split by position, 90/5/5, nothing lost
     assert dm.decode(torch.cat(list(dm.tokens.values())).tolist()) == text
     assert len(dm.tokens["train"]) == int(0.9 * len(text))
-    assert dm.decode(dm.tokens["val"][:20].tolist()) == text[len(dm.tokens["train"]):][:20]
+    assert dm.decode(dm.tokens["val"][:20].tolist()) == text[len(dm.tokens["train"]) :][:20]
     check_batches(dm, dm.tokens)
 
 
@@ -313,8 +320,15 @@ def test_lightning_sets_the_epoch_of_the_training_windows(tmp_path):
 
     dm = PydocTextDataModule(data_dir=tmp_path, block_size=T, batch_size=4, samples_per_epoch=8)
     module = Recorder()
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=dm)
     reference = dm.train_dataloader()
     for epoch in (0, 1):
@@ -332,8 +346,9 @@ def test_task_yaml_instantiates(task, tmp_path, shakespeare_dir):
     book = tmp_path / "book.txt"
     book.write_text(corpus(), encoding="utf-8")
     overrides = {
-        "tinyshakespeare": {"datamodule": {"download": False,
-                                           "sha256": sha256_of(shakespeare_dir / "tinyshakespeare" / "input.txt")}},
+        "tinyshakespeare": {
+            "datamodule": {"download": False, "sha256": sha256_of(shakespeare_dir / "tinyshakespeare" / "input.txt")}
+        },
         "wikitext2": {"datamodule": {"download": False}},
         "text_file": {"path": str(book)},
     }
@@ -348,8 +363,9 @@ def test_task_yaml_instantiates(task, tmp_path, shakespeare_dir):
     dm = instantiate(cfg.task.datamodule)
     dm.prepare_data()
     dm.setup("fit")
-    model = instantiate(cfg.task.model, layer_factory=lambda d_in, d_out, name: torch.nn.Linear(d_in, d_out),
-                        **dm.model_kwargs())
+    model = instantiate(
+        cfg.task.model, layer_factory=lambda d_in, d_out, name: torch.nn.Linear(d_in, d_out), **dm.model_kwargs()
+    )
     idx, targets = next(iter(dm.train_dataloader()))
     assert idx.shape == (cfg.task.datamodule.batch_size, cfg.task.model.block_size)
     with torch.no_grad():

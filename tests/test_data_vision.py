@@ -6,16 +6,30 @@ import logging
 
 import pytest
 import torch
+from fixtures_vision_audio import (
+    check_classification_task,
+    check_forward_backward,
+    compose_task,
+    first_batch,
+    linear_factory,
+    train_for,
+    write_cifar10,
+    write_image_tree,
+    write_mnist,
+)
 
-from astraora.data.vision import (CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule, MNISTDataModule,
-                                  read_cifar_batch)
+from astraora.data.vision import (
+    CIFAR10DataModule,
+    DigitsDataModule,
+    ImageFolderDataModule,
+    MNISTDataModule,
+    read_cifar_batch,
+)
 from astraora.errors import ConfigError, DataFileError, DatasetNotFoundError
 from astraora.models.vision import MLP, CompactCNN
-from fixtures_vision_audio import (check_classification_task, check_forward_backward, compose_task, first_batch,
-                                   linear_factory, train_for, write_cifar10, write_image_tree, write_mnist)
-
 
 # ---------------------------------------------------------------------------------------- digits
+
 
 def test_digits_split_standardised_and_seeded():
     dm = DigitsDataModule(seed=0)
@@ -48,6 +62,7 @@ def test_digits_mlp_learns_with_a_linear_physical_layer():
 
 # ----------------------------------------------------------------------------------------- MNIST
 
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_mnist_idx_files(tmp_path, gz):
     write_mnist(tmp_path, train=24, test=8, gz=gz)
@@ -73,10 +88,12 @@ def test_mnist_truncated_file_is_named(tmp_path):
 
 # -------------------------------------------------------------------------------------- CIFAR-10
 
+
 def test_cifar10_pickle_batches(tmp_path):
     folder = write_cifar10(tmp_path, per_batch=4, test=6)
-    dm = CIFAR10DataModule(tmp_path, seed=0, batch_size=4, val_fraction=0.1, download=False, verify=False,
-                           num_workers=0)
+    dm = CIFAR10DataModule(
+        tmp_path, seed=0, batch_size=4, val_fraction=0.1, download=False, verify=False, num_workers=0
+    )
     dm.prepare_data()
     dm.setup("fit")
     assert [len(s) for s in (dm.train_set, dm.val_set, dm.test_set)] == [18, 2, 6]
@@ -124,11 +141,20 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------------- image folders
 
+
 def test_image_folder_skips_bad_images_and_splits_by_seed(tmp_path, caplog):
     files = write_image_tree(tmp_path / "pets", per_class=6)
     caplog.set_level(logging.WARNING)
-    dm = ImageFolderDataModule(tmp_path / "pets", seed=0, batch_size=4, image_size=16, channels=1,
-                               val_fraction=0.2, test_fraction=0.2, num_workers=0)
+    dm = ImageFolderDataModule(
+        tmp_path / "pets",
+        seed=0,
+        batch_size=4,
+        image_size=16,
+        channels=1,
+        val_fraction=0.2,
+        test_fraction=0.2,
+        num_workers=0,
+    )
     dm.setup("fit")
     assert dm.classes == ["cat", "dog", "fox"]
     assert "skipped 2 unreadable" in caplog.text and all(str(p) in caplog.text for p in files["bad"])
@@ -181,6 +207,7 @@ def test_image_folder_errors_name_the_folder(tmp_path):
 
 # ----------------------------------------------------------------------------------- task YAMLs
 
+
 @pytest.mark.parametrize("name", ["digits", "mnist", "cifar10", "image_folder"])
 def test_task_yaml_builds_datamodule_and_model(tmp_path, name):
     write_mnist(tmp_path)
@@ -189,6 +216,7 @@ def test_task_yaml_builds_datamodule_and_model(tmp_path, name):
     overrides = {"root": str(tmp_path / "pets"), "datamodule": {"batch_size": 2}}
     if name == "cifar10":
         overrides = {"datamodule": {"batch_size": 2, "verify": False}}  # the fixture is not the official files
-    cfg = compose_task(name, tmp_path,
-                       overrides if name in ("image_folder", "cifar10") else {"datamodule": {"batch_size": 2}})
+    cfg = compose_task(
+        name, tmp_path, overrides if name in ("image_folder", "cifar10") else {"datamodule": {"batch_size": 2}}
+    )
     check_classification_task(cfg, name, tmp_path)

@@ -82,7 +82,9 @@ def test_sampler_shards_each_global_batch_and_resumes():
         shards.append(list(s))
         assert len(s) == len(shards[-1]) == 11  # last partial global batch (6) split 3 + 3
     for k in range(3):
-        assert set(full[k * 8:(k + 1) * 8]) == set(shards[0][k * 4:(k + 1) * 4]) | set(shards[1][k * 4:(k + 1) * 4])
+        assert set(full[k * 8 : (k + 1) * 8]) == set(shards[0][k * 4 : (k + 1) * 4]) | set(
+            shards[1][k * 4 : (k + 1) * 4]
+        )
     s = ResumableSampler(22, seed=3)
     s.shard(1, 2, 8, drop_last=True)
     s.skip(8)  # resumed after one global batch
@@ -172,7 +174,7 @@ def test_colored_differences_are_measured_once_for_all_processes():
         lay.zo.reducer = lay.sync.mean
 
     def process(rank):  # each process's upstream gradient is that of its shard's mean loss
-        grads[rank] = layers[rank].theta_grad(x[4 * rank:4 * rank + 4], 2 * g[4 * rank:4 * rank + 4], None)
+        grads[rank] = layers[rank].theta_grad(x[4 * rank : 4 * rank + 4], 2 * g[4 * rank : 4 * rank + 4], None)
 
     threads = [threading.Thread(target=process, args=(rank,)) for rank in range(2)]
     for t in threads:
@@ -195,20 +197,24 @@ def test_digital_buffers_are_averaged_over_processes(make_cfg, monkeypatch):
     from astraora.lit.module import ClassificationModule
 
     cfg = make_cfg("task.model.hidden=8", "surrogate.rank=2")
-    spec = dict(optimizer={"name": "adam", "lr": 1e-3, "weight_decay": 0.0},
-                physical_optimizer={"name": "adam", "lr": 1e-2, "weight_decay": 0.0},
-                scheduler={"name": "constant", "warmup_steps": 0})
+    spec = dict(
+        optimizer={"name": "adam", "lr": 1e-3, "weight_decay": 0.0},
+        physical_optimizer={"name": "adam", "lr": 1e-2, "weight_decay": 0.0},
+        scheduler={"name": "constant", "warmup_steps": 0},
+    )
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    one, *ranks = (ClassificationModule(build_model(cfg, {"num_classes": 10, "in_features": 64}), num_classes=10, **spec)
-                   for _ in range(3))
+    one, *ranks = (
+        ClassificationModule(build_model(cfg, {"num_classes": 10, "in_features": 64}), num_classes=10, **spec)
+        for _ in range(3)
+    )
     with torch.no_grad():
         for module in ranks:
             module.load_state_dict(one.state_dict())
         one.model.stem(x)  # one process, the whole batch
     for rank, module in enumerate(ranks):
         with torch.no_grad():
-            module.model.stem(x[rank * 8:(rank + 1) * 8])  # each process, its half
+            module.model.stem(x[rank * 8 : (rank + 1) * 8])  # each process, its half
         module.model.head.physical.device.drift.fill_(float(rank))  # a physical layer's own buffer
     bn = "stem.2.running_mean"
     assert not torch.equal(dict(ranks[0].model.named_buffers())[bn], dict(ranks[1].model.named_buffers())[bn])
@@ -297,8 +303,13 @@ def test_store_notes_are_plain_json_never_unpickled(monkeypatch):
         store.add(RankSync.NOTES, 1)
         return RankSync(store, rank=0, world_size=2)
 
-    for value in (evil, b"x" * (RankSync.NOTE_BYTES + 1), json.dumps(["error", "not a dict"]),
-                  json.dumps({"kind": "run_this", "message": "m"}), b"\xff\xfe"):
+    for value in (
+        evil,
+        b"x" * (RankSync.NOTE_BYTES + 1),
+        json.dumps(["error", "not a dict"]),
+        json.dumps({"kind": "run_this", "message": "m"}),
+        b"\xff\xfe",
+    ):
         error = rank0_with_note(value).stop_error()
         assert type(error) is PeerFailure and "note in the process group's store was unreadable" in str(error)
     assert not _Evil.ran
@@ -412,8 +423,16 @@ def test_launcher_kill_waits_for_rank_0_to_stop_by_itself():
 def test_ddp_configs_compose():
     cfg = compose_config(["trainer=ddp_cpu"])
     assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.use_distributed_sampler) == ("ddp", 2, False)
-    cfg = compose_config(["trainer=ddp", "launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=4",
-                          "trainer.num_nodes=2", "trainer.devices=4"])
+    cfg = compose_config(
+        [
+            "trainer=ddp",
+            "launcher=slurm",
+            "hydra.launcher.nodes=2",
+            "hydra.launcher.tasks_per_node=4",
+            "trainer.num_nodes=2",
+            "trainer.devices=4",
+        ]
+    )
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.accelerator == "gpu" and cfg.trainer.num_nodes == 2
 
 
@@ -423,8 +442,16 @@ def test_odd_global_batch_is_refused(tmp_path):
     assert "task.datamodule.batch_size=63" in res.stderr + res.stdout
 
 
-TINY = ["task.max_epochs=8", "zo.samples=8", "integrator.samples=8", "surrogate.rank=4", "trainer.deterministic=true",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=5"]
+TINY = [
+    "task.max_epochs=8",
+    "zo.samples=8",
+    "integrator.samples=8",
+    "surrogate.rank=4",
+    "trainer.deterministic=true",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=5",
+]
 
 
 @pytest.mark.slow
@@ -448,16 +475,35 @@ def test_two_processes_match_one(tmp_path):
     assert (tmp_path / "ddp" / "metrics.csv").exists()
 
 
-RESUME = ["trainer=ddp_cpu", "trainer.max_epochs=3", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
-          "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-          "trainer.deterministic=true", "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=3",
-          "zo.samples=8", "integrator.samples=8", "task.model.hidden=16", "surrogate.rank=4"]
+RESUME = [
+    "trainer=ddp_cpu",
+    "trainer.max_epochs=3",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.deterministic=true",
+    "trainer.log_every_n_steps=1",
+    "callbacks.checkpoint.every_n_train_steps=3",
+    "zo.samples=8",
+    "integrator.samples=8",
+    "task.model.hidden=16",
+    "surrogate.rank=4",
+]
 
 
 def _train(args, cwd, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -553,10 +599,22 @@ def _train_failing(args, tmp_path, rank: int, step: int, what: str):
     script, record = tmp_path / "fault.py", tmp_path / "record"
     script.write_text(FAULT_SCRIPT)
     record.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "ASTRAORA_TEST_FAULT": f"{rank}:{step}:{what}",
-           "ASTRAORA_TEST_RECORD": str(record)}
-    proc = subprocess.Popen([sys.executable, str(script), *args], cwd=tmp_path, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "WANDB_MODE": "offline",
+        "ASTRAORA_TEST_FAULT": f"{rank}:{step}:{what}",
+        "ASTRAORA_TEST_RECORD": str(record),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _, stderr = proc.communicate(timeout=240)  # until both processes closed the pipe
     finally:
@@ -584,8 +642,10 @@ def test_lost_process_stops_rank_0_with_one_line_and_summary(tmp_path, what):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "peer_failure" and summary["steps"] == 5 and summary["queries"]["total"] > 0
     if what == "kill":
-        assert lines == [f"error: data-parallel process 1 stopped (killed or crashed); this process stops too. "
-                         f"resume={run_dir} continues exactly from the checkpoint at step 4."], stderr[-3000:]
+        assert lines == [
+            f"error: data-parallel process 1 stopped (killed or crashed); this process stops too. "
+            f"resume={run_dir} continues exactly from the checkpoint at step 4."
+        ], stderr[-3000:]
         assert "Traceback" not in stderr and "frame #" not in stderr
     else:  # process 1's own error is shown as Python shows it (a bug); rank 0 says one line
         assert len(lines) == 1 and "data-parallel process 1 stopped (ValueError: injected: a bug" in lines[0]
@@ -601,9 +661,11 @@ def test_killed_rank_0_stops_process_1_without_a_cpp_trace(tmp_path):
     proc, stderr, records = _train_failing([*RESUME, f"hydra.run.dir={run_dir}"], tmp_path, rank=0, step=5, what="kill")
     assert proc.returncode == -signal.SIGKILL
     assert records[1]["exit_code"] == 3 and records[1]["exited_at"] - records[0]["failed_at"] < 10
-    assert _error_lines(stderr) == [f"error: data-parallel process 0 stopped (killed, crashed or failed: see its output); "
-                                    f"this process stops too. resume={run_dir} continues exactly from the checkpoint "
-                                    f"at step 4."], stderr[-3000:]
+    assert _error_lines(stderr) == [
+        f"error: data-parallel process 0 stopped (killed, crashed or failed: see its output); "
+        f"this process stops too. resume={run_dir} continues exactly from the checkpoint "
+        f"at step 4."
+    ], stderr[-3000:]
     assert "frame #" not in stderr and "TCPStore" not in stderr and "Traceback" not in stderr
     assert not (run_dir / "summary.json").exists()
 
@@ -616,11 +678,14 @@ def test_device_failure_in_one_process_stops_both_then_resume_equals_uninterrupt
     half-done step is written, and the resume from step 6 ends equal to the uninterrupted run."""
     run_dir = tmp_path / "run"
     started = time.time()
-    proc, stderr, records = _train_failing([*RESUME, f"hydra.run.dir={run_dir}"], tmp_path, rank=1, step=7,
-                                           what="device")
+    proc, stderr, records = _train_failing(
+        [*RESUME, f"hydra.run.dir={run_dir}"], tmp_path, rank=1, step=7, what="device"
+    )
     assert proc.returncode == 3 and records[1]["exit_code"] == 3 and time.time() - started < 150, stderr[-3000:]
     lines = _error_lines(stderr)
-    assert any(line.startswith("error: data-parallel process 1 stopped (device 'head.physical'") for line in lines), lines
+    assert any(line.startswith("error: data-parallel process 1 stopped (device 'head.physical'") for line in lines), (
+        lines
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "device_failure" and summary["steps"] == 7
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6

@@ -22,7 +22,12 @@ FAMILIES = [MatVec, SLM, MRRBank, MZIMesh, MZIClassical, Monarch]
 PHASE_FAMILIES = [SLM, MRRBank, MZIMesh, MZIClassical, Monarch]
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "device"
 CONF_FILES = {
-    "matvec": MatVec, "slm": SLM, "mrr": MRRBank, "mzi": MZIMesh, "mzi_classical": MZIClassical, "monarch": Monarch,
+    "matvec": MatVec,
+    "slm": SLM,
+    "mrr": MRRBank,
+    "mzi": MZIMesh,
+    "mzi_classical": MZIClassical,
+    "monarch": Monarch,
 }
 
 
@@ -42,8 +47,10 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> bool:
 def paper_cell(theta: float, phi: float) -> list[list[complex]]:
     a, b = (theta - phi) / 2, (theta + phi) / 2
     g = cmath.exp(1j * b) / math.sqrt(2)
-    return [[g * (math.sin(a) + 1j * math.sin(b)), g * (-math.cos(a) + 1j * math.cos(b))],
-            [g * (math.cos(a) + 1j * math.cos(b)), g * (math.sin(a) - 1j * math.sin(b))]]
+    return [
+        [g * (math.sin(a) + 1j * math.sin(b)), g * (-math.cos(a) + 1j * math.cos(b))],
+        [g * (math.cos(a) + 1j * math.cos(b)), g * (math.sin(a) - 1j * math.sin(b))],
+    ]
 
 
 def classical_cell(phi: float, theta: float) -> list[list[complex]]:
@@ -72,7 +79,7 @@ def explicit_unitary(cls, theta: torch.Tensor, size: int) -> torch.Tensor:
         for col, wire, i in mesh_cells(size):
             if col == column:
                 cell = CELL_FORMULA[cls](float(theta[i]), float(theta[i + 1]))
-                step[wire:wire + 2, wire:wire + 2] = torch.tensor(cell, dtype=torch.complex128)
+                step[wire : wire + 2, wire : wire + 2] = torch.tensor(cell, dtype=torch.complex128)
         unitary = step @ unitary
     return unitary
 
@@ -83,7 +90,7 @@ def explicit_mzi_neighbours(theta: torch.Tensor, size: int) -> torch.Tensor:
     for column, wire, i in cells:
         for other_column, other_wire, k in cells:
             if other_column == column and abs(other_wire - wire) == 2:
-                total[i:i + 2] += theta[k:k + 2]
+                total[i : i + 2] += theta[k : k + 2]
     return total
 
 
@@ -114,7 +121,9 @@ def test_theta_learning_rate_defaults_to_the_device_family():
     assert lr("device=slm") == lr("device=slm", "mode=exact") == 3e-3
     assert lr("device=slm", "zo.direction=gaussian") == lr("device=slm", "zo=rademacher") == 1e-2
     assert lr("device=mrr", "physical_optimizer.lr=0.005") == 0.005
-    assert lr("device=mrr", "experiment=paper_urbansound8k_cpu") == lr("device=mrr", "experiment=ablation_modes") == 1e-2
+    assert (
+        lr("device=mrr", "experiment=paper_urbansound8k_cpu") == lr("device=mrr", "experiment=ablation_modes") == 1e-2
+    )
 
 
 def test_zo_estimator_defaults_to_the_device_family():
@@ -149,8 +158,11 @@ def test_mrr_auto_init_centres_the_weights(loss, coupling):
         assert paper_weights.mean().item() == pytest.approx(0.471, abs=0.02)
     # the mean over the range, by quadrature, against a brute-force sample average
     assert mrr_mean_weight(0.01, math.pi / 4, 0.8, 0.9) == pytest.approx(
-        (2 * mrr_transmission(torch.linspace(0.01, math.pi / 4, 200001, dtype=torch.float64), 0.8, 0.9) - 1).mean().item(),
-        abs=1e-5)
+        (2 * mrr_transmission(torch.linspace(0.01, math.pi / 4, 200001, dtype=torch.float64), 0.8, 0.9) - 1)
+        .mean()
+        .item(),
+        abs=1e-5,
+    )
 
 
 def test_yaml_holds_paper_constants():
@@ -242,7 +254,9 @@ def test_mzi_init_distribution():
 def test_mzi_cell_matches_formula(cls):
     theta, phi = randn(6, seed=1) * 3, randn(6, seed=2) * 3
     cells = cls.cell(theta, phi)
-    expected = torch.tensor([CELL_FORMULA[cls](float(t), float(f)) for t, f in zip(theta, phi)], dtype=torch.complex128)
+    expected = torch.tensor(
+        [CELL_FORMULA[cls](float(t), float(f)) for t, f in zip(theta, phi, strict=True)], dtype=torch.complex128
+    )
     assert cells.shape == (6, 2, 2) and close(cells, expected)
 
 
@@ -289,7 +303,7 @@ def test_batched_settings_equal_single_settings(cls):
     batched = device.query(shared, thetas)
     assert batched.shape == (3, 7, 3)
     assert close(batched, torch.stack([device.query(shared, th) for th in thetas]))
-    one_by_one = torch.stack([device.query(x, th) for x, th in zip(per_setting, thetas)])
+    one_by_one = torch.stack([device.query(x, th) for x, th in zip(per_setting, thetas, strict=True)])
     assert close(device.query(per_setting, thetas), one_by_one)
 
 
@@ -417,7 +431,10 @@ def test_adam_betas_reach_the_optimizer_and_bad_ones_are_refused():
     validate(cfg)
     assert make_optimizer(param, cfg.physical_optimizer).defaults["betas"] == (0.95, 0.99)
     assert make_optimizer(param, compose_config([]).physical_optimizer).defaults["betas"] == (0.9, 0.999)
-    for key, bad in [("physical_optimizer.betas", "[0.9,1.0]"), ("physical_optimizer.betas", "[0.9]"),
-                     ("task.optimizer.betas", "[0.9,-0.1]")]:
+    for key, bad in [
+        ("physical_optimizer.betas", "[0.9,1.0]"),
+        ("physical_optimizer.betas", "[0.9]"),
+        ("task.optimizer.betas", "[0.9,-0.1]"),
+    ]:
         with pytest.raises(ConfigError, match=re.escape(key)):
             validate(compose_config([f"+{key}={bad}" if key.startswith("task") else f"{key}={bad}"]))

@@ -17,8 +17,13 @@ from astraora.errors import ConfigError
 
 # ----------------------------------------------------------------- Monarch, the paper's construction
 PAPER_COUNTS = {  # (n, m): phases, as the paper's code allocates them
-    (6144, 192): 294_912, (1536, 1536): 524_288, (512, 1024): 65_536,
-    (33, 20): 1_024, (100, 37): 3_072, (64, 64): 1_024, (7, 300): 4_608,
+    (6144, 192): 294_912,
+    (1536, 1536): 524_288,
+    (512, 1024): 65_536,
+    (33, 20): 1_024,
+    (100, 37): 3_072,
+    (64, 64): 1_024,
+    (7, 300): 4_608,
 }
 MATRIX_SIZES = [(33, 20), (100, 37), (64, 64), (7, 300), (1, 1), (2, 3), (5, 17), (16, 4)]
 
@@ -115,8 +120,8 @@ def test_monarch_paths_at_the_papers_sizes(n, m):
     device = Monarch(n, m, seed=0, name="t").double()
     theta = uniform_phases(device.num_params, 5)
     b_in, b_out = paper_side(n), paper_side(m)
-    first = theta[:b_out * b_in * b_in].reshape(b_out, b_in, b_in)
-    second = theta[b_out * b_in * b_in:].reshape(b_out, b_out, b_in)
+    first = theta[: b_out * b_in * b_in].reshape(b_out, b_in, b_in)
+    second = theta[b_out * b_in * b_in :].reshape(b_out, b_out, b_in)
     wires = [0, 1, b_in - 1, b_in, n // 2 + 3, n - 1]
     columns = device.query(torch.eye(n, dtype=torch.float64)[wires], theta).T  # (m, len(wires))
     for c, wire in enumerate(wires):
@@ -132,10 +137,18 @@ def test_monarch_exactly_the_padded_phases_are_idle(n, m):
     (on padded wires only) get none."""
     device = Monarch(n, m, seed=0, name="t").double()
     b_in, b_out = paper_side(n), paper_side(m)
-    used_first = torch.tensor([[[i * b_in + j < n and any(q * b_out + k < m for q in range(b_out))
-                                 for j in range(b_in)] for i in range(b_in)] for k in range(b_out)])
-    used_second = torch.tensor([[[q * b_out + k < m and i * b_in < n for i in range(b_in)]
-                                  for k in range(b_out)] for q in range(b_out)])
+    used_first = torch.tensor(
+        [
+            [
+                [i * b_in + j < n and any(q * b_out + k < m for q in range(b_out)) for j in range(b_in)]
+                for i in range(b_in)
+            ]
+            for k in range(b_out)
+        ]
+    )
+    used_second = torch.tensor(
+        [[[q * b_out + k < m and i * b_in < n for i in range(b_in)] for k in range(b_out)] for q in range(b_out)]
+    )
     theta = uniform_phases(device.num_params, 2).requires_grad_(True)
     x = torch.randn(5, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     g = torch.randn(5, m, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -168,8 +181,9 @@ def paper_classical_cell(first: float, second: float) -> torch.Tensor:
     """The paper's code's classical cell for a pair of phases in θ order: e^{i·first} on the top
     row, sin/cos of the second."""
     e = cmath.exp(1j * first)
-    return torch.tensor([[e * math.sin(second), e * math.cos(second)], [math.cos(second), -math.sin(second)]],
-                        dtype=torch.complex128)
+    return torch.tensor(
+        [[e * math.sin(second), e * math.cos(second)], [math.cos(second), -math.sin(second)]], dtype=torch.complex128
+    )
 
 
 def paper_classical_mesh(theta: torch.Tensor, size: int, angle_first: bool = False) -> torch.Tensor:
@@ -182,7 +196,7 @@ def paper_classical_mesh(theta: torch.Tensor, size: int, angle_first: bool = Fal
         for wire in range(column % 2, size - 1, 2):
             first, second = float(theta[index]), float(theta[index + 1])
             pair = (second, first) if angle_first else (first, second)
-            step[wire:wire + 2, wire:wire + 2] = paper_classical_cell(*pair)
+            step[wire : wire + 2, wire : wire + 2] = paper_classical_cell(*pair)
             index += 2
         unitary = step @ unitary
     assert index == theta.numel()
@@ -191,7 +205,7 @@ def paper_classical_mesh(theta: torch.Tensor, size: int, angle_first: bool = Fal
 
 def test_classical_cell_in_the_papers_phase_order():
     first, second = uniform_phases(7, 1), uniform_phases(7, 2)
-    expected = torch.stack([paper_classical_cell(float(a), float(b)) for a, b in zip(first, second)])
+    expected = torch.stack([paper_classical_cell(float(a), float(b)) for a, b in zip(first, second, strict=True)])
     assert torch.allclose(MZIClassical.cell(first, second), expected, rtol=0, atol=1e-15)
     device = MZIClassical(2, 2, seed=0, name="t").double()  # one cell: U is the cell itself
     pair = torch.tensor([0.3, 1.1], dtype=torch.float64)

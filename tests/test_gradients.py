@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from conftest import compose_config, random_batch, run_cli
 from torch import nn
 
 from astraora.config import validate
@@ -22,8 +23,6 @@ from astraora.lit.module import HybridModule
 from astraora.rng import make_generator
 from astraora.surrogate.lowrank import best_rank_error
 from astraora.zo import ZOEstimator
-from conftest import compose_config, random_batch, run_cli
-
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -110,13 +109,16 @@ def test_reusing_phi_equals_requerying_it():
     assert counts == [9 * 3, 10 * 3]
 
 
-@pytest.mark.parametrize("batch, nonideal, reused", [
-    (3, {"input_bits": 8}, True),  # the same rows X, quantized with the same range: exact
-    (12, {"input_bits": 8}, False),  # C = GᵀX is quantized with another range than X
-    (3, {"phase_bits": 6, "queries": "forward"}, True),  # both at the quantized setting
-    (3, {"output_noise": 0.1, "queries": "forward"}, False),  # the forward output is noisy, ZO is not
-    (3, {"input_bits": 8, "queries": "forward"}, False),  # the forward quantizes X, ZO does not
-])
+@pytest.mark.parametrize(
+    "batch, nonideal, reused",
+    [
+        (3, {"input_bits": 8}, True),  # the same rows X, quantized with the same range: exact
+        (12, {"input_bits": 8}, False),  # C = GᵀX is quantized with another range than X
+        (3, {"phase_bits": 6, "queries": "forward"}, True),  # both at the quantized setting
+        (3, {"output_noise": 0.1, "queries": "forward"}, False),  # the forward output is noisy, ZO is not
+        (3, {"input_bits": 8, "queries": "forward"}, False),  # the forward quantizes X, ZO does not
+    ],
+)
 def test_phi_is_requeried_where_the_forward_output_is_not_what_zo_measures(batch, nonideal, reused):
     device = SLM(7, 4, seed=2, name="d", nonideal=nonideal)
     x, g = data(batch, 7, 4)
@@ -173,8 +175,13 @@ def test_surrogate_input_gradient_uses_s_not_its_transpose():
     """After PSI steps S is not diagonal. At full rank r = m with an exact sketch the projector-
     splitting step is exact, so G Â must equal G A(θ) — which G U Sᵀ Vᵀ would not."""
     device = SLM(6, 4, seed=0, name="d")
-    layer = HybridLayer(device, mode="exact+sm", rank=4, output_scale=False,
-                        integrator={"name": "psi_implicit", "samples": 6, "sketch": "orthogonal"})
+    layer = HybridLayer(
+        device,
+        mode="exact+sm",
+        rank=4,
+        output_scale=False,
+        integrator={"name": "psi_implicit", "samples": 6, "sketch": "orthogonal"},
+    )
     gen = torch.Generator().manual_seed(0)
     x, g = data(5, 6, 4)
     layer(x)  # initial readout
@@ -195,8 +202,13 @@ def fit_teacher(train_theta: bool, steps: int = 150) -> tuple[float, float]:
     teacher SLM; with ``train_theta`` False only s learns."""
     device = SLM(8, 6, seed=0, name="student")
     teacher = SLM(8, 6, seed=1, name="teacher").matrix().detach()
-    layer = HybridLayer(device, mode="zo+sm", rank=4, zo=zo_estimator(40, mu=1e-4, seed=3),
-                        integrator={"name": "psi_implicit", "samples": 16})
+    layer = HybridLayer(
+        device,
+        mode="zo+sm",
+        rank=4,
+        zo=zo_estimator(40, mu=1e-4, seed=3),
+        integrator={"name": "psi_implicit", "samples": 16},
+    )
     opt = torch.optim.Adam([layer.scale] + ([device.theta] if train_theta else []), lr=2e-2)
     gen = torch.Generator().manual_seed(0)
     losses = []
@@ -227,7 +239,9 @@ def test_queries_forward_gives_zo_and_surrogate_the_ideal_device_at_the_quantize
     delta = 1e-3 * torch.randn(2, *live.shape, generator=torch.Generator().manual_seed(1))
     at_forward_point = device.effective_theta(live.unsqueeze(0))
     # ZO: the forward's effective setting plus the perturbation, continuously; no noise, no DAC
-    torch.testing.assert_close(device.query(x, live + delta, purpose="zo"), device.transfer(at_forward_point + delta, x))
+    torch.testing.assert_close(
+        device.query(x, live + delta, purpose="zo"), device.transfer(at_forward_point + delta, x)
+    )
     # surrogate / readout: the quantized setting itself, noise-free
     torch.testing.assert_close(device.query(x, live + delta, purpose="surrogate"), device.simulate(x, live + delta))
     # the forward pass sees everything
@@ -273,8 +287,12 @@ def test_surrogate_under_output_noise(queries):
     Y(θ₁) − Y(θ₀) swamps the small increments ΔA. The paper's initial range: its weights' common
     mode gives rank 8 a clear gap to track (centred weights have a flat spectrum, best rank-8 error
     0.57 against 0.36, and both ratios move towards 1)."""
-    device = MRRBank(32, 24, seed=0, name="d", init_high=math.pi / 4, nonideal={"output_noise": 0.1, "queries": queries})
-    layer = HybridLayer(device, mode="zo+sm", rank=8, zo=zo_estimator(10), integrator={"name": "psi_implicit", "samples": 100})
+    device = MRRBank(
+        32, 24, seed=0, name="d", init_high=math.pi / 4, nonideal={"output_noise": 0.1, "queries": queries}
+    )
+    layer = HybridLayer(
+        device, mode="zo+sm", rank=8, zo=zo_estimator(10), integrator={"name": "psi_implicit", "samples": 100}
+    )
     layer(torch.randn(4, 32))
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
@@ -289,7 +307,9 @@ def test_surrogate_under_output_noise(queries):
 # --------------------------------------------------------------------------- bookkeeping
 def test_surrogate_update_skipped_when_theta_did_not_move():
     device = SLM(6, 4, seed=0, name="d")
-    layer = HybridLayer(device, mode="zo+sm", rank=2, zo=zo_estimator(5), integrator={"name": "psi_implicit", "samples": 3})
+    layer = HybridLayer(
+        device, mode="zo+sm", rank=2, zo=zo_estimator(5), integrator={"name": "psi_implicit", "samples": 3}
+    )
     layer(torch.randn(2, 6))
     before = dict(layer.ledger.queries), dict(layer.ledger.reprograms)
     with torch.no_grad():
@@ -306,9 +326,12 @@ def test_surrogate_update_skipped_when_theta_did_not_move():
 def test_output_scale_trained_by_the_physical_optimizer_without_weight_decay():
     layer = HybridLayer(SLM(4, 3, seed=0, name="d"), mode="exact", rank=2)
     model = nn.Sequential(nn.Linear(5, 4), layer)
-    module = HybridModule(model, optimizer={"name": "adamw", "lr": 1e-3, "weight_decay": 0.1},
-                          physical_optimizer={"name": "adam", "lr": 1e-2, "weight_decay": 0.05},
-                          scheduler={"name": "constant"})
+    module = HybridModule(
+        model,
+        optimizer={"name": "adamw", "lr": 1e-3, "weight_decay": 0.1},
+        physical_optimizer={"name": "adam", "lr": 1e-2, "weight_decay": 0.05},
+        scheduler={"name": "constant"},
+    )
     (digital, physical), _ = module.configure_optimizers()
     ids = lambda opt: [[id(p) for p in group["params"]] for group in opt.param_groups]  # noqa: E731
     assert ids(physical) == [[id(layer.theta)], [id(layer.scale)]]

@@ -22,12 +22,15 @@ def reference(device: MZIMesh, theta: torch.Tensor, x: torch.Tensor) -> torch.Te
     cells = device.cell(theta[:, 0::2], theta[:, 1::2])
     z = torch.nn.functional.pad(x, (0, device.modes - device.d_in)).to(cells.dtype)
     z = z.expand(theta.shape[0], x.shape[-2], device.modes)
-    return device._propagate(cells, z).real[..., :device.d_out]
+    return device._propagate(cells, z).real[..., : device.d_out]
 
 
 def settings(device: MZIMesh, k: int, spread: float = 0.5, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return (device.theta.detach()[None] + spread * torch.randn(k, device.num_params, generator=gen, dtype=device.theta.dtype)).to(dtype)
+    return (
+        device.theta.detach()[None]
+        + spread * torch.randn(k, device.num_params, generator=gen, dtype=device.theta.dtype)
+    ).to(dtype)
 
 
 @pytest.fixture(params=["trimmed", "uniform"])
@@ -38,7 +41,20 @@ def layout(request, monkeypatch):
 
 
 SHAPES = [  # (n, m): tiny meshes, odd sizes, n > m, m > n, light cones cut on either side
-    (1, 1), (2, 2), (3, 4), (4, 4), (5, 6), (6, 6), (7, 3), (3, 7), (9, 2), (2, 9), (17, 17), (33, 65), (65, 20), (40, 128),
+    (1, 1),
+    (2, 2),
+    (3, 4),
+    (4, 4),
+    (5, 6),
+    (6, 6),
+    (7, 3),
+    (3, 7),
+    (9, 2),
+    (2, 9),
+    (17, 17),
+    (33, 65),
+    (65, 20),
+    (40, 128),
 ]
 
 
@@ -112,7 +128,9 @@ def test_autograd_takes_the_column_route_and_matches_the_tile_values():
     step = torch.zeros_like(theta)
     step[i] = eps
     with torch.no_grad():
-        numeric = (device.simulate(x, theta + step).square().sum() - device.simulate(x, theta - step).square().sum()) / (2 * eps)
+        numeric = (
+            device.simulate(x, theta + step).square().sum() - device.simulate(x, theta - step).square().sum()
+        ) / (2 * eps)
     assert math.isclose(float(grad[i]), float(numeric), rel_tol=1e-6, abs_tol=1e-9)
 
 
@@ -125,7 +143,9 @@ def test_engine_and_tile_options_are_checked():
     device = MZIMesh(8, 8, seed=2, engine="columns")
     theta = settings(device, 2)
     x = torch.randn(3, 8, dtype=torch.float64)
-    torch.testing.assert_close(device.transfer(theta, x), MZIMesh(8, 8, seed=2).transfer(theta, x), rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(
+        device.transfer(theta, x), MZIMesh(8, 8, seed=2).transfer(theta, x), rtol=1e-11, atol=1e-11
+    )
 
 
 # ----------------------------------------------------------------------------- the query path
@@ -164,7 +184,9 @@ def test_deferred_checks_redo_the_estimate_with_the_same_directions(monkeypatch)
     ledger = QueryLedger(device)
     ghat = zo.estimate(ledger, x, g)
     torch.testing.assert_close(ghat, clean, rtol=1e-5, atol=1e-6)
-    assert ledger.queries["zo"] == 2 * (6 + 1) * 3  # M settings + φ(θ) re-queried, twice: the first attempt stays counted
+    assert (
+        ledger.queries["zo"] == 2 * (6 + 1) * 3
+    )  # M settings + φ(θ) re-queried, twice: the first attempt stays counted
     assert ledger.retries == 0  # the NaN came in the unchecked attempt
 
 
@@ -219,6 +241,7 @@ def native_or_skip():
         pytest.skip("ASTRAORA_NATIVE=0")
     if native.library() is None:
         import shutil
+
         if shutil.which("cc") is None and not __import__("os").environ.get("CC"):
             pytest.skip("no C compiler on this machine")
         pytest.fail("a C compiler is present but the native tile kernel did not build (see the warning)")
@@ -234,15 +257,20 @@ class UserCellMesh(MZIMesh):
 
 
 @pytest.mark.parametrize("cls", [MZIMesh, MZIClassical, UserCellMesh])
-@pytest.mark.parametrize("n,m,tile", [(1, 1, 1), (5, 6, 2), (7, 3, 4), (17, 17, 4), (33, 65, 8), (64, 64, 4), (65, 20, 2)])
+@pytest.mark.parametrize(
+    "n,m,tile", [(1, 1, 1), (5, 6, 2), (7, 3, 4), (17, 17, 4), (33, 65, 8), (64, 64, 4), (65, 20, 2)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_native_blocks_equal_the_torch_blocks(cls, n, m, tile, dtype, layout, monkeypatch):
     """The compiled block build gives the PyTorch build's outputs (settings counts around its chunk
     of 16, empty slots, the two built-in cells computed in the kernel and a user's cell computed by
     PyTorch, both precisions, phases far outside [−π, π]), and both the column route's."""
     native_or_skip()
-    assert (MZIMesh.cell_entries in native.CELLS and mzi.classical_entries_angle_first in native.CELLS
-            and UserCellMesh.cell_entries not in native.CELLS)
+    assert (
+        MZIMesh.cell_entries in native.CELLS
+        and mzi.classical_entries_angle_first in native.CELLS
+        and UserCellMesh.cell_entries not in native.CELLS
+    )
     device = cls(n, m, seed=2, tile=tile)
     for k, spread in ((1, 0.5), (3, 60.0), (17, 0.5), (40, 3.0)):
         theta = settings(device, k, spread=spread, seed=k, dtype=dtype)
@@ -271,7 +299,10 @@ def test_native_kernel_falls_back_to_torch_with_one_warning(monkeypatch, tmp_pat
         out = device.transfer(theta, x)
         device.transfer(theta, x)
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
-    assert "native tile kernel unavailable" in caplog.records[0].message and "no-such-compiler" in caplog.records[0].message
+    assert (
+        "native tile kernel unavailable" in caplog.records[0].message
+        and "no-such-compiler" in caplog.records[0].message
+    )
     torch.testing.assert_close(out, reference(device, theta, x), rtol=1e-11, atol=1e-11)
     monkeypatch.setenv("ASTRAORA_NATIVE", "0")
     assert not native.enabled() and native.library() is None
@@ -285,7 +316,9 @@ def test_native_kernel_is_cached_per_source_flags_and_cpu(monkeypatch, tmp_path)
     assert native.library() is not None
     built = list((tmp_path / "kernels").glob("tile_blocks-*.so"))
     assert len(built) == 1 and built[0] == native.library_path(__import__("os").environ.get("CC") or "cc")
-    assert not [p for p in (tmp_path / "kernels").iterdir() if p.suffix != ".so" or p not in built]  # no temporaries left
+    assert not [
+        p for p in (tmp_path / "kernels").iterdir() if p.suffix != ".so" or p not in built
+    ]  # no temporaries left
     monkeypatch.setattr(native, "_cpu_signature", lambda: "another cpu")
     assert native.library_path("cc") != built[0]
 
@@ -306,7 +339,11 @@ def test_native_block_build_split_between_threads_gives_the_same_numbers(monkeyp
         one = device.transfer(theta, x)
         monkeypatch.setattr(native, "MIN_WORK_PER_THREAD", 1)
         calls = []
-        monkeypatch.setattr(native, "_split", lambda call, items, work, split=native._split: (calls.append(items), split(call, items, work)))
+        monkeypatch.setattr(
+            native,
+            "_split",
+            lambda call, items, work, split=native._split: (calls.append(items), split(call, items, work)),
+        )
         torch.set_num_threads(3)
         several_blocks = native.cell_blocks(native.CELL_PAPER, theta.T, group.slot_cell, tiled._steps_array, 2)
         several = device.transfer(theta, x)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
+from conftest import REPO
 
 from astraora import cli
 from astraora.remote import server
-from conftest import REPO
 
 LAB_DEVICE = """\
 family: chip
@@ -35,7 +35,8 @@ def lab(tmp_path) -> Path:
     (conf / "device" / "chip.yaml").write_text(LAB_DEVICE)
     (conf / "task" / "lab_digits.yaml").write_text("defaults:\n  - digits\n  - _self_\nname: lab_digits\n")
     (conf / "experiment" / "lab_quick.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /device: chip\ntrainer:\n  max_steps: 3\n")
+        "# @package _global_\ndefaults:\n  - override /device: chip\ntrainer:\n  max_steps: 3\n"
+    )
     return conf
 
 
@@ -93,8 +94,10 @@ def test_config_dir_is_found_inside_an_installed_package(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- a user's own config folders
-@pytest.mark.parametrize("group, name, misspelt", [
-    ("device", "chip", "chp"), ("task", "lab_digits", "lab_digit"), ("experiment", "lab_quick", "lab_quik")])
+@pytest.mark.parametrize(
+    "group, name, misspelt",
+    [("device", "chip", "chp"), ("task", "lab_digits", "lab_digit"), ("experiment", "lab_quick", "lab_quik")],
+)
 def test_early_checks_see_the_users_search_path(lab, capsys, group, name, misspelt):
     """``hydra.searchpath=[file://DIR]`` adds DIR's options to astraora's; a misspelt one is refused in one
     line that lists both."""
@@ -148,7 +151,8 @@ def search_path_plugin(lab, tmp_path, monkeypatch):
         "from hydra.plugins.search_path_plugin import SearchPathPlugin\n\n\n"
         "class MyLabConfigs(SearchPathPlugin):\n"
         "    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:\n"
-        f"        search_path.append(provider='mylab', path='file://{lab}')\n")
+        f"        search_path.append(provider='mylab', path='file://{lab}')\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     before = Singleton._instances.pop(Plugins, None)
     try:

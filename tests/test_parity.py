@@ -14,13 +14,29 @@ from PIL import Image
 from astraora.report import parity
 
 
-def fake_run(root: Path, task: str, device: str, mode: str, seed: int, value: float,
-             metric: str = "test/acc", status: str = "completed") -> Path:
+def fake_run(
+    root: Path,
+    task: str,
+    device: str,
+    mode: str,
+    seed: int,
+    value: float,
+    metric: str = "test/acc",
+    status: str = "completed",
+) -> Path:
     """A run directory with only the summary.json the report reads."""
     directory = parity.run_dir(root, task, device, mode, seed)
     directory.mkdir(parents=True)
-    summary = {"task": task, "device": device, "mode": DIGITAL if device == DIGITAL else mode, "seed": seed,
-               "metrics": {metric: value}, "status": status, "queries": {"total": 0}, "steps": 10}
+    summary = {
+        "task": task,
+        "device": device,
+        "mode": DIGITAL if device == DIGITAL else mode,
+        "seed": seed,
+        "metrics": {metric: value},
+        "status": status,
+        "queries": {"total": 0},
+        "steps": 10,
+    }
     (directory / "summary.json").write_text(json.dumps(summary))
     return directory
 
@@ -49,9 +65,9 @@ def study(tmp_path: Path) -> Path:
 
 
 def test_gap_units():
-    assert parity.gap("test/acc", 0.95, 0.96) == pytest.approx(1.0)       # points
-    assert parity.gap("test/loss", 2.2, 2.0) == pytest.approx(10.0)       # percent of the better loss
-    assert parity.gap("test/acc", 0.97, 0.96) == pytest.approx(-1.0)      # negative: better
+    assert parity.gap("test/acc", 0.95, 0.96) == pytest.approx(1.0)  # points
+    assert parity.gap("test/loss", 2.2, 2.0) == pytest.approx(10.0)  # percent of the better loss
+    assert parity.gap("test/acc", 0.97, 0.96) == pytest.approx(-1.0)  # negative: better
 
 
 def test_decomposition_paired_over_seeds(study: Path):
@@ -60,13 +76,17 @@ def test_decomposition_paired_over_seeds(study: Path):
     mzi = cells["digits", "mzi"]
     assert mzi.metric == "test/acc" and mzi.unit == "pt"
     expected = {  # per seed: (0, 1), in points
-        "device": (1.0, 0.0), "surrogate": (0.5, 0.5), "zo": (0.2, 1.0), "combined": (1.0, 2.0), "total": (2.0, 2.0),
+        "device": (1.0, 0.0),
+        "surrogate": (0.5, 0.5),
+        "zo": (0.2, 1.0),
+        "combined": (1.0, 2.0),
+        "total": (2.0, 2.0),
     }
     for name, per_seed in expected.items():
         mean, std, n = mzi.gaps[name]
         assert n == 2
         assert mean == pytest.approx(sum(per_seed) / 2)
-        assert std == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
+        assert std == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2**0.5)
     # total = device + combined, seed by seed
     assert mzi.gaps["total"][0] == pytest.approx(mzi.gaps["device"][0] + mzi.gaps["combined"][0])
     assert mzi.meets_target is False  # combined 1.5 pt > 0.5 pt
@@ -76,8 +96,8 @@ def test_decomposition_paired_over_seeds(study: Path):
 def test_shared_digital_twin_and_failed_runs(study: Path):
     cells = {(c.task, c.device): c for c in parity.collect([study / "runs"])}
     slm = cells["digits", "slm"]
-    assert slm.values[DIGITAL] == {0: 0.97, 1: 0.98}     # the task's digital twin, in every device's cell
-    assert "exact" not in slm.values                     # the failed run is left out
+    assert slm.values[DIGITAL] == {0: 0.97, 1: 0.98}  # the task's digital twin, in every device's cell
+    assert "exact" not in slm.values  # the failed run is left out
     assert slm.gaps["total"][:3] == (pytest.approx(7.0), None, 1)
     assert slm.gaps["combined"] is None and slm.meets_target is None
 
@@ -115,7 +135,7 @@ def test_no_runs_exit_2(tmp_path: Path):
 
 def test_grid_and_commands(tmp_path: Path):
     grid = parity.jobs(["digits"], ["mzi", "slm"], [0, 1])
-    assert len(grid) == 2 * (1 + 2 * 4)                       # one digital twin per task and seed
+    assert len(grid) == 2 * (1 + 2 * 4)  # one digital twin per task and seed
     assert grid[0] == ("digits", DIGITAL, DIGITAL, 0) and grid[-1] == ("digits", "slm", "zo+sm", 1)
     digital = parity.command(tmp_path, "digits", DIGITAL, DIGITAL, 0)
     assert "device=digital" in digital and not any(arg.startswith("mode=") for arg in digital)
@@ -132,7 +152,7 @@ def test_image_folder_is_a_class_tree(tmp_path: Path):
     image = Image.open(root / "rings" / "0002.png")
     assert image.size == (16, 16) and image.mode == "RGB"
     before = (root / "rings" / "0002.png").stat().st_mtime_ns
-    parity.make_image_folder(tmp_path / "images", classes_per_image=3, size=16)   # kept, not rewritten
+    parity.make_image_folder(tmp_path / "images", classes_per_image=3, size=16)  # kept, not rewritten
     assert (root / "rings" / "0002.png").stat().st_mtime_ns == before
 
 
@@ -160,8 +180,12 @@ def test_output_bias_option(make_cfg):
     cfg = make_cfg("device=matvec", "surrogate.output_bias=true")
     model = build_model(cfg, {"num_classes": 10, "in_features": 64})
     (layer,) = hybrid_layers(model).values()
-    module = HybridModule(model, optimizer={"name": "adam", "lr": 1e-3}, physical_optimizer={"name": "adam", "lr": 1e-2},
-                          scheduler={"name": "constant"})
+    module = HybridModule(
+        model,
+        optimizer={"name": "adam", "lr": 1e-3},
+        physical_optimizer={"name": "adam", "lr": 1e-2},
+        scheduler={"name": "constant"},
+    )
     digital_opt, physical_opt = module.configure_optimizers()[0]
     in_group = lambda opt: any(p is layer.bias for g in opt.param_groups for p in g["params"])  # noqa: E731
     assert in_group(digital_opt) and not in_group(physical_opt)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, compose_config
 from omegaconf import OmegaConf
 
 from astraora import cli, preflight
@@ -20,7 +21,6 @@ from astraora.build import build_model
 from astraora.config import PRECISIONS, validate
 from astraora.errors import ConfigError
 from astraora.preflight import LargeTensorsOnMeta, check_accelerator, check_memory, check_trainer, estimate_memory
-from conftest import REPO, compose_config
 
 DIGITS = {"num_classes": 10, "in_features": 64}
 
@@ -37,28 +37,31 @@ def refusal(capsys, argv: list[str], monkeypatch) -> str:
 
 
 # ---------------------------------------------------------------------------------------- the rules
-@pytest.mark.parametrize("override, needle", [
-    ("trainer.precision=bf17", "trainer.precision='bf17' is not allowed; choose one of ['32-true'"),
-    ("trainer.accelerator=foo", "trainer.accelerator='foo' is not allowed; choose one of ['auto'"),
-    ("trainer.devices=0", "trainer.devices=0 is not allowed"),
-    ("trainer.devices=-2", "trainer.devices=-2 is not allowed"),
-    ("trainer.max_steps=-5", "trainer.max_steps=-5 is not allowed"),
-    ("trainer.max_epochs=0", "trainer.max_epochs=0 is not allowed"),
-    ("trainer.max_epochs=-1", "trainer.max_epochs=-1 with trainer.max_steps=-1 trains without end"),
-    ("trainer.limit_train_batches=-1", "trainer.limit_train_batches=-1 is not allowed"),
-    ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches=1.5 is not allowed"),
-    ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0 is not allowed"),
-    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 is not allowed"),
-    ("task.datamodule.batch_size=0", "task.datamodule.batch_size=0 is not allowed; give an integer >= 1"),
-    ("task.datamodule.num_workers=-1", "task.datamodule.num_workers=-1 is not allowed"),
-    ("task.model.hidden=-3", "task.model.hidden=-3 is not allowed; give an integer >= 1"),
-    ("task.model.hidden=0", "task.model.hidden=0 is not allowed"),
-    ("task.optimizer.weight_decay=-1", "task.optimizer.weight_decay=-1 is not allowed"),
-    ("task.optimizer.lr=-0.1", "task.optimizer.lr=-0.1 must be > 0"),
-    ("seed=1.5", "seed=1.5 must be an integer"),
-    ("zo.samples=0", "zo.samples=0 is not allowed"),
-    ("surrogate.rank=0", "surrogate.rank=0 is not allowed"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("trainer.precision=bf17", "trainer.precision='bf17' is not allowed; choose one of ['32-true'"),
+        ("trainer.accelerator=foo", "trainer.accelerator='foo' is not allowed; choose one of ['auto'"),
+        ("trainer.devices=0", "trainer.devices=0 is not allowed"),
+        ("trainer.devices=-2", "trainer.devices=-2 is not allowed"),
+        ("trainer.max_steps=-5", "trainer.max_steps=-5 is not allowed"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 is not allowed"),
+        ("trainer.max_epochs=-1", "trainer.max_epochs=-1 with trainer.max_steps=-1 trains without end"),
+        ("trainer.limit_train_batches=-1", "trainer.limit_train_batches=-1 is not allowed"),
+        ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches=1.5 is not allowed"),
+        ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0 is not allowed"),
+        ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 is not allowed"),
+        ("task.datamodule.batch_size=0", "task.datamodule.batch_size=0 is not allowed; give an integer >= 1"),
+        ("task.datamodule.num_workers=-1", "task.datamodule.num_workers=-1 is not allowed"),
+        ("task.model.hidden=-3", "task.model.hidden=-3 is not allowed; give an integer >= 1"),
+        ("task.model.hidden=0", "task.model.hidden=0 is not allowed"),
+        ("task.optimizer.weight_decay=-1", "task.optimizer.weight_decay=-1 is not allowed"),
+        ("task.optimizer.lr=-0.1", "task.optimizer.lr=-0.1 must be > 0"),
+        ("seed=1.5", "seed=1.5 must be an integer"),
+        ("zo.samples=0", "zo.samples=0 is not allowed"),
+        ("surrogate.rank=0", "surrogate.rank=0 is not allowed"),
+    ],
+)
 def test_rules_refuse_common_bad_values(override, needle):
     with pytest.raises(ConfigError) as err:
         validate(compose_config([override]), import_targets=False)
@@ -68,11 +71,18 @@ def test_rules_refuse_common_bad_values(override, needle):
 def test_rules_accept_every_preset():
     from hydra import compose, initialize_config_dir
 
-    presets = [[f"{group}={p.stem}"] for group in ("trainer", "experiment")
-               for p in sorted((REPO / "conf" / group).glob("*.yaml"))]
+    presets = [
+        [f"{group}={p.stem}"]
+        for group in ("trainer", "experiment")
+        for p in sorted((REPO / "conf" / group).glob("*.yaml"))
+    ]
     with initialize_config_dir(config_dir=cli.CONFIG_DIR, version_base="1.3"):
-        for overrides in [*presets, ["trainer.max_epochs=-1", "trainer.max_steps=100"], ["trainer.devices=[0,1]"],
-                          ["trainer.precision=bf16-mixed", "task.datamodule.num_workers=null"]]:
+        for overrides in [
+            *presets,
+            ["trainer.max_epochs=-1", "trainer.max_steps=100"],
+            ["trainer.devices=[0,1]"],
+            ["trainer.precision=bf16-mixed", "task.datamodule.num_workers=null"],
+        ]:
             validate(compose("config", overrides=overrides), import_targets=False)
 
 
@@ -86,8 +96,12 @@ def test_precisions_are_lightnings():
 # ---------------------------------------------------------------------------------- the command line
 def test_secret_keys_are_refused_before_hydra_writes(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    for argv in (["+device.token=SUPERSECRET1"], ["device.token=SUPERSECRET1"],
-                 ["-m", "+device.api_secret=SUPERSECRET1"], ["hydra.job.env_set.DB_PASSWORD=SUPERSECRET1"]):
+    for argv in (
+        ["+device.token=SUPERSECRET1"],
+        ["device.token=SUPERSECRET1"],
+        ["-m", "+device.api_secret=SUPERSECRET1"],
+        ["hydra.job.env_set.DB_PASSWORD=SUPERSECRET1"],
+    ):
         line = refusal(capsys, argv, monkeypatch)
         assert "SUPERSECRET1" not in line and "$ASTRAORA_DEVICE_TOKEN or device.token_file" in line
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # the other checks are off then; this one is not
@@ -110,8 +124,12 @@ def test_launcher_accelerator_and_multirun_jobs_are_checked_before_hydra(capsys,
 
 
 def test_sweep_jobs_lists_what_the_basic_sweeper_runs():
-    assert cli.sweep_jobs(["a=1", "b=2,3", "c=range(0,2)"]) == [["a=1", "b=2", "c=0"], ["a=1", "b=2", "c=1"],
-                                                                ["a=1", "b=3", "c=0"], ["a=1", "b=3", "c=1"]]
+    assert cli.sweep_jobs(["a=1", "b=2,3", "c=range(0,2)"]) == [
+        ["a=1", "b=2", "c=0"],
+        ["a=1", "b=2", "c=1"],
+        ["a=1", "b=3", "c=0"],
+        ["a=1", "b=3", "c=1"],
+    ]
     many = cli.sweep_jobs([f"k{i}=1,2" for i in range(8)])  # 256 combinations: each value once instead
     assert len(many) == 16 and ["k0=2", *(f"k{i}=1" for i in range(1, 8))] in many
 
@@ -190,8 +208,15 @@ def test_the_oracle_diagnostics_graph_is_counted(monkeypatch):
     check_memory(compose_config(["task.model.hidden=1024", "callbacks.diagnostics.every_n_steps=0"]), DIGITS)
 
 
-@pytest.mark.parametrize("overrides, kwargs", [([], DIGITS), (["task=cifar10"], {"num_classes": 10, "in_channels": 3}),
-                                               (["device=digital"], DIGITS), (["device=mrr"], DIGITS)])
+@pytest.mark.parametrize(
+    "overrides, kwargs",
+    [
+        ([], DIGITS),
+        (["task=cifar10"], {"num_classes": 10, "in_channels": 3}),
+        (["device=digital"], DIGITS),
+        (["device=mrr"], DIGITS),
+    ],
+)
 def test_default_configs_pass(overrides, kwargs, monkeypatch):
     monkeypatch.setattr(preflight, "available_memory", lambda where: 8e9)
     check_memory(compose_config(overrides), kwargs)
@@ -201,8 +226,11 @@ def test_default_configs_pass(overrides, kwargs, monkeypatch):
 def address_space_headroom(gb: float):
     """At most ``gb`` GB more virtual memory in this process: a run that would grow further fails
     with an allocation error here instead of filling the machine's memory."""
-    size = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith("VmSize:"))
+    size = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("VmSize:")
+    )
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (size + int(gb * 1e9), hard))
     try:

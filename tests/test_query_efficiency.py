@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose_config, random_batch
 
 from astraora.config import validate
 from astraora.devices import MatVec, MZIMesh
@@ -15,7 +16,6 @@ from astraora.ledger import QueryLedger
 from astraora.rng import make_generator
 from astraora.surrogate import LowRankSurrogate, make_integrator
 from astraora.zo import ZOEstimator
-from conftest import compose_config, random_batch
 
 OPTIONS = {
     "orthogonal": dict(orthogonal=True),
@@ -59,7 +59,9 @@ def test_ledger_counts_equal_each_options_formula(option, batch, reuse_forward):
         q = min(batch, m)
         used = zo.last_samples
         requery = 0 if (option == "antithetic" or (reuse_forward and device.forward_output_gives_phi(batch > m))) else 1
-        assert ledger.queries["zo"] - before == q * (used + requery) == zo.queries_per_step(batch, m, device, samples=used)
+        assert (
+            ledger.queries["zo"] - before == q * (used + requery) == zo.queries_per_step(batch, m, device, samples=used)
+        )
         if option == "adaptive":
             assert used % 4 == 0 and 4 <= used <= M
         else:
@@ -213,8 +215,16 @@ def test_guided_history_and_every_counter_are_checkpointed():
 
 
 # --------------------------------------------------------------------------- fixed sketch
-def _tracked(reuse: bool, steps: int = 4, drift: float = 0.0, noise: float = 0.0, rebuild_at: tuple = (), forget: bool = False,
-             n: int = 6, M_sm: int = 7):
+def _tracked(
+    reuse: bool,
+    steps: int = 4,
+    drift: float = 0.0,
+    noise: float = 0.0,
+    rebuild_at: tuple = (),
+    forget: bool = False,
+    n: int = 6,
+    M_sm: int = 7,
+):
     """A psi_implicit surrogate following θ through ``steps`` random moves; ``forget`` drops the
     cache before every update (the same fixed Z, queried fresh at θ₀). A fixed sketch is kept only
     where M_sm >= n."""
@@ -284,6 +294,7 @@ def test_fixed_sketch_is_not_kept_where_it_has_fewer_rows_than_the_layer_has_inp
 
 def test_auto_integrator_counts_a_fixed_sketch_only_where_it_is_kept():
     from astraora.surrogate.auto import resolve_integrator
+
     spec = {"name": "auto", "samples": 10, "reuse_sketch": True}
     assert resolve_integrator(spec, d_in=10, rank=2)["name"] == "rebuild"  # 10 <= 2·2 + 10 (Z kept)
     assert resolve_integrator(spec, d_in=20, rank=2)["name"] == "rebuild"  # 20 <= 2·2 + 2·10 (Z not kept)
@@ -291,21 +302,33 @@ def test_auto_integrator_counts_a_fixed_sketch_only_where_it_is_kept():
 
 
 # --------------------------------------------------------------------------- config
-@pytest.mark.parametrize("override, key", [
-    ("zo.between=sometimes", "zo.between"), ("zo.every=0", "zo.every"), ("zo.guided_weight=1.5", "zo.guided_weight"),
-    ("zo.blocks=0", "zo.blocks"), ("zo.orthogonal=maybe", "zo.orthogonal"), ("zo.adaptive_rse=-1", "zo.adaptive_rse"),
-    ("integrator.reuse_sketch=often", "integrator.reuse_sketch"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("zo.between=sometimes", "zo.between"),
+        ("zo.every=0", "zo.every"),
+        ("zo.guided_weight=1.5", "zo.guided_weight"),
+        ("zo.blocks=0", "zo.blocks"),
+        ("zo.orthogonal=maybe", "zo.orthogonal"),
+        ("zo.adaptive_rse=-1", "zo.adaptive_rse"),
+        ("integrator.reuse_sketch=often", "integrator.reuse_sketch"),
+    ],
+)
 def test_bad_query_option_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(compose_config([override]), import_targets=False)
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    (dict(samples=5, antithetic=True), "zo.samples"), (dict(orthogonal=True, direction="rademacher"), "zo.orthogonal"),
-    (dict(antithetic=True, two_sided=True), "zo.antithetic"), (dict(blocks=2, orthogonal=True), "zo.blocks"),
-    (dict(samples=8, adaptive_rse=0.5, min_samples=9), "zo.min_samples"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(samples=5, antithetic=True), "zo.samples"),
+        (dict(orthogonal=True, direction="rademacher"), "zo.orthogonal"),
+        (dict(antithetic=True, two_sided=True), "zo.antithetic"),
+        (dict(blocks=2, orthogonal=True), "zo.blocks"),
+        (dict(samples=8, adaptive_rse=0.5, min_samples=9), "zo.min_samples"),
+    ],
+)
 def test_bad_option_combinations_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         ZOEstimator(generator=make_generator(0, "zo"), **kwargs)
@@ -318,8 +341,9 @@ def test_query_efficient_preset_sets_only_method_keys():
     plain = compose_config(["task=synthetic_audio", "device=mrr"])
     assert (cfg.zo.samples, cfg.zo.every, cfg.zo.between) == (50, 2, "momentum")
     assert cfg.task == plain.task and cfg.device == plain.device and cfg.integrator == plain.integrator
-    assert {k: v for k, v in cfg.zo.items() if k not in ("samples", "every", "between")} == \
-        {k: v for k, v in plain.zo.items() if k not in ("samples", "every", "between")}
+    assert {k: v for k, v in cfg.zo.items() if k not in ("samples", "every", "between")} == {
+        k: v for k, v in plain.zo.items() if k not in ("samples", "every", "between")
+    }
 
 
 # --------------------------------------------------------------------------- study report
@@ -331,8 +355,15 @@ def test_query_study_table_and_plot_from_summaries(tmp_path):
     def summary(task, variant, seed, acc, total):
         d = tmp_path / "runs" / task / variant / f"seed{seed}"
         d.mkdir(parents=True)
-        (d / "summary.json").write_text(json.dumps({"status": "completed", "metrics": {"test/acc": acc},
-                                                    "queries": {"total": total, "zo": total - 10, "surrogate": 5}}))
+        (d / "summary.json").write_text(
+            json.dumps(
+                {
+                    "status": "completed",
+                    "metrics": {"test/acc": acc},
+                    "queries": {"total": total, "zo": total - 10, "surrogate": 5},
+                }
+            )
+        )
 
     summary("digits", "paper", 0, 0.90, 1000)
     summary("digits", "paper", 1, 0.92, 1000)
@@ -348,7 +379,10 @@ def test_query_study_table_and_plot_from_summaries(tmp_path):
 
 def test_query_study_image_folder_runs_on_the_generated_folder(tmp_path):
     from astraora.report.query_study import command, image_root, run_dir
+
     directory = run_dir(tmp_path, "image_folder", "query_efficient", 3)
     cmd = command("image_folder", "query_efficient", 3, directory)
     assert f"task.root={image_root(tmp_path)}" in cmd and "experiment=query_efficient" in cmd and "seed=3" in cmd
-    assert not any(arg.startswith("task.root") for arg in command("digits", "paper", 0, run_dir(tmp_path, "digits", "paper", 0)))
+    assert not any(
+        arg.startswith("task.root") for arg in command("digits", "paper", 0, run_dir(tmp_path, "digits", "paper", 0))
+    )

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
-from astraora.devices import MRRBank, SLM
+from astraora.devices import SLM, MRRBank
 from astraora.errors import ConfigError
 from astraora.hybrid import HybridLayer
 from astraora.rng import make_generator
 from astraora.train import run
 from astraora.zo import ZOEstimator
-from conftest import run_cli
 
 SHORT = ["debug=fast", "trainer.max_epochs=2", "task.model.hidden=16", "surrogate.rank=4"]
 
@@ -38,25 +38,29 @@ def test_layer_randomness_is_keyed_by_name():
     SLM(6, 4, seed=3, name="other.layer", nonideal={"output_noise": 0.1}).query(torch.ones(2, 6))  # a neighbour draws
     b = SLM(6, 4, seed=3, name="head.physical", nonideal={"output_noise": 0.1})
     torch.testing.assert_close(a.query(torch.ones(2, 6)), b.query(torch.ones(2, 6)))
-    assert not torch.equal(make_generator(3, "x", "zo").initial_seed() * torch.ones(1),
-                           make_generator(3, "y", "zo").initial_seed() * torch.ones(1))
+    assert not torch.equal(
+        make_generator(3, "x", "zo").initial_seed() * torch.ones(1),
+        make_generator(3, "y", "zo").initial_seed() * torch.ones(1),
+    )
 
 
 def test_transient_faults_are_retried_and_counted(make_cfg):
-    cfg = make_cfg(*SHORT, "device.faults.raise_prob=0.05", "device.faults.nonfinite_prob=0.05",
-                   "device.driver.max_retries=10")
+    cfg = make_cfg(
+        *SHORT, "device.faults.raise_prob=0.05", "device.faults.nonfinite_prob=0.05", "device.driver.max_retries=10"
+    )
     summary = run(cfg)
     assert summary["status"] == "completed"
     header = (Path(cfg.paths.output_dir) / "metrics.csv").read_text().splitlines()
-    rows = [dict(zip(header[0].split(","), line.split(","))) for line in header[1:]]
+    rows = [dict(zip(header[0].split(","), line.split(","), strict=True)) for line in header[1:]]
     retries = [float(r["queries/retries"]) for r in rows if r.get("queries/retries")]
     assert retries and retries[-1] > 0
 
 
 def test_slow_queries_time_out_and_are_retried():
     device = MRRBank(4, 3, seed=0, name="d", faults={"slow_prob": 0.5, "slow_seconds": 0.05})
-    layer = HybridLayer(device, zo=ZOEstimator(2, generator=make_generator(0, "zo")), rank=2, timeout_s=0.02,
-                        max_retries=30)
+    layer = HybridLayer(
+        device, zo=ZOEstimator(2, generator=make_generator(0, "zo")), rank=2, timeout_s=0.02, max_retries=30
+    )
     for _ in range(5):
         layer(torch.randn(2, 4))
     assert layer.ledger.retries > 0
@@ -64,8 +68,16 @@ def test_slow_queries_time_out_and_are_retried():
 
 def test_persistent_device_failure_checkpoints_and_stops(tmp_path):
     out = tmp_path / "run"
-    result = run_cli([*SHORT, "trainer.max_epochs=3", "device.faults.raise_prob=0.3", "device.driver.max_retries=1",
-                      f"hydra.run.dir={out}"], cwd=tmp_path)
+    result = run_cli(
+        [
+            *SHORT,
+            "trainer.max_epochs=3",
+            "device.faults.raise_prob=0.3",
+            "device.driver.max_retries=1",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 3, result.stderr[-2000:]
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("error: device 'head.physical'") and "failed 2 times" in last
@@ -97,7 +109,7 @@ def test_nonfinite_surrogate_update_is_skipped():
         device.theta.add_(0.01)
     layer.after_optimizer_step()
     assert layer.ledger.skipped["surrogate"] == 1
-    for kept, now in zip(factors, [layer.surrogate.U, layer.surrogate.S, layer.surrogate.V]):
+    for kept, now in zip(factors, [layer.surrogate.U, layer.surrogate.S, layer.surrogate.V], strict=True):
         torch.testing.assert_close(kept, now, equal_nan=True, rtol=0, atol=0)
 
 
@@ -106,8 +118,14 @@ def drifting_run(health_threshold, steps=150):
     The paper's initial range: a matrix with a clear rank-8 part, so that a residual of 0.5 means
     lost track (centred weights have a flat spectrum, and rank 8 alone leaves about that)."""
     device = MRRBank(24, 16, seed=0, name="d", init_high=math.pi / 4, nonideal={"drift_std": 0.05})
-    layer = HybridLayer(device, mode="zo+sm", rank=8, zo=ZOEstimator(2, generator=make_generator(0, "zo")),
-                        integrator={"name": "frozen"}, health_threshold=health_threshold)
+    layer = HybridLayer(
+        device,
+        mode="zo+sm",
+        rank=8,
+        zo=ZOEstimator(2, generator=make_generator(0, "zo")),
+        integrator={"name": "frozen"},
+        health_threshold=health_threshold,
+    )
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
         layer(torch.randn(32, 24, generator=gen))
@@ -128,8 +146,13 @@ def psi_walk(health_growth, integrator=None, steps=60):
     """θ walks by Adam-like steps of 0.01 per control under psi_implicit with a thin sketch
     (M_sm = 8 < n = 24), which drifts away from the best rank-r surrogate."""
     device = SLM(24, 16, seed=0, name="d")
-    layer = HybridLayer(device, mode="exact+sm", rank=4, health_growth=health_growth,
-                        integrator=integrator or {"name": "psi_implicit", "samples": 8})
+    layer = HybridLayer(
+        device,
+        mode="exact+sm",
+        rank=4,
+        health_growth=health_growth,
+        integrator=integrator or {"name": "psi_implicit", "samples": 8},
+    )
     gen = torch.Generator().manual_seed(0)
     ratios = []
     for _ in range(steps):
@@ -167,8 +190,11 @@ def test_health_growth_keeps_psi_near_the_best_rank_r_surrogate():
     _, restored = psi_walk(0.1, steps=1)
     restored.set_extra_state(state)
     assert restored.health_window == layer.health_window and len(layer.health_window) == HybridLayer.HEALTH_WINDOW
-    assert (restored.reference_residual, restored.reference_kind, restored.health_rebuilds) == \
-        (layer.reference_residual, layer.reference_kind, layer.health_rebuilds) and layer.reference_kind == "view"
+    assert (restored.reference_residual, restored.reference_kind, restored.health_rebuilds) == (
+        layer.reference_residual,
+        layer.reference_kind,
+        layer.health_rebuilds,
+    ) and layer.reference_kind == "view"
 
 
 def test_batch_view_gives_the_errors_on_the_inputs_the_batch_spans():
@@ -183,24 +209,24 @@ def test_batch_view_gives_the_errors_on_the_inputs_the_batch_spans():
     a = torch.randn(9, 12, **f64)
     approx = a + 0.05 * torch.randn(9, 12, **f64)
     u, s, vh = torch.linalg.svd(approx)
-    surrogate = (u[:, :3] * s[:3]) @ vh[:3]                                      # some rank-3 surrogate
+    surrogate = (u[:, :3] * s[:3]) @ vh[:3]  # some rank-3 surrogate
     x = torch.randn(400, 12, **f64)
     error, tail = batch_view(x, x @ a.T, x @ surrogate.T, 3)
     torch.testing.assert_close(error, (surrogate - a).square().sum())
     torch.testing.assert_close(tail.sqrt() / a.norm(), torch.tensor(best_rank_error(a, 3), dtype=torch.float64))
-    skewed = x * torch.logspace(-0.6, 0, 12, dtype=torch.float64)                # features not isotropic
-    for got, want in zip(batch_view(skewed, skewed @ a.T, skewed @ surrogate.T, 3), (error, tail)):
+    skewed = x * torch.logspace(-0.6, 0, 12, dtype=torch.float64)  # features not isotropic
+    for got, want in zip(batch_view(skewed, skewed @ a.T, skewed @ surrogate.T, 3), (error, tail), strict=True):
         torch.testing.assert_close(got, want)
-    short = x[:7]                                                                # 7 rows < 12 inputs
-    basis = torch.linalg.svd(short, full_matrices=False)[2]                      # (7, 12): the rows' span
+    short = x[:7]  # 7 rows < 12 inputs
+    basis = torch.linalg.svd(short, full_matrices=False)[2]  # (7, 12): the rows' span
     error, tail = batch_view(short, short @ a.T, short @ surrogate.T, 3)
     torch.testing.assert_close(error, ((surrogate - a) @ basis.T).square().sum())
     torch.testing.assert_close(tail, torch.linalg.svdvals(a @ basis.T)[3:].square().sum())
-    assert batch_view(x[:3], x[:3] @ a.T, x[:3] @ surrogate.T, 3) is None      # spans 3 inputs: fitted exactly
-    assert batch_view(x, x @ a[:3].T, x @ surrogate[:3].T, 3) is None          # 3 outputs
+    assert batch_view(x[:3], x[:3] @ a.T, x[:3] @ surrogate.T, 3) is None  # spans 3 inputs: fitted exactly
+    assert batch_view(x, x @ a[:3].T, x @ surrogate[:3].T, 3) is None  # 3 outputs
     low = torch.randn(9, 2, **f64) @ torch.randn(2, 12, **f64)
-    assert batch_view(x, x @ low.T, x @ surrogate.T, 3) is None                # a rank-2 device
-    x32, low32 = x.float(), low.float()                                           # ... read in float32
+    assert batch_view(x, x @ low.T, x @ surrogate.T, 3) is None  # a rank-2 device
+    x32, low32 = x.float(), low.float()  # ... read in float32
     assert batch_view(x32, x32 @ low32.T, x32 @ surrogate.float().T, 3) is None
 
 
@@ -212,11 +238,11 @@ def test_batch_view_sees_a_drift_through_output_noise_and_skewed_features():
 
     gen = torch.Generator().manual_seed(0)
     n, m, r = 64, 128, 16
-    a = torch.randn(m, n, generator=gen) / n ** 0.5
+    a = torch.randn(m, n, generator=gen) / n**0.5
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     best = (u[:, :r] * s[:r]) @ vh[:r]
     turn = torch.randn(m, r, generator=gen) @ vh[:r]
-    drifted = best + turn * ((a - best).norm() * (1.2 ** 2 - 1) ** 0.5 / turn.norm())  # 1.2 × the best error
+    drifted = best + turn * ((a - best).norm() * (1.2**2 - 1) ** 0.5 / turn.norm())  # 1.2 × the best error
 
     def kappa(surrogate):
         sums = torch.zeros(2, dtype=torch.float64)
@@ -253,15 +279,16 @@ def test_health_growth_sees_drift_behind_a_falling_best_error():
     # the first window (c = 1, 0.95, 0.9) sets the reference; the window of c = 0.9, 0.85, 0.8 is
     # the first over 1.1× it
     assert seen.index(True) == 4
-    assert not any(walk(plain=True))                  # the plain residual stays level: never fires
+    assert not any(walk(plain=True))  # the plain residual stays level: never fires
 
 
 def falling_best_error_layer() -> HybridLayer:
     """A 12 → 10 MatVec layer (θ = A) with a frozen rank-3 surrogate and ``health_growth=0.1``."""
     from astraora.devices import MatVec
 
-    layer = HybridLayer(MatVec(12, 10, seed=0, name="d"), mode="exact+sm", rank=3, integrator={"name": "frozen"},
-                        health_growth=0.1)
+    layer = HybridLayer(
+        MatVec(12, 10, seed=0, name="d"), mode="exact+sm", rank=3, integrator={"name": "frozen"}, health_growth=0.1
+    )
     return layer.train()
 
 
@@ -279,7 +306,7 @@ def falling_best_error_walk(layer: HybridLayer, batch, steps: int = 15):
     turn = turn * tail.norm() / turn.norm()
     for c in torch.linspace(1.0, 0.3, steps):
         with torch.no_grad():
-            layer.device.theta.copy_(head + float(c) * tail + float((1 - c ** 2).sqrt()) * turn)
+            layer.device.theta.copy_(head + float(c) * tail + float((1 - c**2).sqrt()) * turn)
         before = layer.health_rebuilds
         layer(batch())
         yield layer.health_rebuilds > before
@@ -289,7 +316,9 @@ def test_health_growth_does_not_fire_on_batch_noise():
     """θ stands still, so the surrogate stays the best rank-r one; batches of 16 rows (fewer than the
     24 inputs) each see A on another subspace: 60 steps without a rebuild."""
     device = SLM(24, 16, seed=0, name="d")
-    layer = HybridLayer(device, mode="exact+sm", rank=4, health_growth=0.1, integrator={"name": "psi_implicit", "samples": 8})
+    layer = HybridLayer(
+        device, mode="exact+sm", rank=4, health_growth=0.1, integrator={"name": "psi_implicit", "samples": 8}
+    )
     layer.train()
     gen = torch.Generator().manual_seed(0)
     for _ in range(60):
@@ -306,7 +335,7 @@ def test_health_growth_falls_back_to_the_plain_residual_when_batches_stop_tellin
     for _ in range(HybridLayer.HEALTH_WINDOW):
         layer(torch.randn(50, 12, generator=gen))
     assert layer.reference_kind == "view" and layer.reference_residual is not None
-    layer(torch.randn(2, 12, generator=gen))                    # 2 rows, rank 3: cannot tell
+    layer(torch.randn(2, 12, generator=gen))  # 2 rows, rank 3: cannot tell
     assert layer.reference_kind == "view" and len(layer.health_window) == HybridLayer.HEALTH_WINDOW
     for _ in range(HybridLayer.HEALTH_WINDOW - 1):
         layer(torch.randn(2, 12, generator=gen))
@@ -334,11 +363,14 @@ def test_exact_mode_needs_a_simulator():
 # One command line per place a bad value is caught: a group option and a validated value before Hydra
 # starts (astraora.cli), a device option when the network is built (run(); the rank is checked there
 # too, in-process in test_train.py, as is every key's own check).
-@pytest.mark.parametrize("args, key", [
-    (["task=nonexistent"], "task=nonexistent"),
-    (["zo.samples=0", "zo.two_sided=true"], "zo.samples=0"),
-    (["device.nonideal.phase_bits=1"], "device.nonideal.phase_bits"),
-])
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["task=nonexistent"], "task=nonexistent"),
+        (["zo.samples=0", "zo.two_sided=true"], "zo.samples=0"),
+        (["device.nonideal.phase_bits=1"], "device.nonideal.phase_bits"),
+    ],
+)
 def test_bad_config_exit_code_two(tmp_path, args, key):
     result = run_cli([*args, f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]

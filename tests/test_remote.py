@@ -12,25 +12,24 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import zmq
+from conftest import REPO, compose_config
 from hydra import compose, initialize_config_dir
 from torch import Tensor
 
 from astraora.build import device_spec, make_device
 from astraora.errors import ConfigError, DeviceFailure, DeviceFault
 from astraora.ledger import QueryLedger
-from astraora.remote import DeviceInfo, DeviceServer, LabDevice, RemoteDevice, RemoteError
+from astraora.remote import DeviceInfo, DeviceServer, LabDevice, RemoteDevice
 from astraora.remote.benchmark import measure
 from astraora.remote.keys import ClientKeys
 from astraora.remote.server import build_server, check_device_override, device_opener
 from astraora.remote.token import TOKEN_ENV, read_token
 from astraora.remote.wire import PROTOCOL_VERSION, encode
 from astraora.train import CONFIG_DIR, run
-from conftest import REPO, compose_config
 
 TOKEN = "test-token-0123456789"
 FAST = ["debug=fast", "task.model.hidden=16", "surrogate.rank=4", "trainer.max_epochs=2"]
@@ -100,8 +99,12 @@ def test_training_over_loopback_equals_in_process(tmp_path):
     overrides = [*FAST, "device.nonideal.output_noise=0.02", "device.nonideal.drift_std=1e-3"]
     local = run(compose_config([*overrides, "device=mzi"], tmp_path / "local"))
     with serving("device=mzi", "device.nonideal.output_noise=0.02", "device.nonideal.drift_std=1e-3") as server:
-        remote = run(compose_config([*FAST, "device=remote", f"device.address={server.endpoint}", "device.timeout_s=10"],
-                                    tmp_path / "remote"))
+        remote = run(
+            compose_config(
+                [*FAST, "device=remote", f"device.address={server.endpoint}", "device.timeout_s=10"],
+                tmp_path / "remote",
+            )
+        )
     assert remote["status"] == "completed" and remote["device"] == "remote"
     for key in ("metrics", "queries", "reprograms", "steps", "epochs"):
         assert remote[key] == local[key], key
@@ -119,14 +122,29 @@ def test_a_served_entrywise_device_declares_its_structure_for_colored_difference
         assert client(server).jacobian_offsets() == (-1, 0, 1)
         # the MRR family's θ rate (3e-2, conf/device/mrr.yaml) is not known to device=remote: given as
         # the family's own entry gives it (README, "Hardware in the loop")
-        remote = run(compose_config([*FAST, "device=remote", f"device.address={server.endpoint}", "device.timeout_s=10",
-                                     "zo=colored", "+device.theta_lr=3e-2"], tmp_path / "remote"))
+        remote = run(
+            compose_config(
+                [
+                    *FAST,
+                    "device=remote",
+                    f"device.address={server.endpoint}",
+                    "device.timeout_s=10",
+                    "zo=colored",
+                    "+device.theta_lr=3e-2",
+                ],
+                tmp_path / "remote",
+            )
+        )
     for key in ("metrics", "queries", "reprograms", "steps"):
         assert remote[key] == local[key], key
     with serving("device=mzi") as server:
         assert client(server).jacobian_offsets() is None
         with pytest.raises(ConfigError, match="zo.direction=colored needs a device with one control per matrix entry"):
-            run(compose_config([*FAST, "device=remote", f"device.address={server.endpoint}", "zo=colored"], tmp_path / "mzi"))
+            run(
+                compose_config(
+                    [*FAST, "device=remote", f"device.address={server.endpoint}", "zo=colored"], tmp_path / "mzi"
+                )
+            )
 
 
 def test_a_served_chips_family_defaults_are_given_as_its_own_entry_gives_them():
@@ -135,8 +153,9 @@ def test_a_served_chips_family_defaults_are_given_as_its_own_entry_gives_them():
     plain = compose_config(["device=remote"])
     assert (plain.physical_optimizer.lr, plain.zo.direction) == (1e-2, "gaussian")
     assert plain.physical_scheduler.name == plain.scheduler.name
-    slm = compose_config(["device=remote", "+device.zo_direction=colored", "+device.theta_lr=3e-3",
-                          "+device.theta_schedule=constant"])
+    slm = compose_config(
+        ["device=remote", "+device.zo_direction=colored", "+device.theta_lr=3e-3", "+device.theta_schedule=constant"]
+    )
     assert (slm.physical_optimizer.lr, slm.zo.direction, slm.physical_scheduler.name) == (3e-3, "colored", "constant")
     assert not {"theta_lr", "zo_direction", "theta_schedule"} & set(device_spec(slm.device))
 
@@ -150,8 +169,13 @@ def test_remote_device_refuses_oracle_modes(tmp_path):
 
 def start_server_process(address: str, *overrides: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), TOKEN_ENV: TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "astraora.remote", "device=slm", f"server.address={address}", *overrides],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "astraora.remote", "device=slm", f"server.address={address}", *overrides],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = []
     for line in proc.stdout:  # "astraora-device-server: serving ... on tcp://127.0.0.1:PORT[, adding ...]"
         if "serving" in line:
@@ -163,11 +187,23 @@ def start_server_process(address: str, *overrides: str) -> tuple[subprocess.Pope
 def test_killed_server_checkpoints_and_stops_then_resume_finishes(tmp_path):
     server, endpoint = start_server_process("tcp://127.0.0.1:*", "server.delay_s=0.05")  # a slow chip
     run_dir = tmp_path / "run"
-    args = [*FAST, "trainer.max_epochs=3", "device=remote", f"device.address={endpoint}", "device.timeout_s=0.5",
-            "device.driver.max_retries=1"]
+    args = [
+        *FAST,
+        "trainer.max_epochs=3",
+        "device=remote",
+        f"device.address={endpoint}",
+        "device.timeout_s=0.5",
+        "device.driver.max_retries=1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", TOKEN_ENV: TOKEN}
-    train = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    train = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not (run_dir / "checkpoints" / "step2.ckpt").exists() and time.time() < deadline and train.poll() is None:
@@ -182,7 +218,9 @@ def test_killed_server_checkpoints_and_stops_then_resume_finishes(tmp_path):
     assert train.returncode == 3, stderr[-2000:]
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: device 'head.physical': a ") and "failed 2 times" in lines[-1]
-    assert f"device server {endpoint}" in lines[-1] and ("closed the connection" in lines[-1] or "no connection" in lines[-1])
+    assert f"device server {endpoint}" in lines[-1] and (
+        "closed the connection" in lines[-1] or "no connection" in lines[-1]
+    )
     assert TOKEN not in stdout + stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "device_failure" and 2 <= summary["steps"] < 9
@@ -201,8 +239,11 @@ def test_unreachable_server_stops_the_build():
     with socket.socket() as s:  # a free port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(DeviceFailure, match=f"tcp://127.0.0.1:{port}: no connection within 0.2 s "
-                                            r"\(is astraora-device-server running there\?\)$"):
+    with pytest.raises(
+        DeviceFailure,
+        match=f"tcp://127.0.0.1:{port}: no connection within 0.2 s "
+        r"\(is astraora-device-server running there\?\)$",
+    ):
         RemoteDevice(4, 4, address=f"tcp://127.0.0.1:{port}", open_timeout_s=0.2)
 
 
@@ -230,19 +271,54 @@ def test_bad_clients_are_refused_and_the_good_one_is_served_unchanged():
         replies = [
             raw_request(ep, [b"\x00\xff garbage \x13"]),  # not JSON
             raw_request(ep, [b"[1, 2]"]),  # JSON, not an object
-            raw_request(ep, [json.dumps({**query, "id": next(ids), "tensors": [{"name": "x", "dtype": "object", "shape": [1]}]}).encode(), b"\x80"]),
-            raw_request(ep, [json.dumps({**query, "id": next(ids), "tensors": [{"name": "x", "dtype": "float32", "shape": [9, 9]}]}).encode(), b"1234"]),
-            raw_request(ep, encode({**query, "id": next(ids)}, {"x": torch.randn(3, 5), "theta": theta})),  # wrong width
+            raw_request(
+                ep,
+                [
+                    json.dumps(
+                        {**query, "id": next(ids), "tensors": [{"name": "x", "dtype": "object", "shape": [1]}]}
+                    ).encode(),
+                    b"\x80",
+                ],
+            ),
+            raw_request(
+                ep,
+                [
+                    json.dumps(
+                        {**query, "id": next(ids), "tensors": [{"name": "x", "dtype": "float32", "shape": [9, 9]}]}
+                    ).encode(),
+                    b"1234",
+                ],
+            ),
+            raw_request(
+                ep, encode({**query, "id": next(ids)}, {"x": torch.randn(3, 5), "theta": theta})
+            ),  # wrong width
             raw_request(ep, encode({**query, "id": next(ids), "purpose": "steal"}, {"x": x, "theta": theta})),
             raw_request(ep, encode({**query, "id": next(ids), "op": "exec"})),  # unknown op
             raw_request(ep, encode({**query, "id": next(ids), "handle": "nope"}, {"x": x, "theta": theta})),
-            raw_request(ep, encode({**query, "id": next(ids), "op": "set_state"}, {"noise": torch.zeros(3, dtype=torch.uint8)})),
-            raw_request(ep, encode({**query, "id": next(ids)}, {f"t{i}": torch.zeros(2**17) for i in range(3)})),  # 1.5 MiB in frames of 0.5
-            raw_request(ep, encode({**query, "id": next(ids), "v": 1, "token": TOKEN}, {"x": x, "theta": theta})),  # the old protocol
+            raw_request(
+                ep, encode({**query, "id": next(ids), "op": "set_state"}, {"noise": torch.zeros(3, dtype=torch.uint8)})
+            ),
+            raw_request(
+                ep, encode({**query, "id": next(ids)}, {f"t{i}": torch.zeros(2**17) for i in range(3)})
+            ),  # 1.5 MiB in frames of 0.5
+            raw_request(
+                ep, encode({**query, "id": next(ids), "v": 1, "token": TOKEN}, {"x": x, "theta": theta})
+            ),  # the old protocol
         ]
         codes = [r["error"]["code"] if r and not r["ok"] else r for r in replies]
-        assert codes == ["malformed", "malformed", "malformed", "malformed", "malformed", "malformed",
-                         "malformed", "unknown_handle", "malformed", "too_large", "malformed"]
+        assert codes == [
+            "malformed",
+            "malformed",
+            "malformed",
+            "malformed",
+            "malformed",
+            "malformed",
+            "malformed",
+            "unknown_handle",
+            "malformed",
+            "too_large",
+            "malformed",
+        ]
         assert raw_request(ep, [b"x" * (2 * 2**20)], timeout_s=0.5) is None  # one frame over the limit: dropped unread
         with socket.create_connection(("127.0.0.1", int(ep.rsplit(":", 1)[1]))) as raw:  # not even ZeroMQ
             raw.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(range(256)))
@@ -351,8 +427,11 @@ def test_a_lost_layer_with_state_stops_the_run_and_one_without_continues():
         state = remote.generator_states()  # as a checkpoint does
         assert remote.stateful and set(state) == {"noise", "drift", "faults", "drift_offset"}
         server.sessions.clear()  # what a restart loses
-        with pytest.raises(DeviceFailure, match=r"lost layer 'layer' \(restarted\?\); resume=<run dir> continues "
-                                                "exactly from the last checkpoint"):
+        with pytest.raises(
+            DeviceFailure,
+            match=r"lost layer 'layer' \(restarted\?\); resume=<run dir> continues "
+            "exactly from the last checkpoint",
+        ):
             QueryLedger(remote, max_retries=3).query(x, "forward")
         assert not server.sessions  # nothing was opened behind the run's back
         with pytest.raises(DeviceFailure):  # no checkpoint from a state the server no longer has
@@ -374,4 +453,6 @@ def test_a_lost_layer_with_state_stops_the_run_and_one_without_continues():
 
 def test_benchmark_prints_loopback_and_in_process_rates():
     lines = measure("slm", width=8, batch=4, settings=3, seconds=0.05)
-    assert len(lines) == 2 and all("in-process" in line and "loopback" in line and "queries/s" in line for line in lines)
+    assert len(lines) == 2 and all(
+        "in-process" in line and "loopback" in line and "queries/s" in line for line in lines
+    )

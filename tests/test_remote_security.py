@@ -12,17 +12,18 @@ import time
 
 import pytest
 import torch
+from conftest import compose_config
+from test_remote import TOKEN, client, peer, raw_request, request_header, server_config, serving, token_env  # noqa: F401
 from torch import Tensor
 
 from astraora.build import make_device
 from astraora.errors import ConfigError, DeviceFailure, DeviceFault
 from astraora.ledger import QueryLedger
 from astraora.remote import DeviceInfo, DeviceServer, LabDevice, RemoteDevice
-from astraora.remote.keys import ClientKeys, ServerKeys, main as make_keys
+from astraora.remote.keys import ClientKeys, ServerKeys
+from astraora.remote.keys import main as make_keys
 from astraora.remote.server import Limits, RateLimitedLog, build_server, device_opener
 from astraora.remote.wire import encode
-from conftest import compose_config
-from test_remote import TOKEN, client, peer, raw_request, request_header, server_config, serving, token_env  # noqa: F401
 
 NOISY = ["device=slm", "device.nonideal.output_noise=0.1"]
 
@@ -45,8 +46,9 @@ def test_a_wrong_token_is_refused_at_the_handshake_with_one_line_in_seconds():
             client(server, secret="another-token-123")
         assert time.monotonic() - start < 2  # not open_timeout_s (5 s here)
         message = str(info.value)
-        assert message == (f"device server {server.endpoint} refused this client's key at the handshake "
-                           "(wrong ASTRAORA_DEVICE_TOKEN?)")
+        assert message == (
+            f"device server {server.endpoint} refused this client's key at the handshake (wrong ASTRAORA_DEVICE_TOKEN?)"
+        )
         assert "another-token-123" not in message and TOKEN not in message
         assert server.requests == 0 and server.denied >= 1
 
@@ -85,8 +87,9 @@ def test_per_client_key_files_bind_sessions_to_the_key(tmp_path, capsys):
     for name in ("alice", "bob"):
         (clients / f"{name}.key").write_text((tmp_path / name / f"{name}.key").read_text())
     assert "secret key" in capsys.readouterr().out
-    cfg = server_config("device=slm", f"server.key_file={tmp_path}/server/server.key_secret",
-                        f"server.client_keys_dir={clients}")
+    cfg = server_config(
+        "device=slm", f"server.key_file={tmp_path}/server/server.key_secret", f"server.client_keys_dir={clients}"
+    )
     server_key = str(tmp_path / "server" / "server.key")
 
     def keyed(server, name: str, **kwargs) -> RemoteDevice:
@@ -131,8 +134,14 @@ def test_another_session_cannot_touch_a_layer_and_its_noise_stream_is_unchanged(
         ref = reference(*NOISY)
         torch.testing.assert_close(owner.query(x), ref.query(x), rtol=0, atol=0)
         state = {k: v.clone() for k, v in owner.generator_states().items()}
-        attempts = [("query", {"x": x, "theta": owner.theta.detach()}), ("set_state", state), ("get_state", None),
-                    ("step", None), ("program", {"theta": owner.theta.detach()}), ("close", None)]
+        attempts = [
+            ("query", {"x": x, "theta": owner.theta.detach()}),
+            ("set_state", state),
+            ("get_state", None),
+            ("step", None),
+            ("program", {"theta": owner.theta.detach()}),
+            ("close", None),
+        ]
         for op, tensors in attempts:
             with pytest.raises(DeviceFault, match=r"\(unknown_handle\)"):
                 other.connection.request(op, {"handle": owner.handle}, tensors)
@@ -236,7 +245,7 @@ def test_a_split_call_retried_after_a_lost_part_asks_only_for_what_is_missing():
         got = ledger.query_settings(x, thetas, "zo")
         assert server.lost == 1 and ledger.retries == 1 and server.answered >= 4
         k, _ = remote._split(9, 3, shared_rows=True)  # the settings per request, as in-process calls
-        expected = torch.cat([ref.query(x, thetas[i:i + k], purpose="zo") for i in range(0, 9, k)])
+        expected = torch.cat([ref.query(x, thetas[i : i + k], purpose="zo") for i in range(0, 9, k)])
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         assert torch.equal(remote.generator_states()["noise"], ref.noise_gen.get_state())
 
@@ -281,9 +290,12 @@ def test_set_state_changes_nothing_when_refused():
         x = torch.randn(2, 6)
         torch.testing.assert_close(remote.query(x), ref.query(x), rtol=0, atol=0)
         good = remote.generator_states()
-        broken = [{**good, "faults": torch.zeros_like(good["faults"])},  # not a generator state (checked last)
-                  {**good, "drift_offset": torch.full_like(good["drift_offset"], float("nan"))},
-                  {**good, "noise": good["noise"][:-1]}, {k: v for k, v in good.items() if k != "drift"}]
+        broken = [
+            {**good, "faults": torch.zeros_like(good["faults"])},  # not a generator state (checked last)
+            {**good, "drift_offset": torch.full_like(good["drift_offset"], float("nan"))},
+            {**good, "noise": good["noise"][:-1]},
+            {k: v for k, v in good.items() if k != "drift"},
+        ]
         for state in broken:
             with pytest.raises(DeviceFault, match=r"\(malformed\): set_state"):
                 remote.connection.request("set_state", {"handle": remote.handle}, state)
@@ -310,7 +322,9 @@ def test_malformed_input_of_any_kind_is_malformed_never_internal():
         bad = [
             [b"[" * 30000 + b"]" * 30000],  # deep JSON
             [b'{"v":2,"op":"ping","id":' + b"9" * 5000 + b"}"],  # a 5000-digit integer
-            [json.dumps(request_header("open", d_in=6, d_out=4, seed=0, name="\ud800", id=2)).encode()],  # lone surrogate
+            [
+                json.dumps(request_header("open", d_in=6, d_out=4, seed=0, name="\ud800", id=2)).encode()
+            ],  # lone surrogate
             [json.dumps({**query, "id": 3}).replace('"id": 3', '"id": 3, "x": NaN').encode()],  # NaN
             [b'{"v":2,"op":"ping","id":1e999}'],  # an infinite number
             encode(request_header("open", d_in="6", d_out=4, seed=0, name="l", id=4)),  # wrong types
@@ -323,8 +337,18 @@ def test_malformed_input_of_any_kind_is_malformed_never_internal():
             encode({**query, "id": 1.5}, {"x": x}),  # a float id
             encode({**query, "id": 11, "session": "not hex"}, {"x": x}),
             encode({**query, "id": 12, "session": None}, {"x": x}),
-            [json.dumps({**query, "id": 13, "tensors": [{"name": "x", "dtype": ["float32"], "shape": [1]}]}).encode(), b"1234"],
-            [json.dumps({**query, "id": 14, "tensors": [{"name": "x", "dtype": "float32", "shape": [2**70]}]}).encode(), b"12"],
+            [
+                json.dumps(
+                    {**query, "id": 13, "tensors": [{"name": "x", "dtype": ["float32"], "shape": [1]}]}
+                ).encode(),
+                b"1234",
+            ],
+            [
+                json.dumps(
+                    {**query, "id": 14, "tensors": [{"name": "x", "dtype": "float32", "shape": [2**70]}]}
+                ).encode(),
+                b"12",
+            ],
         ]
         codes = [raw_request(ep, frames)["error"]["code"] for frames in bad]
         assert codes == ["malformed"] * len(bad)
@@ -348,7 +372,7 @@ def test_bad_message_logging_is_rate_limited(caplog):
     with serving(server=server), caplog.at_level(logging.WARNING, logger="astraora.server"):
         caplog.clear()
         sock = peer(server.endpoint)
-        for i in range(40):
+        for _ in range(40):
             sock.send_multipart([b"not json"])
         for _ in range(40):
             assert sock.poll(5000)
@@ -409,8 +433,12 @@ def test_the_socket_loop_answers_while_a_big_open_runs():
     server = DeviceServer(opener, TOKEN, address="tcp://127.0.0.1:*")
     with serving(server=server):
         served = RemoteDevice(2, 2, address=server.endpoint, open_timeout_s=5, timeout_s=5, name="small")
-        big = threading.Thread(target=lambda: RemoteDevice(2, 2, address=server.endpoint, session="ef" * 16, name="big",
-                                                           open_timeout_s=10), daemon=True)
+        big = threading.Thread(
+            target=lambda: RemoteDevice(
+                2, 2, address=server.endpoint, session="ef" * 16, name="big", open_timeout_s=10
+            ),
+            daemon=True,
+        )
         big.start()
         time.sleep(0.2)
         start = time.monotonic()

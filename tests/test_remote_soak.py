@@ -16,17 +16,31 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from astraora.remote.token import TOKEN_ENV
-from conftest import REPO
 
 TOKEN = "soak-token-0123456789"
 DEVICE = ["device=mzi", "device.nonideal.output_noise=0.01"]
-RUN = ["task.model.hidden=16", "surrogate.rank=4", "trainer.max_epochs=10", "trainer.limit_train_batches=8",
-       "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false",
-       "trainer.enable_model_summary=false", "trainer.deterministic=true", "trainer.log_every_n_steps=1",
-       "callbacks.checkpoint.every_n_train_steps=2", "zo.samples=8", "integrator.samples=8", "device=remote",
-       "device.timeout_s=5", "device.open_timeout_s=20", "device.driver.max_retries=1"]
+RUN = [
+    "task.model.hidden=16",
+    "surrogate.rank=4",
+    "trainer.max_epochs=10",
+    "trainer.limit_train_batches=8",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.deterministic=true",
+    "trainer.log_every_n_steps=1",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    "zo.samples=8",
+    "integrator.samples=8",
+    "device=remote",
+    "device.timeout_s=5",
+    "device.open_timeout_s=20",
+    "device.driver.max_retries=1",
+]
 KILLS = 5
 
 
@@ -42,9 +56,20 @@ def environment() -> dict:
 
 def start_server(endpoint: str) -> subprocess.Popen:
     """``astraora-device-server`` on ``endpoint``; returns once it says it is serving."""
-    proc = subprocess.Popen([sys.executable, "-m", "astraora.remote", *DEVICE, f"server.address={endpoint}",
-                             "server.delay_s=0.01"],  # a slower chip: the run lasts long enough to be killed often
-                            env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "astraora.remote",
+            *DEVICE,
+            f"server.address={endpoint}",
+            "server.delay_s=0.01",
+        ],  # a slower chip: the run lasts long enough to be killed often
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = []
     for line in proc.stdout:
         if "serving" in line:
@@ -54,8 +79,13 @@ def start_server(endpoint: str) -> subprocess.Popen:
 
 
 def train(args: list[str], run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"],
-                            env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"],
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
@@ -84,8 +114,11 @@ def test_served_noisy_chip_killed_five_times_ends_equal_to_the_uninterrupted_run
             # wait for a checkpoint later than the one this cycle started from, then kill after a random delay
             start_step = max(checkpoint_steps(run_dir), default=-1)
             deadline = time.time() + 300
-            while (max(checkpoint_steps(run_dir), default=-1) <= start_step and proc.poll() is None
-                   and time.time() < deadline):
+            while (
+                max(checkpoint_steps(run_dir), default=-1) <= start_step
+                and proc.poll() is None
+                and time.time() < deadline
+            ):
                 time.sleep(0.02)
             if proc.poll() is not None or kills == KILLS:
                 break

@@ -87,10 +87,17 @@ def test_native_kernels_give_the_same_bits_on_every_instruction_set(isa_librarie
         theta = (device.theta.detach()[None] + 4.0 * torch.randn(k, device.num_params, generator=gen)).to(dtype)
         cell_fn, tile_theta = device._tile_cell(theta)  # the cell formula (and phase order) the tile engine uses
         for group in tiled._plan(False, 4)[:2] + tiled._plan(True, 2)[:1]:  # trimmed and uniform layouts
-            _assert_same_bits(isa_libraries, monkeypatch, native.cell_blocks, native.CELLS[cell_fn], tile_theta.T,
-                              group.slot_cell,
-                              tiled._steps_array, tiled.L)
-            coef = torch.randn(4, tiled.L ** 2, group.slot_cell.shape[1], k, generator=gen, dtype=complex_dtype)
+            _assert_same_bits(
+                isa_libraries,
+                monkeypatch,
+                native.cell_blocks,
+                native.CELLS[cell_fn],
+                tile_theta.T,
+                group.slot_cell,
+                tiled._steps_array,
+                tiled.L,
+            )
+            coef = torch.randn(4, tiled.L**2, group.slot_cell.shape[1], k, generator=gen, dtype=complex_dtype)
             _assert_same_bits(isa_libraries, monkeypatch, native.tile_blocks, coef, tiled._steps_array, tiled.L)
         x = torch.randn(9, n, generator=gen, dtype=dtype)
         _assert_same_bits(isa_libraries, monkeypatch, device.transfer, theta, x)
@@ -116,8 +123,10 @@ def test_native_products_give_the_same_bits_on_every_instruction_set(isa_librari
 def test_cache_key_holds_every_flag(monkeypatch, tmp_path):
     """Builds for different instruction sets (or any other flag) never share a cached library."""
     monkeypatch.setenv("ASTRAORA_CACHE_DIR", str(tmp_path))
-    paths = {native.library_path("cc", _isa_flags(arch)) for arch in (["-march=x86-64"], ["-march=native"],
-                                                                      ["-march=x86-64", "-mavx2", "-mfma"])}
+    paths = {
+        native.library_path("cc", _isa_flags(arch))
+        for arch in (["-march=x86-64"], ["-march=native"], ["-march=x86-64", "-mavx2", "-mfma"])
+    }
     paths.add(native.library_path("cc", [flag for flag in native.FLAGS if flag != "-ffp-contract=off"]))
     assert len(paths) == 4 and native.library_path("cc") == native.library_path("cc", native.FLAGS)
     assert "-ffp-contract=off" in native.FLAGS and not {"-ffast-math", "-Ofast"} & set(native.FLAGS)
@@ -165,8 +174,9 @@ print(torch.backends.cpu.get_cpu_capability(), os.environ.get("MKL_CBWR"), hashl
 
 def _probe(**env: str) -> list[str]:
     clean = {k: v for k, v in os.environ.items() if k not in reproducible.SETTINGS and k != reproducible.ENV}
-    done = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.split()
 

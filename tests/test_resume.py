@@ -13,16 +13,27 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import REPO
 
 from astraora.errors import AstraoraError, DeviceFailure, DeviceFault
 from astraora.train import run
-from conftest import REPO
 
-RUN = ["trainer.max_epochs=3", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
-       "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-       "trainer.deterministic=true", "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=3",
-       "callbacks.diagnostics.every_n_steps=2", "zo.samples=8", "integrator.samples=8", "task.model.hidden=16",
-       "surrogate.rank=4"]
+RUN = [
+    "trainer.max_epochs=3",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.deterministic=true",
+    "trainer.log_every_n_steps=1",
+    "callbacks.checkpoint.every_n_train_steps=3",
+    "callbacks.diagnostics.every_n_steps=2",
+    "zo.samples=8",
+    "integrator.samples=8",
+    "task.model.hidden=16",
+    "surrogate.rank=4",
+]
 
 
 class Crash(L.Callback):
@@ -70,9 +81,18 @@ def assert_mid_epoch_resume_is_exact(make_cfg, overrides: list[str]) -> None:
 def test_mid_epoch_resume_with_dropout_equals_uninterrupted(make_cfg):
     """Dropout draws from torch's global generator: a resume from a mid-epoch checkpoint (step 6
     of 4-batch epochs) gives the next batch the masks the uninterrupted run drew."""
-    tiny = ["task=pydoc_text", "task.model.dropout=0.2", "task.model.n_layer=1", "task.model.n_embd=32",
-            "task.model.n_head=2", "task.model.block_size=16", "task.datamodule.samples_per_epoch=256",
-            "task.generate.max_new_tokens=5", *RUN[:-2], "surrogate.rank=4"]
+    tiny = [
+        "task=pydoc_text",
+        "task.model.dropout=0.2",
+        "task.model.n_layer=1",
+        "task.model.n_embd=32",
+        "task.model.n_head=2",
+        "task.model.block_size=16",
+        "task.datamodule.samples_per_epoch=256",
+        "task.generate.max_new_tokens=5",
+        *RUN[:-2],
+        "surrogate.rank=4",
+    ]
     assert_mid_epoch_resume_is_exact(make_cfg, tiny)
 
 
@@ -94,9 +114,11 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     train = [sys.executable, str(REPO / "train.py")]
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
     subprocess.run([*train, *args, f"hydra.run.dir={ref_dir}"], env=env, check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen([*train, *args, f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*train, *args, f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
+
     def saved_steps():
         return [int(p.stem[4:]) for p in (run_dir / "checkpoints").glob("step*.ckpt")]
 
@@ -106,8 +128,13 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (run_dir / "summary.json").exists()
-    resumed = subprocess.run([*train, *args, f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'new'}"], env=env,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [*train, *args, f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'new'}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not (tmp_path / "new").exists() and "resuming from" in (run_dir / "train.log").read_text()
     ref, got = (json.loads((d / "summary.json").read_text()) for d in (ref_dir, run_dir))
@@ -156,8 +183,12 @@ def test_ctrl_c_or_sigterm_still_writes_summary(tmp_path, sig):
     SIGTERM stops it in the middle of a step (a large M), not at the step's end."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *RUN, "trainer.max_epochs=100000",
-                             f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *RUN, "trainer.max_epochs=100000", f"hydra.run.dir={run_dir}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not list((run_dir / "checkpoints").glob("step*.ckpt")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -173,8 +204,12 @@ def test_sigterm_stops_a_long_step_at_once(tmp_path):
     with summary.json saying interrupted (nothing is checkpointed from the middle of the step)."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *RUN, "zo.samples=1000000",
-                             f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *RUN, "zo.samples=1000000", f"hydra.run.dir={run_dir}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     log = run_dir / "train.log"
     while not (log.exists() and "TPU available" in log.read_text(errors="replace")):  # the trainer is built
@@ -266,9 +301,18 @@ def test_mid_epoch_resume_with_augmentation_equals_uninterrupted(make_cfg, worke
     """Training items are augmented (SpecAugment masks) as the loader fetches them, a batch ahead of
     the step and, with workers, in other processes: a resume from a mid-epoch checkpoint (step 6 of
     4-batch epochs) gives every later item the augmentation the uninterrupted run drew."""
-    tiny = ["task=synthetic_audio", f"task.datamodule.num_workers={workers}", "task.datamodule.clips_per_class=24", "task.datamodule.batch_size=8",
-            "task.datamodule.n_mels=16", "task.model.channels=8", "task.model.embedding_dim=8",
-            "task.model.attention_channels=8", *RUN[:-2], "surrogate.rank=4"]
+    tiny = [
+        "task=synthetic_audio",
+        f"task.datamodule.num_workers={workers}",
+        "task.datamodule.clips_per_class=24",
+        "task.datamodule.batch_size=8",
+        "task.datamodule.n_mels=16",
+        "task.model.channels=8",
+        "task.model.embedding_dim=8",
+        "task.model.attention_channels=8",
+        *RUN[:-2],
+        "surrogate.rank=4",
+    ]
     assert_mid_epoch_resume_is_exact(make_cfg, tiny)
 
 

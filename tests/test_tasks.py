@@ -7,36 +7,77 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from fixtures_vision_audio import (
+    write_audio_tree,
+    write_cifar10,
+    write_image_tree,
+    write_mnist,
+    write_speech_commands,
+    write_urbansound8k,
+)
 
 from astraora.train import run
-from fixtures_vision_audio import (write_audio_tree, write_cifar10, write_image_tree, write_mnist,
-                                   write_speech_commands, write_urbansound8k)
 
 TEXT = "\n".join(f"ROMEO: line {i}, the quick brown fox jumps over the lazy dog." for i in range(400)) + "\n"
-STEP = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "callbacks.diagnostics.every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=1",
-        "zo.samples=2", "integrator.samples=2", "surrogate.rank=2"]
-SMALL_AUDIO = ["task.model.channels=8", "task.model.embedding_dim=8", "++task.model.attention_channels=4",
-               "task.datamodule.batch_size=4", "task.datamodule.num_workers=0"]
-SMALL_GPT = ["task.model.n_layer=1", "task.model.n_head=2", "task.model.n_embd=16", "task.model.block_size=16",
-             "task.datamodule.batch_size=4", "task.datamodule.samples_per_epoch=16", "task.generate.max_new_tokens=8"]
+STEP = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=1",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "callbacks.diagnostics.every_n_steps=1",
+    "callbacks.checkpoint.every_n_train_steps=1",
+    "zo.samples=2",
+    "integrator.samples=2",
+    "surrogate.rank=2",
+]
+SMALL_AUDIO = [
+    "task.model.channels=8",
+    "task.model.embedding_dim=8",
+    "++task.model.attention_channels=4",
+    "task.datamodule.batch_size=4",
+    "task.datamodule.num_workers=0",
+]
+SMALL_GPT = [
+    "task.model.n_layer=1",
+    "task.model.n_head=2",
+    "task.model.n_embd=16",
+    "task.model.block_size=16",
+    "task.datamodule.batch_size=4",
+    "task.datamodule.samples_per_epoch=16",
+    "task.generate.max_new_tokens=8",
+]
 
 
 def prepare(task: str, data: Path) -> list[str]:
     """Write the task's fixture under ``data`` and return the overrides that point the task at it."""
     if task == "mnist":
         write_mnist(data)
-        return ["task.datamodule.download=false", "task.datamodule.batch_size=4", "task.datamodule.num_workers=0",
-                "task.model.width=0.0625"]
+        return [
+            "task.datamodule.download=false",
+            "task.datamodule.batch_size=4",
+            "task.datamodule.num_workers=0",
+            "task.model.width=0.0625",
+        ]
     if task == "cifar10":
         write_cifar10(data)  # the official format, not the official files: no checksums to match
-        return ["task.datamodule.download=false", "task.datamodule.verify=false", "task.datamodule.batch_size=4",
-                "task.datamodule.num_workers=0", "task.model.width=0.0625"]
+        return [
+            "task.datamodule.download=false",
+            "task.datamodule.verify=false",
+            "task.datamodule.batch_size=4",
+            "task.datamodule.num_workers=0",
+            "task.model.width=0.0625",
+        ]
     if task == "image_folder":
         write_image_tree(data / "images")
-        return [f"task.root={data / 'images'}", "task.datamodule.batch_size=4", "task.datamodule.num_workers=0",
-                "task.model.width=0.0625", "task.datamodule.image_size=16"]
+        return [
+            f"task.root={data / 'images'}",
+            "task.datamodule.batch_size=4",
+            "task.datamodule.num_workers=0",
+            "task.model.width=0.0625",
+            "task.datamodule.image_size=16",
+        ]
     if task == "speechcommands":
         write_speech_commands(data)
         return ["task.datamodule.download=false", *SMALL_AUDIO]
@@ -68,8 +109,20 @@ def prepare(task: str, data: Path) -> list[str]:
     return ["task.model.hidden=8"]  # digits
 
 
-TASKS = ["digits", "mnist", "cifar10", "image_folder", "speechcommands", "urbansound8k", "audio_folder",
-         "synthetic_audio", "pydoc_text", "tinyshakespeare", "wikitext2", "text_file"]
+TASKS = [
+    "digits",
+    "mnist",
+    "cifar10",
+    "image_folder",
+    "speechcommands",
+    "urbansound8k",
+    "audio_folder",
+    "synthetic_audio",
+    "pydoc_text",
+    "tinyshakespeare",
+    "wikitext2",
+    "text_file",
+]
 
 
 @pytest.mark.parametrize("device", ["slm", "digital"])

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import compose_config, run_cli
 from hydra import compose, initialize_config_dir
 
 from astraora.build import build_model, hybrid_layers
@@ -15,12 +16,24 @@ from astraora.errors import ConfigError
 from astraora.hybrid import HybridLayer
 from astraora.report.compare import main as compare_main
 from astraora.train import CONFIG_DIR, run
-from conftest import compose_config, run_cli
 
-DEVICES = sorted(p.stem for p in (Path(CONFIG_DIR) / "device").glob("*.yaml") if p.stem != "remote")  # needs a server: test_remote.py
+DEVICES = sorted(
+    p.stem for p in (Path(CONFIG_DIR) / "device").glob("*.yaml") if p.stem != "remote"
+)  # needs a server: test_remote.py
 TASKS = sorted(p.stem for p in (Path(CONFIG_DIR) / "task").glob("*.yaml"))
-SUMMARY_KEYS = {"task", "device", "mode", "seed", "metrics", "queries", "reprograms", "surrogate", "steps", "epochs",
-                "wall_seconds"}
+SUMMARY_KEYS = {
+    "task",
+    "device",
+    "mode",
+    "seed",
+    "metrics",
+    "queries",
+    "reprograms",
+    "surrogate",
+    "steps",
+    "epochs",
+    "wall_seconds",
+}
 FAST = ["debug=fast", "callbacks.diagnostics.every_n_steps=1"]
 
 # what only the data knows, for building each task's backbone without its dataset
@@ -39,12 +52,19 @@ MODEL_KWARGS = {
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("task", TASKS)
 def test_every_device_task_config_composes_and_builds(task, device):
-    cfg = compose_config([f"task={task}", f"device={device}", "surrogate.rank=2", "task.model.physical_blocks=1"]
-                         if task in ("tinyshakespeare", "wikitext2", "text_file", "pydoc_text") else
-                         [f"task={task}", f"device={device}", "surrogate.rank=2"])
+    cfg = compose_config(
+        [f"task={task}", f"device={device}", "surrogate.rank=2", "task.model.physical_blocks=1"]
+        if task in ("tinyshakespeare", "wikitext2", "text_file", "pydoc_text")
+        else [f"task={task}", f"device={device}", "surrogate.rank=2"]
+    )
     validate(cfg)
-    if device in ("mzi", "mzi_classical", "monarch") and task in ("cifar10", "urbansound8k", "speechcommands",
-                                                                   "tinyshakespeare", "wikitext2"):
+    if device in ("mzi", "mzi_classical", "monarch") and task in (
+        "cifar10",
+        "urbansound8k",
+        "speechcommands",
+        "tinyshakespeare",
+        "wikitext2",
+    ):
         return  # large meshes: composition and validation are what this test covers for them
     model = build_model(cfg, MODEL_KWARGS.get(task, {"vocab_size": 50}))
     layers = hybrid_layers(model)
@@ -72,9 +92,22 @@ def test_few_batch_training_per_mode(make_cfg, mode):
     assert summary["queries"]["total"] == sum(summary["queries"][p] for p in ("forward", "zo", "surrogate", "readout"))
     assert summary["steps"] == 3 and summary["epochs"] == 1
     header, rows = read_metrics(out)
-    expected = {"train/loss", "val/loss", "val/acc", "queries/total", "queries/per_step", "queries/zo", "device/theta_delta"}
+    expected = {
+        "train/loss",
+        "val/loss",
+        "val/acc",
+        "queries/total",
+        "queries/per_step",
+        "queries/zo",
+        "device/theta_delta",
+    }
     if mode.endswith("+sm"):
-        expected |= {"surrogate/rel_error", "surrogate/rel_error_best_rank_r", "surrogate/grad_cosine", "surrogate/residual"}
+        expected |= {
+            "surrogate/rel_error",
+            "surrogate/rel_error_best_rank_r",
+            "surrogate/grad_cosine",
+            "surrogate/residual",
+        }
         assert summary["surrogate"]["rel_error"] is not None
     if mode.startswith("zo"):
         expected |= {"zo/grad_cosine"}
@@ -91,18 +124,31 @@ def test_digital_baseline_swaps_in_a_linear(make_cfg):
 
 
 def test_language_model_run_writes_perplexity_and_sample(make_cfg):
-    cfg = make_cfg(*FAST, "task=pydoc_text", "device=slm", "task.model.n_layer=1", "task.model.n_embd=32",
-                   "task.model.block_size=16", "task.generate.max_new_tokens=20")
+    cfg = make_cfg(
+        *FAST,
+        "task=pydoc_text",
+        "device=slm",
+        "task.model.n_layer=1",
+        "task.model.n_embd=32",
+        "task.model.block_size=16",
+        "task.generate.max_new_tokens=20",
+    )
     summary = run(cfg)
     assert {"val/loss", "val/ppl", "val/bpc", "test/ppl"} <= set(summary["metrics"])
     assert (Path(cfg.paths.output_dir) / "samples.txt").read_text().strip()
 
 
 def test_bad_values_fail_in_validation(make_cfg):
-    for override, key in [("zo.samples=0", "zo.samples"), ("mode=magic", "mode"), ("surrogate.rank=abc", "surrogate.rank"),
-                          ("integrator.every=0", "integrator.every"), ("zo.direction=cauchy", "zo.direction"),
-                          ("zo.samples=abc", "zo.samples"), ("mode=exact+zo", "mode"),
-                          ("integrator.sketch=sparse", "integrator.sketch")]:
+    for override, key in [
+        ("zo.samples=0", "zo.samples"),
+        ("mode=magic", "mode"),
+        ("surrogate.rank=abc", "surrogate.rank"),
+        ("integrator.every=0", "integrator.every"),
+        ("zo.direction=cauchy", "zo.direction"),
+        ("zo.samples=abc", "zo.samples"),
+        ("mode=exact+zo", "mode"),
+        ("integrator.sketch=sparse", "integrator.sketch"),
+    ]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate(make_cfg(override))
     with pytest.raises(ConfigError, match=r"surrogate\.rank=65"):
@@ -142,9 +188,21 @@ def test_optuna_search_and_joblib_launcher_run(tmp_path):
     """One sweep checks both presets: the Optuna sweeper launches its 2 trials as one batch through
     the joblib launcher (one worker: loky's worker processes would add a start-up per worker)."""
     sweep = tmp_path / "optuna"
-    result = run_cli(["-m", "hparams_search=optuna", "launcher=joblib", "hydra.launcher.n_jobs=1",
-                      "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", *FAST, "device=slm", "task.model.hidden=24",
-                      f"hydra.sweep.dir={sweep}"], cwd=tmp_path)  # ranks up to 20
+    result = run_cli(
+        [
+            "-m",
+            "hparams_search=optuna",
+            "launcher=joblib",
+            "hydra.launcher.n_jobs=1",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2",
+            *FAST,
+            "device=slm",
+            "task.model.hidden=24",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )  # ranks up to 20
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(sweep.glob("*/summary.json"))) == 2
     assert "best_value" in (sweep / "optimization_results.yaml").read_text()
@@ -179,7 +237,10 @@ def test_physical_scheduler_follows_scheduler_unless_set():
     # a family's own default (slm: theta_schedule constant), and the paper presets' cosine for θ
     assert factors("device=slm") == (pytest.approx(0.0), 1.0)
     assert factors("device=slm", "physical_scheduler.name=cosine") == (pytest.approx(0.0), pytest.approx(0.0))
-    assert factors("device=slm", "experiment=ablation_modes", "surrogate.rank=4") == (pytest.approx(0.0), pytest.approx(0.0))
+    assert factors("device=slm", "experiment=ablation_modes", "surrogate.rank=4") == (
+        pytest.approx(0.0),
+        pytest.approx(0.0),
+    )
     assert factors("device=mrr") == (pytest.approx(0.0), pytest.approx(0.0))
     with pytest.raises(ConfigError, match="physical_scheduler.name"):
         validate(compose_config(["physical_scheduler.name=linear"]), import_targets=False)

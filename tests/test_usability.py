@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from astraora.errors import AstraoraError
-from astraora.train import CHECKPOINT_META, run
 from conftest import run_cli
 from fixtures_vision_audio import write_audio_tree, write_image_tree
 from wandb_offline import read_offline_run
+
+from astraora.errors import AstraoraError
+from astraora.train import CHECKPOINT_META, run
 
 FAST = ["debug=fast", "task.model.hidden=16", "surrogate.rank=4"]
 
@@ -55,8 +55,13 @@ def test_empty_class_folder_and_empty_split_are_one_line(make_cfg, tmp_path):
     with pytest.raises(AstraoraError, match="empty_class has no readable files"):
         run(cfg)
     (root / "empty_class").rmdir()
-    cfg = make_cfg(*FAST[:1], "task=image_folder", f"task.root={root}", "task.datamodule.num_workers=0",
-                   "task.datamodule.val_fraction=0.01")
+    cfg = make_cfg(
+        *FAST[:1],
+        "task=image_folder",
+        f"task.root={root}",
+        "task.datamodule.num_workers=0",
+        "task.datamodule.val_fraction=0.01",
+    )
     with pytest.raises(AstraoraError, match=r"the val split .* is empty.*val_fraction"):
         run(cfg)
     assert not Path(cfg.paths.output_dir).exists()
@@ -88,18 +93,26 @@ def spoiled_checkpoint(finished_run: Path, tmp_path: Path, how: str) -> Path:
     return ckpt
 
 
-@pytest.mark.parametrize("how, overrides, message", [
-    ("truncated", [], "is not a readable checkpoint"),
-    ("newer", [], "newer than the 2 this astraora reads"),
-    ("foreign", [], "was not written by astraora"),
-    ("intact", ["task=synthetic_audio"], "trained with task=digits, not task=synthetic_audio"),
-    ("intact", ["device=slm"], "trained with device=mzi, not device=slm"),
-    ("intact", ["device=digital"], "trained with device=mzi, not device=digital"),
-    ("intact", ["task.model.hidden=24"], "the checkpoint's model.*is of shape"),
-])
-def test_unusable_checkpoints_are_refused_before_anything_is_written(make_cfg, finished_run, tmp_path, how,
-                                                                     overrides, message):
-    ckpt = finished_run / "checkpoints" / "last.ckpt" if how == "intact" else spoiled_checkpoint(finished_run, tmp_path, how)
+@pytest.mark.parametrize(
+    "how, overrides, message",
+    [
+        ("truncated", [], "is not a readable checkpoint"),
+        ("newer", [], "newer than the 2 this astraora reads"),
+        ("foreign", [], "was not written by astraora"),
+        ("intact", ["task=synthetic_audio"], "trained with task=digits, not task=synthetic_audio"),
+        ("intact", ["device=slm"], "trained with device=mzi, not device=slm"),
+        ("intact", ["device=digital"], "trained with device=mzi, not device=digital"),
+        ("intact", ["task.model.hidden=24"], "the checkpoint's model.*is of shape"),
+    ],
+)
+def test_unusable_checkpoints_are_refused_before_anything_is_written(
+    make_cfg, finished_run, tmp_path, how, overrides, message
+):
+    ckpt = (
+        finished_run / "checkpoints" / "last.ckpt"
+        if how == "intact"
+        else spoiled_checkpoint(finished_run, tmp_path, how)
+    )
     before = {p: p.stat().st_mtime_ns for p in ckpt.parent.parent.rglob("*")}
     base = FAST if not overrides[:1] or not overrides[0].startswith("task=") else ["debug=fast", "surrogate.rank=4"]
     cfg = make_cfg(*base, *overrides, f"resume={ckpt}", out="elsewhere")
@@ -115,9 +128,11 @@ def test_cli_refusals_leave_no_run_folder(tmp_path):
     root = single_class(tmp_path / "images", "image")
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"PK\x03\x04 not a whole checkpoint")
-    for args, needle in [(["debug=fast", "task.model.hiden=16"], "task.model.hiden"),
-                         (["debug=fast", "task=image_folder", f"task.root={root}"], "has 1 class folder"),
-                         ([*FAST, f"resume={bad}"], "is not a readable checkpoint")]:
+    for args, needle in [
+        (["debug=fast", "task.model.hiden=16"], "task.model.hiden"),
+        (["debug=fast", "task=image_folder", f"task.root={root}"], "has 1 class folder"),
+        ([*FAST, f"resume={bad}"], "is not a readable checkpoint"),
+    ]:
         one_line_exit_2(run_cli(args, cwd=tmp_path), needle)
     assert not list((tmp_path / "outputs" / "runs").glob("*"))
 
@@ -158,12 +173,26 @@ def test_wandb_offline_run_carries_the_summary_and_comparison_keys(make_cfg, mon
     summary = run(cfg)
     (offline,) = (Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*")
     wb = read_offline_run(offline)
-    expected = {**summary["metrics"], **{f"queries/{p}": n for p, n in summary["queries"].items()},
-                "reprograms": summary["reprograms"], "status": "completed", "steps": summary["steps"],
-                "surrogate/rel_error": summary["surrogate"]["rel_error"], "surrogate/rank": 4}
+    expected = {
+        **summary["metrics"],
+        **{f"queries/{p}": n for p, n in summary["queries"].items()},
+        "reprograms": summary["reprograms"],
+        "status": "completed",
+        "steps": summary["steps"],
+        "surrogate/rel_error": summary["surrogate"]["rel_error"],
+        "surrogate/rank": 4,
+    }
     assert {key: wb["summary"].get(key) for key in expected} == pytest.approx(expected)
-    assert wb["config"]["setting"] == {"task": "digits", "device": "mzi", "mode": "zo+sm", "rank": 4, "M": 4,
-                                       "integrator": "auto", "hybrid": True, "seed": 0}
+    assert wb["config"]["setting"] == {
+        "task": "digits",
+        "device": "mzi",
+        "mode": "zo+sm",
+        "rank": 4,
+        "M": 4,
+        "integrator": "auto",
+        "hybrid": True,
+        "seed": 0,
+    }
     assert wb["run"].run_group == "digits" and wb["run"].job_type == "zo+sm"
     assert {"device:mzi", "mode:zo+sm", "task:digits", "hybrid"} <= set(wb["run"].tags)
     # every row has the x axis for "metric vs queries": val/acc rows too
@@ -181,8 +210,14 @@ def test_wide_physical_layer_on_cpu_warns(make_cfg, caplog):
     import logging
 
     caplog.set_level(logging.WARNING, logger="astraora")
-    run(make_cfg("debug=fast", "device=slm", "task.model.hidden=520", "surrogate.rank=4", "trainer.limit_train_batches=1"))
+    run(
+        make_cfg(
+            "debug=fast", "device=slm", "task.model.hidden=520", "surrogate.rank=4", "trainer.limit_train_batches=1"
+        )
+    )
     warnings = [r.getMessage() for r in caplog.records if "on a CPU: expect minutes per step" in r.getMessage()]
-    assert warnings == ["physical layer head.physical is 520 -> 520 (SLM) on a CPU: expect minutes per step; README "
-                        "'How long a run takes on a CPU' lists CPU-sized settings, scripts/time_epoch.py estimates "
-                        "this one"]
+    assert warnings == [
+        "physical layer head.physical is 520 -> 520 (SLM) on a CPU: expect minutes per step; README "
+        "'How long a run takes on a CPU' lists CPU-sized settings, scripts/time_epoch.py estimates "
+        "this one"
+    ]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_batch
 
 from astraora.devices import MatVec
 from astraora.ledger import QueryLedger
 from astraora.rng import make_generator
 from astraora.zo import ZOEstimator
 from astraora.zo.variance import gaussian_estimate_draw
-from conftest import random_batch
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -20,7 +20,7 @@ def test_draws_match_the_estimator_in_mean_and_spread():
     share mean g and relative mean square error (p + 1)/M (p = 12, M = 4: 3.25)."""
     device = MatVec(4, 3, seed=0)
     x, g = random_batch(5, 4, 3)
-    exact = (g.T @ x)  # ∇_θ Σ_b ⟨θ x_b, g_b⟩ for A = θ
+    exact = g.T @ x  # ∇_θ Σ_b ⟨θ x_b, g_b⟩ for A = θ
     samples, repeats, p = 4, 3000, 12
     zo = ZOEstimator(samples=samples, mu=1e-3, generator=make_generator(0, "zo"))
     ledger = QueryLedger(device)

@@ -25,10 +25,10 @@ def records(path: Path):
         if room < HEADER:  # the rest of a block too small for a header is padding
             pos += room
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
         if pos + HEADER + length > len(data):
             return  # a record still being written
-        chunk = data[pos + HEADER:pos + HEADER + length]
+        chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == 0 and length == 0:
             continue

@@ -49,7 +49,6 @@ from torch import Tensor, nn
 from astraora.errors import ConfigError, DeviceFault
 from astraora.rng import make_generator
 
-
 QUERY_SCOPES = ("all", "forward")
 
 
@@ -68,9 +67,11 @@ def zo_step_problem(phase_bits: int, queries: str, mu: float) -> str | None:
     half = phase_resolution(phase_bits) / 2
     if mu >= half:
         return None
-    return (f"zo.mu={mu:g} is below half the phase resolution 2π/2^{phase_bits} = {2 * half:.4g} rad of "
-            f"device.nonideal.phase_bits={phase_bits} with device.nonideal.queries=all, so every perturbation "
-            f"rounds away; use zo.mu >= {half:.4g} or device.nonideal.queries=forward.")
+    return (
+        f"zo.mu={mu:g} is below half the phase resolution 2π/2^{phase_bits} = {2 * half:.4g} rad of "
+        f"device.nonideal.phase_bits={phase_bits} with device.nonideal.queries=all, so every perturbation "
+        f"rounds away; use zo.mu >= {half:.4g} or device.nonideal.queries=forward."
+    )
 
 
 @dataclass
@@ -86,7 +87,9 @@ class NonIdealities:
 
     def __post_init__(self) -> None:
         if self.queries not in QUERY_SCOPES:
-            raise ConfigError(f"device.nonideal.queries={self.queries!r} is not allowed; choose one of {list(QUERY_SCOPES)}.")
+            raise ConfigError(
+                f"device.nonideal.queries={self.queries!r} is not allowed; choose one of {list(QUERY_SCOPES)}."
+            )
         for key in ("output_noise", "drift_std"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"device.nonideal.{key}={getattr(self, key)} must be >= 0.")
@@ -109,7 +112,9 @@ class Faults:
         for f in fields(self):
             value = getattr(self, f.name)
             if value < 0 or (f.name.endswith("_prob") and value > 1):
-                raise ConfigError(f"device.faults.{f.name}={value} must be in [0, 1] for probabilities and >= 0 otherwise.")
+                raise ConfigError(
+                    f"device.faults.{f.name}={value} must be in [0, 1] for probabilities and >= 0 otherwise."
+                )
 
     @property
     def active(self) -> bool:
@@ -325,7 +330,11 @@ class Device(nn.Module):
 
     # ----------------------------------------------------------------- state
     def generator_states(self) -> dict[str, Tensor]:
-        return {"noise": self.noise_gen.get_state(), "drift": self.drift_gen.get_state(), "faults": self.fault_gen.get_state()}
+        return {
+            "noise": self.noise_gen.get_state(),
+            "drift": self.drift_gen.get_state(),
+            "faults": self.fault_gen.get_state(),
+        }
 
     def load_generator_states(self, states: dict[str, Tensor]) -> None:
         self.noise_gen.set_state(states["noise"])

@@ -50,7 +50,9 @@ class SLM(EntrywiseDevice):
     θ ∈ R^{m×n}, initialised uniformly on [π/2 − init_halfwidth, π/2 + init_halfwidth].
     """
 
-    def __init__(self, d_in: int, d_out: int, *, init_center: float = math.pi / 2, init_halfwidth: float = 0.1, **kwargs):
+    def __init__(
+        self, d_in: int, d_out: int, *, init_center: float = math.pi / 2, init_halfwidth: float = 0.1, **kwargs
+    ):
         self.init_center, self.init_halfwidth = float(init_center), float(init_halfwidth)
         super().__init__(d_in, d_out, **kwargs)
 
@@ -84,8 +86,17 @@ class MRRBank(EntrywiseDevice):
             initial weights").
     """
 
-    def __init__(self, d_in: int, d_out: int, *, loss: float = 0.8, coupling: float = 0.9,
-                 init_low: float = 0.01, init_high: float | str = "auto", **kwargs):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        loss: float = 0.8,
+        coupling: float = 0.9,
+        init_low: float = 0.01,
+        init_high: float | str = "auto",
+        **kwargs,
+    ):
         if not (0 < loss <= 1 and 0 < coupling < 1):
             raise ConfigError(f"device.loss={loss} must be in (0, 1] and device.coupling={coupling} in (0, 1).")
         self.loss, self.coupling = float(loss), float(coupling)
@@ -141,7 +152,8 @@ def zero_mean_init_high(low: float, loss: float, coupling: float) -> float:
         raise ConfigError(
             f"device.init_high=auto: the weights of this bank (device.loss={loss}, device.coupling={coupling}) "
             f"average {lo_mean:+.3f} at φ = device.init_low={low} and {hi_mean:+.3f} over [{low}, π], so no "
-            "range [init_low, h] averages zero; set device.init_high to a number.")
+            "range [init_low, h] averages zero; set device.init_high to a number."
+        )
     a, b = low, math.pi
     for _ in range(60):
         mid = 0.5 * (a + b)

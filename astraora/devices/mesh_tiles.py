@@ -83,9 +83,14 @@ def _group(factors: list[_Factor], index: np.ndarray, slots: int) -> _Group:
     slot_cell = torch.from_numpy(index.copy())
     missing = np.nonzero(index.reshape(-1) < 0)[0]
     index = np.maximum(index, 0)
-    return _Group(factors=factors, tiles=sum(f.tiles for f in factors),
-                  theta_index=torch.from_numpy(2 * index), phi_index=torch.from_numpy(2 * index + 1),
-                  missing=torch.from_numpy(missing) if len(missing) else None, slot_cell=slot_cell)
+    return _Group(
+        factors=factors,
+        tiles=sum(f.tiles for f in factors),
+        theta_index=torch.from_numpy(2 * index),
+        phi_index=torch.from_numpy(2 * index + 1),
+        missing=torch.from_numpy(missing) if len(missing) else None,
+        slot_cell=slot_cell,
+    )
 
 
 class TiledMesh:
@@ -135,7 +140,7 @@ class TiledMesh:
             s0, s1, r0 = int(step_start[s]), int(step_start[s + 1]), int(L - 1 + 2 * step_lo[s] - s)
             for r in range(r0, r0 + 2 * (s1 - s0), 2):
                 support[r] = support[r + 1] = support[r] | support[r + 1]
-            cols = np.nonzero(support[r0:r0 + 2 * (s1 - s0)].any(0))[0]
+            cols = np.nonzero(support[r0 : r0 + 2 * (s1 - s0)].any(0))[0]
             self.steps.append((s0, s1, r0, int(cols[0]), int(cols[-1]) + 1))
         self._steps_array = np.array(self.steps, dtype=np.int32)  # for the native kernel
         # State rows: L zero wires above the mesh (every window starts at row d·L ≥ 0), at least L
@@ -168,24 +173,24 @@ class TiledMesh:
         # per factor: candidate tile starts (rows), all windows of its parity inside the state
         windows = [np.arange(parity * L, rows - 2 * L + 1, 2 * L) for parity in self._parity]
         reach = np.zeros(rows, dtype=bool)
-        reach[pad:pad + self.d_in] = True
+        reach[pad : pad + self.d_in] = True
         forward = []
         for starts in windows:
-            hit = np.array([reach[s:s + 2 * L].any() for s in starts])
+            hit = np.array([reach[s : s + 2 * L].any() for s in starts])
             for s in starts[hit]:
-                reach[s:s + 2 * L] = True
+                reach[s : s + 2 * L] = True
             forward.append(hit)
         need = np.zeros(rows, dtype=bool)
-        need[pad:pad + self.d_out] = True
+        need[pad : pad + self.d_out] = True
         backward = [None] * len(windows)
         for fi in range(len(windows) - 1, -1, -1):
             starts = windows[fi]
-            hit = np.array([need[s:s + 2 * L].any() for s in starts])
+            hit = np.array([need[s : s + 2 * L].any() for s in starts])
             for s in starts[hit]:
-                need[s:s + 2 * L] = True
+                need[s : s + 2 * L] = True
             backward[fi] = hit
         factors = []
-        for fi, (starts, fwd, bwd) in enumerate(zip(windows, forward, backward)):
+        for fi, (starts, fwd, bwd) in enumerate(zip(windows, forward, backward, strict=True)):
             active = np.nonzero(fwd & bwd)[0]
             if len(active):
                 lo, hi = int(active[0]), int(active[-1])
@@ -204,7 +209,7 @@ class TiledMesh:
             tiles, L2 = self.rows // (2 * self.L), self.L * self.L
             factors = [self._factor(fi, tiles, parity * self.L) for fi, parity in enumerate(self._parity)]
             for start in range(0, len(factors), size):
-                part = factors[start:start + size]
+                part = factors[start : start + size]
                 index = np.stack([f.cell_index.reshape(tiles, L2) for f in part], 1)  # (tile, factor, slot)
                 groups.append(_group(part, index.reshape(-1), L2))
         else:
@@ -218,7 +223,9 @@ class TiledMesh:
         return groups
 
     # ----------------------------------------------------------------- application
-    def _state(self, size: int, dtype: torch.dtype, device: torch.device, spare_zeros: int | None = None) -> tuple[Tensor, Tensor]:
+    def _state(
+        self, size: int, dtype: torch.dtype, device: torch.device, spare_zeros: int | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Two reused flat work buffers of ``size`` entries: the first zeroed, the second zeroed
         too, or only its first and last ``spare_zeros`` entries (where every factor overwrites
         the rest before it is read)."""
@@ -227,7 +234,10 @@ class TiledMesh:
         key = (dtype, device, torch.is_inference_mode_enabled())
         bufs = self._buffers.get(key)
         if bufs is None or bufs[0].numel() < size:
-            bufs = self._buffers[key] = (torch.empty(size, dtype=dtype, device=device), torch.empty(size, dtype=dtype, device=device))
+            bufs = self._buffers[key] = (
+                torch.empty(size, dtype=dtype, device=device),
+                torch.empty(size, dtype=dtype, device=device),
+            )
         cur, nxt = bufs[0][:size], bufs[1][:size]
         cur.zero_()
         if spare_zeros is None:
@@ -248,7 +258,10 @@ class TiledMesh:
         if cell in native.CELLS and native.supports(theta_t):  # entries and blocks in one compiled pass
             return native.cell_blocks(native.CELLS[cell], theta_t, group.slot_cell, self._steps_array, L)
         if group.theta_index.device != theta_t.device:
-            group.theta_index, group.phi_index = group.theta_index.to(theta_t.device), group.phi_index.to(theta_t.device)
+            group.theta_index, group.phi_index = (
+                group.theta_index.to(theta_t.device),
+                group.phi_index.to(theta_t.device),
+            )
             group.missing = None if group.missing is None else group.missing.to(theta_t.device)
         coef = cell(theta_t[group.theta_index], theta_t[group.phi_index])  # (4, L², tiles, K)
         if group.missing is not None:
@@ -260,7 +273,7 @@ class TiledMesh:
         blocks = eye[:, :, None, None].expand(2 * L, 2 * L, group.tiles, k).clone()
         for s0, s1, r0, c0, c1 in self.steps:
             count = s1 - s0
-            rows = blocks[r0:r0 + 2 * count, c0:c1].unflatten(0, (count, 2))  # (count, 2, ≤ 2L, tiles, K)
+            rows = blocks[r0 : r0 + 2 * count, c0:c1].unflatten(0, (count, 2))  # (count, 2, ≤ 2L, tiles, K)
             top, bottom = rows[:, 0], rows[:, 1]
             t00, t01, t10, t11 = coef[:, s0:s1, None]  # each (count, 1, tiles, K)
             new_top = top * t00
@@ -287,9 +300,10 @@ class TiledMesh:
         product = native.tile_gemm if native.gemm_wins(eye, 2 * L) else (lambda a, b, out: torch.bmm(a, b, out=out))
         # Uniform: the windows of an odd factor run L rows past the last setting's state, and
         # every factor writes all rows but the L at either end of the buffer (zero padding).
-        cur, nxt = self._state((k * rows + (L if uniform else 0)) * batch, cdtype, theta.device,
-                               spare_zeros=L * batch if uniform else None)
-        cur[:k * rows * batch].view(k, rows, batch)[:, self.pad:self.pad + self.d_in].copy_(x.transpose(-1, -2))
+        cur, nxt = self._state(
+            (k * rows + (L if uniform else 0)) * batch, cdtype, theta.device, spare_zeros=L * batch if uniform else None
+        )
+        cur[: k * rows * batch].view(k, rows, batch)[:, self.pad : self.pad + self.d_in].copy_(x.transpose(-1, -2))
         if uniform:
             tiles = rows // (2 * L)
             budget = UNIFORM_BUDGET_CPU if on_cpu else UNIFORM_BUDGET_GPU
@@ -297,8 +311,11 @@ class TiledMesh:
                 blocks = self._blocks(cell, theta_t, group, eye).view(k, tiles, len(group.factors), 2 * L, 2 * L)
                 for f, factor in enumerate(group.factors):
                     span = slice(factor.row0 * batch, (factor.row0 + k * rows) * batch)
-                    product(blocks[:, :, f].flatten(0, 1), cur[span].view(k * tiles, 2 * L, batch),
-                            nxt[span].view(k * tiles, 2 * L, batch))
+                    product(
+                        blocks[:, :, f].flatten(0, 1),
+                        cur[span].view(k * tiles, 2 * L, batch),
+                        nxt[span].view(k * tiles, 2 * L, batch),
+                    )
                     cur, nxt = nxt, cur
         else:
             state, spare = cur.view(k, rows, batch), nxt.view(k, rows, batch)
@@ -310,10 +327,12 @@ class TiledMesh:
                     src = state[:, span].unflatten(1, (factor.tiles, 2 * L))
                     dst = spare[:, span].unflatten(1, (factor.tiles, 2 * L))
                     for i in range(k):
-                        product(blocks[i, first:first + factor.tiles], src[i], dst[i])
+                        product(blocks[i, first : first + factor.tiles], src[i], dst[i])
                     first += factor.tiles
                     state, spare = spare, state
             cur = state.flatten()
-        out = cur[:k * rows * batch].view(k, rows, batch)[:, self.pad:self.pad + self.d_out]
+        out = cur[: k * rows * batch].view(k, rows, batch)[:, self.pad : self.pad + self.d_out]
         # (K, B, m), contiguous (a clone would keep the transposed strides, and its readers copy again)
-        return torch.empty((k, batch, self.d_out), dtype=theta.dtype, device=theta.device).copy_(out.real.transpose(-1, -2))
+        return torch.empty((k, batch, self.d_out), dtype=theta.dtype, device=theta.device).copy_(
+            out.real.transpose(-1, -2)
+        )

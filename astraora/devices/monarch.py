@@ -52,11 +52,14 @@ class Monarch(Device):
             paper: π/2 ± 0.1, as for the SLM; halfwidth π gives every phase equally likely).
     """
 
-    def __init__(self, d_in: int, d_out: int, *, init_center: float = math.pi / 2, init_halfwidth: float = 0.1,
-                 **kwargs):
+    def __init__(
+        self, d_in: int, d_out: int, *, init_center: float = math.pi / 2, init_halfwidth: float = 0.1, **kwargs
+    ):
         if "block_size" in kwargs:  # a configuration from before the paper's block rule was adopted
-            raise ConfigError(f"device.block_size={kwargs['block_size']!r} is no longer a setting: monarch splits each "
-                              "side of d wires into 2^⌈log₂(d)/2⌉ blocks (the paper's rule); remove the key.")
+            raise ConfigError(
+                f"device.block_size={kwargs['block_size']!r} is no longer a setting: monarch splits each "
+                "side of d wires into 2^⌈log₂(d)/2⌉ blocks (the paper's rule); remove the key."
+            )
         if init_halfwidth < 0:
             raise ConfigError(f"device.init_halfwidth={init_halfwidth} must be >= 0.")
         self.blocks_in = monarch_side(d_in)  # b_in = k_in
@@ -95,7 +98,7 @@ class Monarch(Device):
 
         z = R x keeps its real and imaginary parts (index c); Re(L P z) = cos θ₂·Re z − sin θ₂·Im z.
         """
-        b_in, b_out = self.blocks_in, self.blocks_out
+        b_in = self.blocks_in
         first, second = self.masks(theta)  # (K, k, i, j), (K, q, k, i)
         x = F.pad(x, (0, b_in * b_in - self.d_in)).unflatten(-1, (b_in, b_in))  # (..., B, i, j)
         first = torch.stack([first.cos(), first.sin()], 1) / math.sqrt(b_in)  # (K, c, k, i, j)
@@ -103,4 +106,4 @@ class Monarch(Device):
         inputs = "bij" if x.dim() == 3 else "Kbij"
         z = torch.einsum(f"Kckij,{inputs}->Kcbki", first, x)
         y = torch.einsum("Kcqki,Kcbki->Kbqk", second, z).flatten(-2)  # wire q·b_out + k
-        return y[..., :self.d_out]
+        return y[..., : self.d_out]

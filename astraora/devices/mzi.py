@@ -50,8 +50,18 @@ class MZIMesh(Device):
             real part); it has N(N − 1) phases to train.
     """
 
-    def __init__(self, d_in: int, d_out: int, *, init_center: float = math.pi / 2, init_std: float | None = None,
-                 engine: str = "tiles", tile: int | None = None, modes: int | None = None, **kwargs):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        init_center: float = math.pi / 2,
+        init_std: float | None = None,
+        engine: str = "tiles",
+        tile: int | None = None,
+        modes: int | None = None,
+        **kwargs,
+    ):
         if init_std is not None and init_std < 0:
             raise ConfigError(f"device.init_std={init_std} must be >= 0 (or null for 1/√N).")
         if engine not in ENGINES:
@@ -61,7 +71,9 @@ class MZIMesh(Device):
         size = max(int(d_in), int(d_out), 1)
         if modes is not None:
             if isinstance(modes, bool) or not isinstance(modes, int) or modes < size:
-                raise ConfigError(f"device.modes={modes!r} must be an integer >= max(n, m) = {size} (or null: max(n, m)).")
+                raise ConfigError(
+                    f"device.modes={modes!r} must be an integer >= max(n, m) = {size} (or null: max(n, m))."
+                )
             size = modes
         self.modes = size + size % 2  # N
         # Per column c: its first wire s = c mod 2 and its number of cells N/2 − s.
@@ -134,10 +146,12 @@ class MZIMesh(Device):
         Returns (K, B, N) whose row b is (U z_b)ᵀ. One step per column, vectorised over its cells.
         """
         # split, not slicing, so that the backward pass assembles the cells' gradient only once.
-        for (start, count), column in zip(self.columns, cells.split([count for _, count in self.columns], dim=1)):
-            pairs = z[..., start:start + 2 * count].unflatten(-1, (count, 2))  # (K, B, cells, 2)
+        for (start, count), column in zip(
+            self.columns, cells.split([count for _, count in self.columns], dim=1), strict=True
+        ):
+            pairs = z[..., start : start + 2 * count].unflatten(-1, (count, 2))  # (K, B, cells, 2)
             mixed = torch.einsum("kcij,kbcj->kbci", column, pairs).flatten(-2)
-            z = torch.cat([z[..., :start], mixed, z[..., start + 2 * count:]], -1) if start else mixed
+            z = torch.cat([z[..., :start], mixed, z[..., start + 2 * count :]], -1) if start else mixed
         return z
 
     def tiled(self, d_in: int, d_out: int) -> TiledMesh:

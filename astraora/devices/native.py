@@ -86,8 +86,9 @@ def library_path(compiler: str, flags: list[str] | None = None) -> Path:
     source, the compiler, every flag (so builds for different instruction sets never share a file) and,
     for ``-march=native``, the CPU."""
     flags = FLAGS if flags is None else flags
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([compiler, *flags, *LIBS]).encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"\0".join([SOURCE.read_bytes(), " ".join([compiler, *flags, *LIBS]).encode(), _cpu_signature().encode()])
+    ).hexdigest()[:16]
     return cache_dir() / "kernels" / f"tile_blocks-{key}.so"
 
 
@@ -114,8 +115,9 @@ def compile_library(compiler: str, flags: list[str] | None = None) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True,
-                                  timeout=120)
+            done = subprocess.run(
+                [compiler, *flags, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True, timeout=120
+            )
             if done.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
             os.replace(tmp, target)  # atomic: a concurrent process sees the old name or the whole file
@@ -152,9 +154,12 @@ def library() -> ctypes.CDLL | None:
                 try:
                     _library = _build()
                 except Exception as err:  # no compiler, read-only cache, …: the PyTorch path still works
-                    log.warning("astraora: native tile kernel unavailable (%s); the MZI tile engine builds its "
-                                "blocks with PyTorch operations instead (slower, same results). Set "
-                                "ASTRAORA_NATIVE=0 to silence this.", err)
+                    log.warning(
+                        "astraora: native tile kernel unavailable (%s); the MZI tile engine builds its "
+                        "blocks with PyTorch operations instead (slower, same results). Set "
+                        "ASTRAORA_NATIVE=0 to silence this.",
+                        err,
+                    )
                     _library = None
                 _tried = True
     return _library
@@ -165,18 +170,39 @@ def supports(like: Tensor) -> bool:
     return like.device.type == "cpu" and like.dtype in _SUFFIX and library() is not None
 
 
-def _build_blocks(coef: Tensor | None, theta_t: Tensor | None, slot_cell: Tensor | None, cell: int,
-                  k: int, tiles: int, steps: np.ndarray, L: int, dtype: torch.dtype) -> Tensor:
+def _build_blocks(
+    coef: Tensor | None,
+    theta_t: Tensor | None,
+    slot_cell: Tensor | None,
+    cell: int,
+    k: int,
+    tiles: int,
+    steps: np.ndarray,
+    L: int,
+    dtype: torch.dtype,
+) -> Tensor:
     out = torch.empty((k, tiles, 2 * L, 2 * L), dtype=dtype)
     fn = getattr(library(), f"astraora_tile_blocks_{_SUFFIX[dtype]}")
     strides = (0, 0) if theta_t is None else theta_t.stride()
 
     def build(begin: int, end: int) -> None:
-        fn(None if coef is None else coef.data_ptr(), None if theta_t is None else theta_t.data_ptr(), *strides,
-           None if slot_cell is None else slot_cell.data_ptr(), cell, out.data_ptr(), k, tiles, begin, end, L,
-           steps.ctypes.data, len(steps))
+        fn(
+            None if coef is None else coef.data_ptr(),
+            None if theta_t is None else theta_t.data_ptr(),
+            *strides,
+            None if slot_cell is None else slot_cell.data_ptr(),
+            cell,
+            out.data_ptr(),
+            k,
+            tiles,
+            begin,
+            end,
+            L,
+            steps.ctypes.data,
+            len(steps),
+        )
 
-    _split(build, tiles, 4 * k * L ** 3)  # per tile: settings · L² cells · ≤ 2L columns · 2 rows
+    _split(build, tiles, 4 * k * L**3)  # per tile: settings · L² cells · ≤ 2L columns · 2 rows
     return out
 
 
@@ -195,6 +221,8 @@ def cell_blocks(cell: int, theta_t: Tensor, slot_cell: Tensor, steps: np.ndarray
     slot_cell = slot_cell.contiguous()
     complex_dtype = torch.complex128 if theta_t.dtype == torch.float64 else torch.complex64
     return _build_blocks(None, theta_t, slot_cell, cell, theta_t.shape[1], slot_cell.shape[1], steps, L, complex_dtype)
+
+
 def tile_gemm(blocks: Tensor, x: Tensor, out: Tensor) -> None:
     """``out[i] = blocks[i] @ x[i]`` (``torch.bmm(blocks, x, out=out)``) for complex (count, W, W)
     blocks whose matrices are contiguous but may be strided apart, and contiguous x, out (count, W, B)."""
@@ -202,7 +230,14 @@ def tile_gemm(blocks: Tensor, x: Tensor, out: Tensor) -> None:
     assert blocks.stride(2) == 1 and blocks.stride(1) == width and x.is_contiguous() and out.is_contiguous()
     assert width <= 16 and x.dtype == out.dtype == blocks.dtype
     getattr(library(), f"astraora_tile_gemm_{_SUFFIX[blocks.dtype]}")(
-        blocks.data_ptr(), blocks.stride(0) if count > 1 else width * width, x.data_ptr(), out.data_ptr(), count, width, x.shape[-1])
+        blocks.data_ptr(),
+        blocks.stride(0) if count > 1 else width * width,
+        x.data_ptr(),
+        out.data_ptr(),
+        count,
+        width,
+        x.shape[-1],
+    )
 
 
 def gemm_wins(like: Tensor, width: int) -> bool:

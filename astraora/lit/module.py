@@ -46,12 +46,23 @@ class HybridModule(L.LightningModule):
         diagnostics_every: run the oracle diagnostics every that many steps (0: never).
     """
 
-    def __init__(self, model: nn.Module, optimizer: dict, physical_optimizer: dict, scheduler: dict,
-                 diagnostics_every: int = 50, physical_scheduler: dict | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: dict,
+        physical_optimizer: dict,
+        scheduler: dict,
+        diagnostics_every: int = 50,
+        physical_scheduler: dict | None = None,
+    ):
         super().__init__()
         self.automatic_optimization = False
         self.model = model
-        self.optimizer_spec, self.physical_optimizer_spec, self.scheduler_spec = optimizer, physical_optimizer, scheduler
+        self.optimizer_spec, self.physical_optimizer_spec, self.scheduler_spec = (
+            optimizer,
+            physical_optimizer,
+            scheduler,
+        )
         self.physical_scheduler_spec = scheduler if physical_scheduler is None else physical_scheduler
         self.diagnostics_every = int(diagnostics_every)
         self.physical = hybrid_layers(model)
@@ -81,8 +92,7 @@ class HybridModule(L.LightningModule):
         DDP the same on every process, like the parameters. The physical layers' buffers are
         their own (the surrogate's are broadcast from rank 0, a device's follow its generators)."""
         physical = tuple(f"{name}." for name in self.physical)
-        return [b for name, b in self.model.named_buffers()
-                if b.is_floating_point() and not name.startswith(physical)]
+        return [b for name, b in self.model.named_buffers() if b.is_floating_point() and not name.startswith(physical)]
 
     @torch.no_grad()
     def average_buffers(self) -> None:
@@ -107,7 +117,7 @@ class HybridModule(L.LightningModule):
             else:
                 total = flat.clone()
                 torch.distributed.all_reduce(total)
-            for b, mean in zip(buffers, (total / world).split([b.numel() for b in buffers])):
+            for b, mean in zip(buffers, (total / world).split([b.numel() for b in buffers]), strict=True):
                 b.copy_(mean.view_as(b))
 
     def on_train_start(self) -> None:
@@ -129,19 +139,29 @@ class HybridModule(L.LightningModule):
         sync, steps = self._sync, max(1, self.global_step - self._step_at_start)
         ddp = self.trainer.strategy.model
         ignored = set(getattr(ddp, "parameters_to_ignore", ()))
-        states = [t for layer in self.physical.values()
-                  for t in (layer.theta, layer.surrogate.U, layer.surrogate.S, layer.surrogate.V)]
+        states = [
+            t
+            for layer in self.physical.values()
+            for t in (layer.theta, layer.surrogate.U, layer.surrogate.S, layer.surrogate.V)
+        ]
         states += self.shared_buffers()
-        divergence = torch.stack([(t.detach() - sync.broadcast(t.detach().clone(), "check")).abs().max() for t in states])
+        divergence = torch.stack(
+            [(t.detach() - sync.broadcast(t.detach().clone(), "check")).abs().max() for t in states]
+        )
         torch.distributed.all_reduce(divergence, op=torch.distributed.ReduceOp.MAX)
         self.distributed_info = {
             "world_size": sync.world_size,
             "zo_floats_per_step": (sync.floats["zo"] - self._zo_floats_at_start) / steps,
             "theta_floats": sum(t.numel() for t in self.theta_parameters()),
-            "ddp_gradient_floats_per_step": sum(p.numel() for name, p in ddp.module.named_parameters()
-                                                if p.requires_grad and name not in ignored),
-            "theta_in_ddp_allreduce": any(p is t for name, p in ddp.module.named_parameters() if name not in ignored
-                                          for t in self.theta_parameters()),
+            "ddp_gradient_floats_per_step": sum(
+                p.numel() for name, p in ddp.module.named_parameters() if p.requires_grad and name not in ignored
+            ),
+            "theta_in_ddp_allreduce": any(
+                p is t
+                for name, p in ddp.module.named_parameters()
+                if name not in ignored
+                for t in self.theta_parameters()
+            ),
             "max_rank_divergence": float(divergence.max()),
         }
 
@@ -171,7 +191,9 @@ class HybridModule(L.LightningModule):
             state = checkpoint["state_dict"][f"model.{name}._extra_state"]["ledger"]
             flat = self._flatten_counters(state)
             columns = [[v for _, v in self._flatten_counters(r["layers"][name]["ledger"])] for r in per_rank]
-            self._unflatten_counters(state, [(k, v) for (k, _), v in zip(flat, map(sum, zip(*columns)))])
+            self._unflatten_counters(
+                state, [(k, v) for (k, _), v in zip(flat, map(sum, zip(*columns, strict=True)), strict=True)]
+            )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if world_size() == 1:
@@ -198,8 +220,9 @@ class HybridModule(L.LightningModule):
         """Whether a state_dict key is a running metric's state or a buffer that each process
         keeps for itself (the surrogate's are the same everywhere)."""
         if not hasattr(self, "_per_rank_keys"):
-            self._metric_prefixes = tuple(f"{name}." for name, m in self.named_modules()
-                                          if isinstance(m, torchmetrics.Metric))
+            self._metric_prefixes = tuple(
+                f"{name}." for name, m in self.named_modules() if isinstance(m, torchmetrics.Metric)
+            )
             self._per_rank_keys = {name for name, _ in self.named_buffers() if ".surrogate." not in f".{name}"}
         return key in self._per_rank_keys or key.startswith(self._metric_prefixes)
 
@@ -242,8 +265,8 @@ class HybridModule(L.LightningModule):
             if self.scale_parameters():
                 groups.append({"params": self.scale_parameters(), "weight_decay": 0.0})
             optimizers.append(make_optimizer(groups, self.physical_optimizer_spec))
-        specs = [self.scheduler_spec, self.physical_scheduler_spec]
-        schedulers = [make_scheduler(opt, spec, total) for opt, spec in zip(optimizers, specs)]
+        specs = [self.scheduler_spec, self.physical_scheduler_spec][: len(optimizers)]  # digital runs: one optimizer
+        schedulers = [make_scheduler(opt, spec, total) for opt, spec in zip(optimizers, specs, strict=True)]
         return optimizers, schedulers
 
     def total_training_steps(self) -> int:
@@ -282,7 +305,7 @@ class HybridModule(L.LightningModule):
             opt.zero_grad()
         loss = self.loss_and_update_metrics(batch, "train")
         if self._sync is not None:  # every process's forward went through (or stop together: DDP's
-            self._sync.check()      # gradient all-reduce cannot notice a process that stopped)
+            self._sync.check()  # gradient all-reduce cannot notice a process that stopped)
         self.manual_backward(loss)
         if diagnose:  # before θ moves: the captured gradients and Â belong to this θ
             self.log_diagnostics(self.diagnostics())
@@ -329,7 +352,9 @@ class HybridModule(L.LightningModule):
         self.log_dict({key: float(n) for key, n in totals.items() if key != "queries/oracle"})
         self.log("queries/per_step", float(per_step))
         self.log("queries", float(totals["queries/total"]), prog_bar=True, logger=False)
-        delta = sum(float((t.detach() - b).norm() ** 2) for t, b in zip(self.theta_parameters(), theta_before))
+        delta = sum(
+            float((t.detach() - b).norm() ** 2) for t, b in zip(self.theta_parameters(), theta_before, strict=True)
+        )
         norm = sum(float(b.norm() ** 2) for b in theta_before)
         self.log("device/theta_delta", math.sqrt(delta / max(norm, 1e-30)))
         residuals = [layer.last_residual for layer in self.physical.values() if layer.last_residual is not None]
@@ -361,7 +386,7 @@ class HybridModule(L.LightningModule):
             return dict(self._reduced_totals) if self._reduced_totals is not None else totals
         keys = sorted(totals)
         summed = self._sync.sum(torch.tensor([float(totals[k]) for k in keys], dtype=torch.float64), "ledger").tolist()
-        totals = {k: (int(round(v)) if isinstance(totals[k], int) else v) for k, v in zip(keys, summed)}
+        totals = {k: (int(round(v)) if isinstance(totals[k], int) else v) for k, v in zip(keys, summed, strict=True)}
         self._reduced_totals = {k: v for k, v in totals.items() if k not in (extra or {})}
         return totals
 
@@ -382,7 +407,12 @@ class ClassificationModule(HybridModule):
 
     def __init__(self, model: nn.Module, num_classes: int, **kwargs):
         super().__init__(model, **kwargs)
-        self.acc = nn.ModuleDict({f"{s}_acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes) for s in ("train", "val", "test")})
+        self.acc = nn.ModuleDict(
+            {
+                f"{s}_acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+                for s in ("train", "val", "test")
+            }
+        )
         for metric in self.acc.values():
             metric.persistent(True)  # a mid-epoch checkpoint carries the epoch's running accuracy
 

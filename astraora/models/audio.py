@@ -18,8 +18,9 @@ LayerFactory = Callable[[int, int, str], nn.Module]
 def tdnn(c_in: int, c_out: int, kernel_size: int = 1, dilation: int = 1) -> nn.Sequential:
     """Conv1d (same length) → ReLU → BN: ``(B, c_in, T) → (B, c_out, T)``."""
     padding = dilation * (kernel_size - 1) // 2
-    return nn.Sequential(nn.Conv1d(c_in, c_out, kernel_size, dilation=dilation, padding=padding),
-                         nn.ReLU(), nn.BatchNorm1d(c_out))
+    return nn.Sequential(
+        nn.Conv1d(c_in, c_out, kernel_size, dilation=dilation, padding=padding), nn.ReLU(), nn.BatchNorm1d(c_out)
+    )
 
 
 class SEResBlock(nn.Module):
@@ -30,10 +31,16 @@ class SEResBlock(nn.Module):
 
     def __init__(self, channels: int, dilation: int, se_channels: int = 128):
         super().__init__()
-        self.body = nn.Sequential(tdnn(channels, channels), tdnn(channels, channels, 3, dilation),
-                                  tdnn(channels, channels))
-        self.excite = nn.Sequential(nn.AdaptiveAvgPool1d(1), nn.Conv1d(channels, se_channels, 1), nn.ReLU(),
-                                    nn.Conv1d(se_channels, channels, 1), nn.Sigmoid())
+        self.body = nn.Sequential(
+            tdnn(channels, channels), tdnn(channels, channels, 3, dilation), tdnn(channels, channels)
+        )
+        self.excite = nn.Sequential(
+            nn.AdaptiveAvgPool1d(1),
+            nn.Conv1d(channels, se_channels, 1),
+            nn.ReLU(),
+            nn.Conv1d(se_channels, channels, 1),
+            nn.Sigmoid(),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.body(x)
@@ -53,8 +60,9 @@ class AttentiveStatsPool(nn.Module):
 
     def __init__(self, channels: int, attention_channels: int = 128):
         super().__init__()
-        self.attention = nn.Sequential(tdnn(3 * channels, attention_channels), nn.Tanh(),
-                                       nn.Conv1d(attention_channels, channels, 1))
+        self.attention = nn.Sequential(
+            tdnn(3 * channels, attention_channels), nn.Tanh(), nn.Conv1d(attention_channels, channels, 1)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         frames = x.shape[-1]
@@ -74,18 +82,28 @@ class EcapaTDNN(nn.Module):
     ``channels=1024, embedding_dim=192``.
     """
 
-    def __init__(self, layer_factory: LayerFactory, num_classes: int, n_mels: int = 80, channels: int = 512,
-                 embedding_dim: int = 192, dilations: tuple[int, ...] = (2, 3, 4), attention_channels: int = 128):
+    def __init__(
+        self,
+        layer_factory: LayerFactory,
+        num_classes: int,
+        n_mels: int = 80,
+        channels: int = 512,
+        embedding_dim: int = 192,
+        dilations: tuple[int, ...] = (2, 3, 4),
+        attention_channels: int = 128,
+    ):
         super().__init__()
         aggregated = channels * len(dilations)
         self.stem = tdnn(n_mels, channels, 5)
         self.blocks = nn.ModuleList(SEResBlock(channels, d) for d in dilations)
         self.aggregate = tdnn(aggregated, aggregated)
         self.pool = nn.Sequential(AttentiveStatsPool(aggregated, attention_channels), nn.BatchNorm1d(2 * aggregated))
-        self.embedding = nn.Sequential(OrderedDict(
-            physical=layer_factory(2 * aggregated, embedding_dim, "embedding.physical"),
-            norm=nn.BatchNorm1d(embedding_dim),
-        ))
+        self.embedding = nn.Sequential(
+            OrderedDict(
+                physical=layer_factory(2 * aggregated, embedding_dim, "embedding.physical"),
+                norm=nn.BatchNorm1d(embedding_dim),
+            )
+        )
         self.classifier = nn.Linear(embedding_dim, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -168,7 +168,7 @@ class GPT(nn.Module):
         self.eval()
         try:
             for _ in range(max_new_tokens):
-                logits = self(idx[:, -self.block_size:])[:, -1, :] / temperature  # (B, V)
+                logits = self(idx[:, -self.block_size :])[:, -1, :] / temperature  # (B, V)
                 if top_k is not None:
                     kth_largest = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth_largest, float("-inf"))

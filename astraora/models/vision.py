@@ -16,12 +16,14 @@ LayerFactory = Callable[[int, int, str], nn.Module]
 
 def hybrid_head(layer_factory: LayerFactory, d_in: int, width: int, num_classes: int) -> nn.Sequential:
     """physical(d_in → width) → BN → ReLU → Linear(width → classes), as in the paper's CIFAR-10 head."""
-    return nn.Sequential(OrderedDict(
-        physical=layer_factory(d_in, width, "head.physical"),
-        norm=nn.BatchNorm1d(width),
-        act=nn.ReLU(),
-        classifier=nn.Linear(width, num_classes),
-    ))
+    return nn.Sequential(
+        OrderedDict(
+            physical=layer_factory(d_in, width, "head.physical"),
+            norm=nn.BatchNorm1d(width),
+            act=nn.ReLU(),
+            classifier=nn.Linear(width, num_classes),
+        )
+    )
 
 
 class MLP(nn.Module):
@@ -46,8 +48,13 @@ def conv_group(c_in: int, c_out: int) -> nn.Sequential:
     ``(B, c_in, H, W) → (B, c_out, H/2, W/2)``.
     """
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(c_out), nn.ReLU(),
-        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.MaxPool2d(2),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(),
     )
 
 
@@ -62,15 +69,25 @@ class CompactCNN(nn.Module):
     x ``(B, in_channels, H, W)`` of any size ≥ 8 → logits ``(B, num_classes)``.
     """
 
-    def __init__(self, layer_factory: LayerFactory, num_classes: int, in_channels: int = 3, width: float = 1.0,
-                 feature_dim: int | None = None, head_width: int | None = None):
+    def __init__(
+        self,
+        layer_factory: LayerFactory,
+        num_classes: int,
+        in_channels: int = 3,
+        width: float = 1.0,
+        feature_dim: int | None = None,
+        head_width: int | None = None,
+    ):
         super().__init__()
         feature_dim = feature_dim or round(512 * width)
         head_width = head_width or round(1024 * width)
         c1, c2 = round(128 * width), round(384 * width)
         self.features = nn.Sequential(
-            conv_group(in_channels, c1), conv_group(c1, c2), conv_group(c2, feature_dim),
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+            conv_group(in_channels, c1),
+            conv_group(c1, c2),
+            conv_group(c2, feature_dim),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
         )
         self.head = hybrid_head(layer_factory, feature_dim, head_width, num_classes)
 

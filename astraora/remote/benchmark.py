@@ -31,8 +31,14 @@ def rate(call: Callable[[], object], rows_per_call: int, seconds: float) -> floa
     return calls * rows_per_call / (time.perf_counter() - start)
 
 
-def measure(device: str = "mzi", width: int = 64, batch: int = 64, settings: int = 100, seconds: float = 2.0,
-            delay_s: float = 0.0) -> list[str]:
+def measure(
+    device: str = "mzi",
+    width: int = 64,
+    batch: int = 64,
+    settings: int = 100,
+    seconds: float = 2.0,
+    delay_s: float = 0.0,
+) -> list[str]:
     """Benchmark lines for a ``width``×``width`` layer of ``conf/device/<device>.yaml``."""
     torch.set_num_threads(1)
     device_cfg = OmegaConf.load(f"{CONFIG_DIR}/device/{device}.yaml")
@@ -51,12 +57,16 @@ def measure(device: str = "mzi", width: int = 64, batch: int = 64, settings: int
         theta = local.theta.detach()
         thetas = theta + 1e-4 * torch.randn(settings, *theta.shape, generator=gen)
         lines = []
-        for label, args, rows in ((f"{batch} rows at one setting", (x, theta), batch),
-                                  (f"{batch} rows at {settings} settings", (x, thetas), batch * settings)):
-            here = rate(lambda: local.query(*args), rows, seconds)
-            there = rate(lambda: remote.query(*args), rows, seconds)
-            lines.append(f"{device} {width}x{width}, {label}: in-process {here:,.0f} queries/s, "
-                         f"loopback {there:,.0f} queries/s ({there / here:.0%})")
+        for label, args, rows in (
+            (f"{batch} rows at one setting", (x, theta), batch),
+            (f"{batch} rows at {settings} settings", (x, thetas), batch * settings),
+        ):
+            here = rate(lambda args=args: local.query(*args), rows, seconds)
+            there = rate(lambda args=args: remote.query(*args), rows, seconds)
+            lines.append(
+                f"{device} {width}x{width}, {label}: in-process {here:,.0f} queries/s, "
+                f"loopback {there:,.0f} queries/s ({there / here:.0%})"
+            )
         remote.close()
         return lines
     finally:

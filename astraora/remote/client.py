@@ -31,8 +31,11 @@ from astraora.remote.wire import DTYPES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Pro
 
 log = logging.getLogger("astraora.remote")
 MIB = 2**20
-HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                    zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+)
 MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | sum(HANDSHAKE_FAILED)
 
 _REQUEST_IDS = itertools.count(1)  # one counter per process: ids never repeat within a session
@@ -79,9 +82,18 @@ class Connection:
     ran it already answers from its cache instead of running it twice.
     """
 
-    def __init__(self, address: str, keys: ClientKeys, timeout_s: float, max_message_bytes: int, *,
-                 session: str | None = None, connect_timeout_s: float = 3.0, heartbeat_s: float = 1.0,
-                 heartbeat_timeout_s: float = 5.0):
+    def __init__(
+        self,
+        address: str,
+        keys: ClientKeys,
+        timeout_s: float,
+        max_message_bytes: int,
+        *,
+        session: str | None = None,
+        connect_timeout_s: float = 3.0,
+        heartbeat_s: float = 1.0,
+        heartbeat_timeout_s: float = 5.0,
+    ):
         self.address, self._keys = address, keys
         self.timeout_s, self.max_message_bytes = float(timeout_s), int(max_message_bytes)
         self.connect_timeout_s = float(connect_timeout_s)
@@ -134,14 +146,22 @@ class Connection:
                 if event != zmq.EVENT_HANDSHAKE_FAILED_AUTH and self._failed_handshakes < 2:
                     continue
                 self.close()
-                raise RemoteError(f"device server {self.address} refused this client's key at the handshake "
-                                  f"({self._keys.hint})", "auth")
+                raise RemoteError(
+                    f"device server {self.address} refused this client's key at the handshake ({self._keys.hint})",
+                    "auth",
+                )
             elif event == zmq.EVENT_DISCONNECTED and self._handshaken:
                 self.close()
                 raise ConnectionLost(f"device server {self.address} closed the connection (stopped or restarted?)")
 
-    def request(self, op: str, fields: dict | None = None, tensors: dict[str, Tensor] | None = None,
-                timeout_s: float | None = None, connect_timeout_s: float | None = None) -> tuple[dict, dict[str, Tensor]]:
+    def request(
+        self,
+        op: str,
+        fields: dict | None = None,
+        tensors: dict[str, Tensor] | None = None,
+        timeout_s: float | None = None,
+        connect_timeout_s: float | None = None,
+    ) -> tuple[dict, dict[str, Tensor]]:
         """Send one request and wait for its reply; :class:`DeviceFault` on timeout, lost connection or error reply."""
         failed, self._failed = self._failed, None
         request_id = None
@@ -152,8 +172,10 @@ class Connection:
         frames = encode(header, tensors)
         size = encoded_size(frames)
         if size > self.max_message_bytes:
-            raise ConfigError(f"a {op} message of {size / MIB:.1f} MiB exceeds device.max_message_mb="
-                              f"{self.max_message_bytes / MIB:g}; raise it (and server.max_message_mb on the server).")
+            raise ConfigError(
+                f"a {op} message of {size / MIB:.1f} MiB exceeds device.max_message_mb="
+                f"{self.max_message_bytes / MIB:g}; raise it (and server.max_message_mb on the server)."
+            )
         timeout = self.timeout_s if timeout_s is None else timeout_s
         connect_timeout = self.connect_timeout_s if connect_timeout_s is None else connect_timeout_s
         try:
@@ -193,11 +215,15 @@ class Connection:
                 now = time.monotonic()
                 if not self._handshaken and now - start >= min(connect_timeout, timeout):
                     self.close()
-                    raise ConnectionLost(f"device server {self.address}: no connection within "
-                                         f"{min(connect_timeout, timeout):g} s (is astraora-device-server running there?)")
+                    raise ConnectionLost(
+                        f"device server {self.address}: no connection within "
+                        f"{min(connect_timeout, timeout):g} s (is astraora-device-server running there?)"
+                    )
                 if now - start >= timeout:
                     self.close()
-                    raise DeviceFault(f"device server {self.address} did not answer the {op} request within {timeout:g} s")
+                    raise DeviceFault(
+                        f"device server {self.address} did not answer the {op} request within {timeout:g} s"
+                    )
                 until = timeout if self._handshaken else min(timeout, connect_timeout)
                 poller.poll(max(1, int((until - (now - start)) * 1000)))
         except zmq.ZMQError as err:
@@ -238,32 +264,67 @@ class RemoteDevice(nn.Module):
     has_simulator = False
     is_remote = True
 
-    def __init__(self, d_in: int, d_out: int, *, address: str = "tcp://127.0.0.1:5555", token_file: str | None = None,
-                 key_file: str | None = None, server_key: str | None = None, timeout_s: float = 30.0,
-                 open_timeout_s: float = 30.0, connect_timeout_s: float = 3.0, heartbeat_s: float = 1.0,
-                 heartbeat_timeout_s: float = 5.0, max_message_mb: float = 64, control_retries: int = 3, seed: int = 0,
-                 name: str = "device", secret: str | None = None, session: str | None = None, token=None):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        address: str = "tcp://127.0.0.1:5555",
+        token_file: str | None = None,
+        key_file: str | None = None,
+        server_key: str | None = None,
+        timeout_s: float = 30.0,
+        open_timeout_s: float = 30.0,
+        connect_timeout_s: float = 3.0,
+        heartbeat_s: float = 1.0,
+        heartbeat_timeout_s: float = 5.0,
+        max_message_mb: float = 64,
+        control_retries: int = 3,
+        seed: int = 0,
+        name: str = "device",
+        secret: str | None = None,
+        session: str | None = None,
+        token=None,
+    ):
         super().__init__()
         if token is not None:
-            raise ConfigError(f"device.token is not allowed: a config (saved with every run) is no place for a secret; "
-                              f"set ${TOKEN_ENV} or device.token_file.")
+            raise ConfigError(
+                f"device.token is not allowed: a config (saved with every run) is no place for a secret; "
+                f"set ${TOKEN_ENV} or device.token_file."
+            )
         if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
-            raise ConfigError(f"device.address={address!r} must be a tcp:// or ipc:// endpoint, e.g. tcp://127.0.0.1:5555.")
-        for key, value in (("timeout_s", timeout_s), ("open_timeout_s", open_timeout_s),
-                           ("connect_timeout_s", connect_timeout_s), ("heartbeat_s", heartbeat_s),
-                           ("heartbeat_timeout_s", heartbeat_timeout_s), ("max_message_mb", max_message_mb)):
+            raise ConfigError(
+                f"device.address={address!r} must be a tcp:// or ipc:// endpoint, e.g. tcp://127.0.0.1:5555."
+            )
+        for key, value in (
+            ("timeout_s", timeout_s),
+            ("open_timeout_s", open_timeout_s),
+            ("connect_timeout_s", connect_timeout_s),
+            ("heartbeat_s", heartbeat_s),
+            ("heartbeat_timeout_s", heartbeat_timeout_s),
+            ("max_message_mb", max_message_mb),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"device.{key}={value!r} is not allowed; it must be a number > 0.")
         if heartbeat_timeout_s <= heartbeat_s:
-            raise ConfigError(f"device.heartbeat_timeout_s={heartbeat_timeout_s} must exceed device.heartbeat_s={heartbeat_s}.")
+            raise ConfigError(
+                f"device.heartbeat_timeout_s={heartbeat_timeout_s} must exceed device.heartbeat_s={heartbeat_s}."
+            )
         if isinstance(control_retries, bool) or not isinstance(control_retries, int) or control_retries < 0:
             raise ConfigError(f"device.control_retries={control_retries!r} must be an integer >= 0.")
         self.d_in, self.d_out, self.seed, self.name = int(d_in), int(d_out), int(seed), name
         self.address, self.open_timeout_s, self.control_retries = address, float(open_timeout_s), control_retries
         keys = ClientKeys.from_config(key_file, server_key, token_file, token=secret)
-        self.connection = Connection(address, keys, timeout_s, int(max_message_mb * MIB), session=session,
-                                     connect_timeout_s=connect_timeout_s, heartbeat_s=heartbeat_s,
-                                     heartbeat_timeout_s=heartbeat_timeout_s)
+        self.connection = Connection(
+            address,
+            keys,
+            timeout_s,
+            int(max_message_mb * MIB),
+            session=session,
+            connect_timeout_s=connect_timeout_s,
+            heartbeat_s=heartbeat_s,
+            heartbeat_timeout_s=heartbeat_timeout_s,
+        )
         self._states: dict[str, Tensor] = {}  # the server-side generator states last seen (for checkpoints)
         theta = self._open(self.open_timeout_s)
         self.theta = nn.Parameter(theta.to(torch.get_default_dtype()) if theta.is_floating_point() else theta)
@@ -300,17 +361,24 @@ class RemoteDevice(nn.Module):
         (no noise, drift or fault generators) is opened again and continues exactly; one with state
         would continue from a rewound state, so the run stops (resume from the last checkpoint)."""
         if self.stateful:
-            raise DeviceFailure(f"device server {self.address} lost layer {self.name!r} (restarted?); "
-                                "resume=<run dir> continues exactly from the last checkpoint.")
-        log.warning("device server %s lost layer %r (restarted?); opening it again (the device keeps no state)",
-                    self.address, self.name)
+            raise DeviceFailure(
+                f"device server {self.address} lost layer {self.name!r} (restarted?); "
+                "resume=<run dir> continues exactly from the last checkpoint."
+            )
+        log.warning(
+            "device server %s lost layer %r (restarted?); opening it again (the device keeps no state)",
+            self.address,
+            self.name,
+        )
         try:
             self._open(self.connection.timeout_s)
         except (ConfigError, DeviceFailure) as err:  # mid-run: a fault like any other, for the ledger to retry
             raise DeviceFault(str(err)) from None
         if self.stateful:
-            raise DeviceFailure(f"device server {self.address} lost layer {self.name!r} and now serves it with state "
-                                "(another device?); resume=<run dir> continues exactly from the last checkpoint.")
+            raise DeviceFailure(
+                f"device server {self.address} lost layer {self.name!r} and now serves it with state "
+                "(another device?); resume=<run dir> continues exactly from the last checkpoint."
+            )
 
     def _call(self, op: str, fields: dict | None = None, tensors: dict[str, Tensor] | None = None):
         """One request on this layer; a layer the server lost is opened again only if it keeps no state."""
@@ -327,19 +395,25 @@ class RemoteDevice(nn.Module):
 
     def _with_retries(self, op: str, fields: dict | None = None, tensors: dict[str, Tensor] | None = None):
         """A call outside the ledger (drift step, state): retried, then :class:`DeviceFailure`."""
-        for attempt in range(self.control_retries + 1):
+        for _ in range(self.control_retries + 1):
             try:
                 return self._call(op, fields, tensors)
             except DeviceFault as err:
                 last = err
-        raise DeviceFailure(f"device {self.name!r}: a {op} call failed {self.control_retries + 1} times "
-                            f"(last error: {last}); the run stops.")
+        raise DeviceFailure(
+            f"device {self.name!r}: a {op} call failed {self.control_retries + 1} times "
+            f"(last error: {last}); the run stops."
+        )
 
     def close(self) -> None:
         """Release the layer on the server (best effort) and the socket."""
         try:
-            self.connection.request("close", {"handle": self.handle}, timeout_s=min(1.0, self.connection.timeout_s),
-                                    connect_timeout_s=min(1.0, self.connection.connect_timeout_s))
+            self.connection.request(
+                "close",
+                {"handle": self.handle},
+                timeout_s=min(1.0, self.connection.timeout_s),
+                connect_timeout_s=min(1.0, self.connection.connect_timeout_s),
+            )
         except AstraoraError:
             pass
         self.connection.close()
@@ -350,7 +424,10 @@ class RemoteDevice(nn.Module):
         return self.theta.numel()
 
     def extra_repr(self) -> str:
-        return f"d_in={self.d_in}, d_out={self.d_out}, p={self.num_params}, address={self.address}, identity={self.info.get('identity')!r}"
+        return (
+            f"d_in={self.d_in}, d_out={self.d_out}, p={self.num_params}, address={self.address}, "
+            f"identity={self.info.get('identity')!r}"
+        )
 
     def theta_shape(self) -> tuple[int, ...]:
         return self.theta_shape_
@@ -400,9 +477,16 @@ class RemoteDevice(nn.Module):
         if sent is not None:
             self._live_sent = sent
         y = out.get("y")
-        expected = (*x.shape[:-1], self.d_out) if theta.dim() == len(self.theta_shape_) or x.dim() == 3 else (theta.shape[0], x.shape[0], self.d_out)
+        expected = (
+            (*x.shape[:-1], self.d_out)
+            if theta.dim() == len(self.theta_shape_) or x.dim() == 3
+            else (theta.shape[0], x.shape[0], self.d_out)
+        )
         if y is None or tuple(y.shape) != expected:
-            raise DeviceFault(f"device server {self.address} answered a query with {None if y is None else list(y.shape)}, not {list(expected)}")
+            raise DeviceFault(
+                f"device server {self.address} answered a query with {None if y is None else list(y.shape)}, "
+                f"not {list(expected)}"
+            )
         return y
 
     def _split(self, settings: int, rows: int, shared_rows: bool) -> tuple[int, int]:
@@ -414,8 +498,10 @@ class RemoteDevice(nn.Module):
         row_step = min(rows, int(self.info.get("max_rows") or rows))
         row_step = min(row_step, max(0, (budget - p) // (n + m)))
         if row_step < 1:
-            raise ConfigError(f"one setting of θ with one row does not fit device.max_message_mb="
-                              f"{self.connection.max_message_bytes / MIB:g}; raise it (and server.max_message_mb).")
+            raise ConfigError(
+                f"one setting of θ with one row does not fit device.max_message_mb="
+                f"{self.connection.max_message_bytes / MIB:g}; raise it (and server.max_message_mb)."
+            )
         shared = row_step * n if shared_rows else 0
         per_setting = p + (0 if shared_rows else row_step * n)
         k_step = min(settings, (budget - shared) // per_setting, budget // (row_step * m))

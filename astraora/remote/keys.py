@@ -37,8 +37,9 @@ def load_keypair(path: str, key: str) -> tuple[bytes, bytes]:
     """(public, secret) from a ``.key_secret`` certificate file; ``key`` names the config key in errors."""
     public, secret = _load(path, key)
     if not secret:
-        raise ConfigError(f"{key}={path} holds no secret key; give the .key_secret file made by "
-                          f"`python -m astraora.remote.keys`.")
+        raise ConfigError(
+            f"{key}={path} holds no secret key; give the .key_secret file made by `python -m astraora.remote.keys`."
+        )
     return public, secret
 
 
@@ -57,8 +58,9 @@ def _load(path: str, key: str) -> tuple[bytes, bytes | None]:
             raise ValueError
         z85.decode(public)
     except (ValueError, OSError, UnicodeDecodeError, KeyError):
-        raise ConfigError(f"{key}={path} is not a ZeroMQ certificate file (make one with "
-                          f"`python -m astraora.remote.keys`).") from None
+        raise ConfigError(
+            f"{key}={path} is not a ZeroMQ certificate file (make one with `python -m astraora.remote.keys`)."
+        ) from None
     return public, secret
 
 
@@ -91,10 +93,12 @@ class ServerKeys:
     def from_config(cls, key_file: str | None, client_keys_dir: str | None, token_file: str | None) -> ServerKeys:
         """From ``server.key_file`` / ``server.client_keys_dir``; what they leave out comes from the token."""
         token = read_token(token_file, "server.token_file") if not (key_file and client_keys_dir) else None
-        public, secret = (load_keypair(key_file, "server.key_file") if key_file
-                          else derive_keypair(token, SERVER_LABEL))
-        authorized = (load_authorized(client_keys_dir, "server.client_keys_dir") if client_keys_dir
-                      else {derive_keypair(token, CLIENT_LABEL)[0]})
+        public, secret = load_keypair(key_file, "server.key_file") if key_file else derive_keypair(token, SERVER_LABEL)
+        authorized = (
+            load_authorized(client_keys_dir, "server.client_keys_dir")
+            if client_keys_dir
+            else {derive_keypair(token, CLIENT_LABEL)[0]}
+        )
         return cls(public, secret, frozenset(authorized), per_client=bool(client_keys_dir))
 
 
@@ -113,15 +117,19 @@ class ClientKeys:
         return cls(public, secret, derive_keypair(token, SERVER_LABEL)[0], f"wrong {TOKEN_ENV}?")
 
     @classmethod
-    def from_config(cls, key_file: str | None, server_key: str | None, token_file: str | None,
-                    token: str | None = None) -> ClientKeys:
+    def from_config(
+        cls, key_file: str | None, server_key: str | None, token_file: str | None, token: str | None = None
+    ) -> ClientKeys:
         """From ``device.key_file`` / ``device.server_key``; what they leave out comes from the token."""
         if not (key_file and server_key):
             token = token or read_token(token_file, "device.token_file")
         public, secret = load_keypair(key_file, "device.key_file") if key_file else derive_keypair(token, CLIENT_LABEL)
         server = load_public(server_key, "device.server_key") if server_key else derive_keypair(token, SERVER_LABEL)[0]
-        hint = (f"wrong {TOKEN_ENV}?" if not (key_file or server_key)
-                else "is this client's public key in server.client_keys_dir, and device.server_key the server's?")
+        hint = (
+            f"wrong {TOKEN_ENV}?"
+            if not (key_file or server_key)
+            else "is this client's public key in server.client_keys_dir, and device.server_key the server's?"
+        )
         return cls(public, secret, server, hint)
 
 

@@ -143,8 +143,12 @@ class SimulatedDevice(LabDevice):
         device, nonideal = self.device, self.device.nonideal
         bits = nonideal.phase_bits
         return DeviceInfo(
-            identity=f"astraora simulator {self.family} ({type(device).__name__}), layer {device.name!r}, seed {device.seed}",
-            d_in=device.d_in, d_out=device.d_out, theta_shape=tuple(device.theta.shape),
+            identity=(
+                f"astraora simulator {self.family} ({type(device).__name__}), layer {device.name!r}, seed {device.seed}"
+            ),
+            d_in=device.d_in,
+            d_out=device.d_out,
+            theta_shape=tuple(device.theta.shape),
             dtype=str(device.theta.dtype).removeprefix("torch."),
             phase_range=(-math.pi, math.pi) if device.is_phase_device else None,
             phase_resolution=2 * math.pi / 2**bits if bits else 0.0,

@@ -56,8 +56,9 @@ ZAP_DOMAIN = "astraora"
 SESSION_ID = re.compile(r"[0-9a-f]{16,64}")
 MAX_QUEUED = 8  # requests of one session waiting behind the one running; more are refused
 CACHED_REPLIES = 2  # replies kept per session for retried requests
-HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 Opener = Callable[[int, int, int, str], LabDevice]
 
@@ -90,8 +91,11 @@ class RateLimitedLog:
         if now - self.window_start < 60:
             return
         if self.suppressed:
-            self.logger.warning("suppressed %d more lines about refused requests in the last %.0f s",
-                                self.suppressed, now - self.window_start)
+            self.logger.warning(
+                "suppressed %d more lines about refused requests in the last %.0f s",
+                self.suppressed,
+                now - self.window_start,
+            )
         self.window_start, self.lines, self.suppressed = now, 0, 0
 
 
@@ -182,11 +186,24 @@ class DeviceServer:
         description: what is served, for the log line.
     """
 
-    def __init__(self, opener: Opener, token: str | None = None, *, keys: ServerKeys | None = None,
-                 address: str = "tcp://127.0.0.1:5555", max_message_bytes: int = 64 * MIB, delay_s: float = 0.0,
-                 max_rows: int | None = None, limits: Limits | None = None, workers: int = 4,
-                 handshake_s: float = 5.0, heartbeat_s: float = 1.0, heartbeat_timeout_s: float = 5.0,
-                 log_per_minute: int = 20, description: str = "device"):
+    def __init__(
+        self,
+        opener: Opener,
+        token: str | None = None,
+        *,
+        keys: ServerKeys | None = None,
+        address: str = "tcp://127.0.0.1:5555",
+        max_message_bytes: int = 64 * MIB,
+        delay_s: float = 0.0,
+        max_rows: int | None = None,
+        limits: Limits | None = None,
+        workers: int = 4,
+        handshake_s: float = 5.0,
+        heartbeat_s: float = 1.0,
+        heartbeat_timeout_s: float = 5.0,
+        log_per_minute: int = 20,
+        description: str = "device",
+    ):
         if keys is None:
             if not token:
                 raise ConfigError("a device server needs a token or key files.")
@@ -352,7 +369,7 @@ class DeviceServer:
     def _receive(self, identity: bytes, user: str, body: list) -> None:
         """Answer at once (ping, errors, a repeated request) or queue the request for its session."""
         envelope = [b""] if body and len(body[0]) == 0 else []  # a REQ client's delimiter, echoed back
-        body = body[len(envelope):]
+        body = body[len(envelope) :]
         self.requests += 1
         request_id = None
         try:
@@ -362,8 +379,11 @@ class DeviceServer:
                 request_id = None
                 raise ProtocolError("malformed", "a request needs an integer id >= 0")
             if header.get("v") != PROTOCOL_VERSION:
-                raise ProtocolError("malformed", f"protocol version {short(header.get('v'))} is not {PROTOCOL_VERSION} "
-                                                 "(client and server of different astraora versions?)")
+                raise ProtocolError(
+                    "malformed",
+                    f"protocol version {short(header.get('v'))} is not {PROTOCOL_VERSION} "
+                    "(client and server of different astraora versions?)",
+                )
             op = header.get("op")
             if not isinstance(op, str) or op not in self.OPS:
                 raise ProtocolError("malformed", f"unknown op {short(op)}; allowed: {sorted(self.OPS)}")
@@ -379,8 +399,9 @@ class DeviceServer:
         self.refused += 1
         self.bad_log.warning("refused a request (%s): %s", err.code, err)
 
-    def _enqueue(self, identity: bytes, envelope: list, user: str, request_id: int, op: str, header: dict,
-                 tensors: dict) -> None:
+    def _enqueue(
+        self, identity: bytes, envelope: list, user: str, request_id: int, op: str, header: dict, tensors: dict
+    ) -> None:
         sid = header.get("session")
         if not isinstance(sid, str) or not SESSION_ID.fullmatch(sid):
             raise ProtocolError("malformed", "a request needs a session id of 16-64 lowercase hex digits")
@@ -389,18 +410,26 @@ class DeviceServer:
             new = session is None
             if new:
                 if op != "open":
-                    raise ProtocolError("unknown_handle", "no such session on this server (it restarted, or the session "
-                                                          "expired after server.session_idle_s); open the layer again")
+                    raise ProtocolError(
+                        "unknown_handle",
+                        "no such session on this server (it restarted, or the session "
+                        "expired after server.session_idle_s); open the layer again",
+                    )
                 if len(self.sessions) >= self.limits.max_sessions:
-                    raise ProtocolError("refused", f"the server holds {len(self.sessions)} sessions, its limit "
-                                                   "(server.max_sessions); try again later")
+                    raise ProtocolError(
+                        "refused",
+                        f"the server holds {len(self.sessions)} sessions, its limit "
+                        "(server.max_sessions); try again later",
+                    )
                 session = Session((user, sid))
             session.last_seen = time.monotonic()
             signature = _signature(header)
             known = session.replies.get(request_id) or session.waiting.get(request_id)
             if known is not None and known[0] != signature:
                 raise ProtocolError("malformed", f"request id {request_id} was already used for another request")
-            if request_id in session.replies:  # a retry of a request already answered: the same reply, nothing run again
+            if (
+                request_id in session.replies
+            ):  # a retry of a request already answered: the same reply, nothing run again
                 self._send([identity, *envelope, *session.replies[request_id][1]])
                 return
             if request_id in session.waiting:  # a retry of a request queued or running: answer both
@@ -427,23 +456,35 @@ class DeviceServer:
             raise ProtocolError("malformed", "open needs a layer name of 1-200 characters")
         width = self.limits.max_width
         if width is not None and not (1 <= d_in <= width and 1 <= d_out <= width):
-            raise ProtocolError("refused", f"layer {short(name)} asked for d_in={d_in}, d_out={d_out}; "
-                                           f"this server builds 1..{width} (server.max_width)")
+            raise ProtocolError(
+                "refused",
+                f"layer {short(name)} asked for d_in={d_in}, d_out={d_out}; "
+                f"this server builds 1..{width} (server.max_width)",
+            )
         entries = d_in * d_out
         limits = self.limits
         if session.layer_count >= limits.session_max_layers:
-            raise ProtocolError("refused", f"this session holds {session.layer_count} layers, its limit "
-                                           "(server.session_max_layers)")
+            raise ProtocolError(
+                "refused", f"this session holds {session.layer_count} layers, its limit (server.session_max_layers)"
+            )
         if session.entries + entries > limits.session_max_entries:
-            raise ProtocolError("too_large", f"layer {short(name)} ({d_out}x{d_in}) would take this session over "
-                                             f"{limits.session_max_entries} matrix entries (server.session_max_entries)")
+            raise ProtocolError(
+                "too_large",
+                f"layer {short(name)} ({d_out}x{d_in}) would take this session over "
+                f"{limits.session_max_entries} matrix entries (server.session_max_entries)",
+            )
         held = [s for s in self.sessions.values()]
         if sum(s.layer_count for s in held) >= limits.max_layers:
-            raise ProtocolError("refused", f"the server holds {limits.max_layers} layers, its limit (server.max_layers); "
-                                           "try again later")
+            raise ProtocolError(
+                "refused",
+                f"the server holds {limits.max_layers} layers, its limit (server.max_layers); try again later",
+            )
         if sum(s.entries for s in held) + entries > limits.max_entries:
-            raise ProtocolError("too_large", f"layer {short(name)} ({d_out}x{d_in}) would take the server over "
-                                             f"{limits.max_entries} matrix entries (server.max_entries)")
+            raise ProtocolError(
+                "too_large",
+                f"layer {short(name)} ({d_out}x{d_in}) would take the server over "
+                f"{limits.max_entries} matrix entries (server.max_entries)",
+            )
         return entries
 
     def _work(self, session: Session) -> None:
@@ -489,7 +530,9 @@ class DeviceServer:
 
     @staticmethod
     def _error(request_id, code: str, message: str) -> list:
-        return encode({"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": {"code": code, "message": message}})
+        return encode(
+            {"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": {"code": code, "message": message}}
+        )
 
     def _expire(self, now: float) -> None:
         with self._lock:
@@ -497,7 +540,9 @@ class DeviceServer:
                 if not session.busy and not session.queue and now - session.last_seen > self.limits.session_idle_s:
                     del self.sessions[key]
                     self.expired += 1
-                    log.info("closed a session idle for %.0f s (%d layers)", now - session.last_seen, len(session.layers))
+                    log.info(
+                        "closed a session idle for %.0f s (%d layers)", now - session.last_seen, len(session.layers)
+                    )
 
     # ----------------------------------------------------------------- operations
     def _layer(self, session: Session, header: dict) -> Layer:
@@ -507,8 +552,10 @@ class DeviceServer:
         with self._lock:
             layer = session.layers.get(handle)
         if layer is None:
-            raise ProtocolError("unknown_handle", f"no open layer {short(handle)} in this session (the server may have "
-                                                  "restarted); open it again")
+            raise ProtocolError(
+                "unknown_handle",
+                f"no open layer {short(handle)} in this session (the server may have restarted); open it again",
+            )
         return layer
 
     def _serving(self, lab: LabDevice) -> _Serving:
@@ -531,8 +578,11 @@ class DeviceServer:
             theta = lab.initial_theta(seed, name)
             stateful = info.stateful if info.stateful is not None else bool(lab.state())
         if theta.numel() * theta.element_size() > self.max_message_bytes:
-            raise ProtocolError("too_large", f"layer {short(name)}: its θ of {theta.numel() * theta.element_size()} bytes "
-                                             f"does not fit one message (server.max_message_mb)")
+            raise ProtocolError(
+                "too_large",
+                f"layer {short(name)}: its θ of {theta.numel() * theta.element_size()} bytes "
+                f"does not fit one message (server.max_message_mb)",
+            )
         handle = secrets.token_hex(8)
         with self._lock:
             session.layers[handle] = Layer(handle, lab, info, session.reserved.pop(request_id))
@@ -569,8 +619,17 @@ class DeviceServer:
         if unknown:
             raise ProtocolError("malformed", f"query takes tensors x, theta, live; got {sorted(unknown)}")
         x, theta, live = tensors.get("x"), tensors.get("theta"), tensors.get("live")
-        if x is None or x.dtype != DTYPES[info.dtype] or x.dim() not in (2, 3) or x.shape[-1] != info.d_in or x.shape[-2] < 1:
-            raise ProtocolError("malformed", f"query needs rows x of {info.dtype}, shape (B, {info.d_in}) or (K, B, {info.d_in}), B >= 1")
+        if (
+            x is None
+            or x.dtype != DTYPES[info.dtype]
+            or x.dim() not in (2, 3)
+            or x.shape[-1] != info.d_in
+            or x.shape[-2] < 1
+        ):
+            raise ProtocolError(
+                "malformed",
+                f"query needs rows x of {info.dtype}, shape (B, {info.d_in}) or (K, B, {info.d_in}), B >= 1",
+            )
         limit = min(r for r in (info.max_rows, self.max_rows, math.inf) if r is not None)
         if x.shape[-2] > limit:
             raise ProtocolError("too_large", f"{x.shape[-2]} rows in one call; this device takes at most {limit}")
@@ -597,7 +656,9 @@ class DeviceServer:
                 if theta is not None:
                     self._program(lab, serving, theta)
                 y = lab.measure(x, purpose)
-        expected = (*x.shape[:-1], info.d_out) if not batched or x.dim() == 3 else (theta.shape[0], x.shape[0], info.d_out)
+        expected = (
+            (*x.shape[:-1], info.d_out) if not batched or x.dim() == 3 else (theta.shape[0], x.shape[0], info.d_out)
+        )
         if tuple(y.shape) != expected or y.dtype != x.dtype:
             raise RuntimeError(f"the device returned {y.dtype} {list(y.shape)}, not {x.dtype} {list(expected)}")
         return {}, {"y": y}
@@ -620,7 +681,9 @@ class DeviceServer:
         with self._serving(layer.lab).lock:
             before = layer.lab.state()
             if set(tensors) != set(before):
-                raise ProtocolError("malformed", f"set_state: the state must hold {sorted(before)}, got {sorted(tensors)}")
+                raise ProtocolError(
+                    "malformed", f"set_state: the state must hold {sorted(before)}, got {sorted(tensors)}"
+                )
             try:
                 layer.lab.load_state(tensors)
             except Exception as err:
@@ -631,21 +694,34 @@ class DeviceServer:
                 raise ProtocolError("malformed", f"set_state: {short(str(err), 300)}") from None
         return {}, {}
 
-    OPS = {"ping": op_ping, "open": op_open, "close": op_close, "program": op_program, "query": op_query,
-           "step": op_step, "get_state": op_get_state, "set_state": op_set_state}
+    OPS = {
+        "ping": op_ping,
+        "open": op_open,
+        "close": op_close,
+        "program": op_program,
+        "query": op_query,
+        "step": op_step,
+        "get_state": op_get_state,
+        "set_state": op_set_state,
+    }
 
     # ----------------------------------------------------------------- helpers
     @staticmethod
     def _program(lab: LabDevice, serving: _Serving, theta: Tensor) -> None:
-        if serving.programmed is None or not torch.equal(serving.programmed, theta):  # a real chip is reprogrammed only on change
+        if serving.programmed is None or not torch.equal(
+            serving.programmed, theta
+        ):  # a real chip is reprogrammed only on change
             lab.program(theta)
             serving.programmed = theta
 
     @staticmethod
     def _check_setting(info: DeviceInfo, theta: Tensor | None, name: str, batched: bool) -> None:
         shape = tuple(info.theta_shape)
-        ok = (theta is not None and theta.dtype == DTYPES[info.dtype]
-              and (tuple(theta.shape[1:]) == shape and theta.shape[0] >= 1 if batched else tuple(theta.shape) == shape))
+        ok = (
+            theta is not None
+            and theta.dtype == DTYPES[info.dtype]
+            and (tuple(theta.shape[1:]) == shape and theta.shape[0] >= 1 if batched else tuple(theta.shape) == shape)
+        )
         if not ok:
             want = f"(K, {', '.join(map(str, shape))})" if batched else str(list(shape))
             raise ProtocolError("malformed", f"{name} must be {info.dtype} of shape {want}")
@@ -687,8 +763,11 @@ def device_opener(device_cfg, max_width: int) -> tuple[Opener, str]:
 
         def open_lab(d_in: int, d_out: int, seed: int, layer: str) -> LabDevice:
             if (d_in, d_out) != (info.d_in, info.d_out):
-                raise ProtocolError("refused", f"this server's device {info.identity!r} is fixed at d_in={info.d_in}, "
-                                               f"d_out={info.d_out}; layer {layer!r} asked for d_in={d_in}, d_out={d_out}")
+                raise ProtocolError(
+                    "refused",
+                    f"this server's device {info.identity!r} is fixed at d_in={info.d_in}, "
+                    f"d_out={info.d_out}; layer {layer!r} asked for d_in={d_in}, d_out={d_out}",
+                )
             return lab
 
         return open_lab, info.identity
@@ -698,8 +777,11 @@ def device_opener(device_cfg, max_width: int) -> tuple[Opener, str]:
 
     def open_simulator(d_in: int, d_out: int, seed: int, layer: str) -> LabDevice:
         if not (1 <= d_in <= max_width and 1 <= d_out <= max_width):
-            raise ProtocolError("refused", f"layer {layer!r} asked for d_in={d_in}, d_out={d_out}; "
-                                           f"this server builds 1..{max_width} (server.max_width)")
+            raise ProtocolError(
+                "refused",
+                f"layer {layer!r} asked for d_in={d_in}, d_out={d_out}; "
+                f"this server builds 1..{max_width} (server.max_width)",
+            )
         try:
             return SimulatedDevice(make_device(device_cfg, d_in, d_out, seed, layer), family)
         except AstraoraError as err:
@@ -743,8 +825,10 @@ SERVER_RULES = {  # key → (accepts, what is allowed)
 def check_server_config(cfg) -> None:
     server = cfg.server
     if "token" in server:
-        raise ConfigError("server.token is not allowed: a config is no place for a secret; set $ASTRAORA_DEVICE_TOKEN "
-                          "or server.token_file.")
+        raise ConfigError(
+            "server.token is not allowed: a config is no place for a secret; set $ASTRAORA_DEVICE_TOKEN "
+            "or server.token_file."
+        )
     address = server.address
     if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
         raise ConfigError(f"server.address={address!r} must be a tcp:// or ipc:// endpoint, e.g. tcp://127.0.0.1:5555.")
@@ -754,8 +838,10 @@ def check_server_config(cfg) -> None:
         if not accepts(server[key]):
             raise ConfigError(f"server.{key}={server[key]!r} is not allowed; it must be {allowed}.")
     if server.heartbeat_timeout_s <= server.heartbeat_s:
-        raise ConfigError(f"server.heartbeat_timeout_s={server.heartbeat_timeout_s} must exceed "
-                          f"server.heartbeat_s={server.heartbeat_s}.")
+        raise ConfigError(
+            f"server.heartbeat_timeout_s={server.heartbeat_timeout_s} must exceed "
+            f"server.heartbeat_s={server.heartbeat_s}."
+        )
 
 
 def build_server(cfg) -> DeviceServer:
@@ -764,14 +850,30 @@ def build_server(cfg) -> DeviceServer:
     server = cfg.server
     keys = ServerKeys.from_config(server.key_file, server.client_keys_dir, server.token_file)
     opener, description = device_opener(cfg.device, int(server.max_width))
-    limits = Limits(max_sessions=server.max_sessions, max_layers=server.max_layers, max_entries=server.max_entries,
-                    session_max_layers=server.session_max_layers, session_max_entries=server.session_max_entries,
-                    max_width=int(server.max_width), session_idle_s=float(server.session_idle_s))
-    return DeviceServer(opener, keys=keys, address=server.address, max_message_bytes=int(server.max_message_mb * MIB),
-                        delay_s=float(server.delay_s), max_rows=server.max_rows, limits=limits,
-                        workers=int(server.workers), handshake_s=float(server.handshake_s),
-                        heartbeat_s=float(server.heartbeat_s), heartbeat_timeout_s=float(server.heartbeat_timeout_s),
-                        log_per_minute=int(server.log_per_minute), description=description)
+    limits = Limits(
+        max_sessions=server.max_sessions,
+        max_layers=server.max_layers,
+        max_entries=server.max_entries,
+        session_max_layers=server.session_max_layers,
+        session_max_entries=server.session_max_entries,
+        max_width=int(server.max_width),
+        session_idle_s=float(server.session_idle_s),
+    )
+    return DeviceServer(
+        opener,
+        keys=keys,
+        address=server.address,
+        max_message_bytes=int(server.max_message_mb * MIB),
+        delay_s=float(server.delay_s),
+        max_rows=server.max_rows,
+        limits=limits,
+        workers=int(server.workers),
+        handshake_s=float(server.handshake_s),
+        heartbeat_s=float(server.heartbeat_s),
+        heartbeat_timeout_s=float(server.heartbeat_timeout_s),
+        log_per_minute=int(server.log_per_minute),
+        description=description,
+    )
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -784,8 +886,11 @@ def serve_from_config(cfg) -> None:
     server = build_server(cfg)
     endpoint = server.bind()
     if not is_loopback(endpoint):
-        log.warning("listening beyond this machine on %s: whoever holds the token (or an authorized key) can use "
-                    "the device; traffic is encrypted and authenticated (CurveZMQ)", endpoint)
+        log.warning(
+            "listening beyond this machine on %s: whoever holds the token (or an authorized key) can use "
+            "the device; traffic is encrypted and authenticated (CurveZMQ)",
+            endpoint,
+        )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     delay = f", adding {cfg.server.delay_s} s per call" if cfg.server.delay_s else ""
@@ -797,8 +902,11 @@ def serve_from_config(cfg) -> None:
         pass
     finally:
         server.close()
-        print(f"astraora-device-server: stopped after {server.requests} requests ({server.refused} refused, "
-              f"{server.denied} connections refused at the handshake)", flush=True)
+        print(
+            f"astraora-device-server: stopped after {server.requests} requests ({server.refused} refused, "
+            f"{server.denied} connections refused at the handshake)",
+            flush=True,
+        )
 
 
 def check_device_override(argv: list[str], config_dir: str = CONFIG_DIR) -> None:

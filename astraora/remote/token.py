@@ -26,7 +26,11 @@ def read_token(token_file: str | None, key: str) -> str:
         token = os.environ.get(TOKEN_ENV, "").strip()
         source = f"${TOKEN_ENV}"
         if not token:
-            raise ConfigError(f"no device token: set the environment variable {TOKEN_ENV} or {key} to a file holding it.")
+            raise ConfigError(
+                f"no device token: set the environment variable {TOKEN_ENV} or {key} to a file holding it."
+            )
     if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
-        raise ConfigError(f"the device token from {source} must be at least {MIN_TOKEN_LENGTH} characters without spaces.")
+        raise ConfigError(
+            f"the device token from {source} must be at least {MIN_TOKEN_LENGTH} characters without spaces."
+        )
     return token

@@ -39,7 +39,10 @@ def encode(header: dict, tensors: dict[str, Tensor] | None = None) -> list[bytes
     for t in arrays:
         if t.dtype not in DTYPE_NAMES:
             raise TypeError(f"dtype {t.dtype} cannot be sent; allowed: {list(DTYPES)}")
-    specs = [{"name": name, "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for name, t in zip(tensors, arrays)]
+    specs = [
+        {"name": name, "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
+        for name, t in zip(tensors, arrays, strict=True)
+    ]
     head = json.dumps({**header, "tensors": specs}, separators=(",", ":")).encode()
     return [head, *(memoryview(t.numpy()).cast("B") for t in arrays)]
 
@@ -62,7 +65,7 @@ def decode(frames: list[bytes], max_bytes: int) -> tuple[dict, dict[str, Tensor]
     if not isinstance(specs, list) or len(specs) != len(frames) - 1:
         raise ProtocolError("malformed", "the header's 'tensors' list does not match the frames that follow")
     tensors = {}
-    for spec, frame in zip(specs, frames[1:]):
+    for spec, frame in zip(specs, frames[1:], strict=True):
         name, tensor = _tensor(spec, frame)
         if name in tensors:
             raise ProtocolError("malformed", f"tensor {name!r} appears twice")
@@ -135,15 +138,20 @@ def _tensor(spec, frame: bytes) -> tuple[str, Tensor]:
         raise ProtocolError("malformed", "a tensor name must be a string of 1-32 characters")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ProtocolError("malformed", f"tensor {name!r}: dtype {short(dtype)} is not one of {list(DTYPES)}")
-    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
         raise ProtocolError("malformed", f"tensor {name!r}: shape must be a list of at most {MAX_DIMS} sizes >= 0")
     if not all(d < 2**62 for d in shape):
         raise ProtocolError("malformed", f"tensor {name!r}: a size over 2**62")
     torch_dtype = DTYPES[dtype]
     expected = math.prod(shape) * torch_dtype.itemsize
     if expected != len(frame):
-        raise ProtocolError("malformed", f"tensor {name!r}: {len(frame)} bytes for shape {shape} of {dtype} ({expected} expected)")
+        raise ProtocolError(
+            "malformed", f"tensor {name!r}: {len(frame)} bytes for shape {shape} of {dtype} ({expected} expected)"
+        )
     if expected == 0:
         return name, torch.empty(shape, dtype=torch_dtype)
     return name, torch.frombuffer(bytearray(frame), dtype=torch_dtype).reshape(shape)

@@ -54,8 +54,14 @@ HIGHER_IS_BETTER = ("acc", "accuracy", "f1")
 # (loss, perplexity, bits per character) in % of the digital run's value.
 POINTS, PERCENT = "pt", "%"
 # What bounds how long a run trains (None = no limit): a gap is only taken between equal budgets.
-BUDGET_KEYS = ("trainer.max_epochs", "trainer.max_steps", "trainer.limit_train_batches",
-               "trainer.limit_val_batches", "trainer.limit_test_batches", "trainer.accumulate_grad_batches")
+BUDGET_KEYS = (
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.limit_train_batches",
+    "trainer.limit_val_batches",
+    "trainer.limit_test_batches",
+    "trainer.accumulate_grad_batches",
+)
 
 # What the plots tell apart; all but the device are hybrid-only (None for digital runs).
 SETTING_FIELDS = ("device", "mode", "integrator", "rank", "M", "M_sm")
@@ -64,8 +70,17 @@ SETTING_FIELDS = ("device", "mode", "integrator", "rank", "M", "M_sm")
 CONFIG_FIELDS = (*SETTING_FIELDS, "status")
 GROUP_FIELDS = (*CONFIG_FIELDS, "config_id")
 # Config keys that do not change what a run trains: left out when runs are grouped.
-UNGROUPED_KEYS = ("seed", "resume", "paths", "hydra", "logger", "cpu_threads", "optimized_metric",
-                  "trainer.enable_progress_bar", "trainer.enable_model_summary")
+UNGROUPED_KEYS = (
+    "seed",
+    "resume",
+    "paths",
+    "hydra",
+    "logger",
+    "cpu_threads",
+    "optimized_metric",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+)
 # Interpolations into these resolve to per-run values (the seed, the run directory, the clock).
 PER_RUN_REFERENCES = re.compile(r"\$\{(seed|paths\.|hydra:|now:)")
 # Per-run numbers, averaged over seeds; the value is the format of the mean in the markdown table.
@@ -79,9 +94,17 @@ NUMBER_FORMATS = {
     "surrogate_rel_error": ".3g",
 }
 CSV_COLUMNS = (
-    "task", "metric", "test_metric", *CONFIG_FIELDS, "differs", "seeds", "n_runs",
+    "task",
+    "metric",
+    "test_metric",
+    *CONFIG_FIELDS,
+    "differs",
+    "seeds",
+    "n_runs",
     *(column for name in NUMBER_FORMATS for column in (name, f"{name}_std")),
-    "gap_unit", "budget_vs_digital", "run_dirs",
+    "gap_unit",
+    "budget_vs_digital",
+    "run_dirs",
 )
 # Markers tell the seeds of one configuration apart in the line plots (colour = configuration);
 # in the scatter of metric vs queries they tell configurations apart.
@@ -103,14 +126,12 @@ class Run:
         """``key`` (dotted) from summary.json; else ``config_key`` (default ``key``) from the
         summary's ``config`` subset, then from ``.hydra/config.yaml``; None when nowhere."""
         config_key = config_key or key
-        for value in (_dig(self.summary, *key.split(".")),
-                      _dig(self.summary, "config", *config_key.split("."))):
+        for value in (_dig(self.summary, *key.split(".")), _dig(self.summary, "config", *config_key.split("."))):
             if value is not None:
                 return _scalar(value)
         if self.hydra_config is None:
             return None
-        return _scalar(OmegaConf.select(self.hydra_config, config_key, default=None,
-                                        throw_on_resolution_failure=False))
+        return _scalar(OmegaConf.select(self.hydra_config, config_key, default=None, throw_on_resolution_failure=False))
 
     @property
     def task(self) -> str:
@@ -157,9 +178,11 @@ class Run:
         for key, raw in _flatten(OmegaConf.to_container(self.hydra_config, resolve=False)).items():
             if _ungrouped(key) or (isinstance(raw, str) and PER_RUN_REFERENCES.search(raw)):
                 continue
-            flat[key] = (_scalar(OmegaConf.select(self.hydra_config, key, default=None,
-                                                  throw_on_resolution_failure=False))
-                         if isinstance(raw, str) and "${" in raw else raw)
+            flat[key] = (
+                _scalar(OmegaConf.select(self.hydra_config, key, default=None, throw_on_resolution_failure=False))
+                if isinstance(raw, str) and "${" in raw
+                else raw
+            )
         return flat
 
     @property
@@ -207,14 +230,20 @@ class TaskComparison:
         if not flagged:
             return None
         differences = "; ".join(dict.fromkeys(record["budget"].removeprefix("refused: ") for record in flagged))
-        action = ("their gap is left out (--strict-budget)" if self.strict_budget else
-                  "their gap is taken against it anyway and flagged in 'budget vs digital' "
-                  "(--strict-budget leaves it out)")
-        return (f"{self.task}: {len(flagged)} hybrid run(s) have no digital run of the same training budget "
-                f"and seed ({differences}): {action}")
+        action = (
+            "their gap is left out (--strict-budget)"
+            if self.strict_budget
+            else "their gap is taken against it anyway and flagged in 'budget vs digital' "
+            "(--strict-budget leaves it out)"
+        )
+        return (
+            f"{self.task}: {len(flagged)} hybrid run(s) have no digital run of the same training budget "
+            f"and seed ({differences}): {action}"
+        )
 
 
 # ---------------------------------------------------------------------------- reading runs
+
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     """Every directory under ``paths`` (run dirs or multirun dirs, searched recursively) that
@@ -250,7 +279,7 @@ def read_metrics_csv(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                 if name in (None, "step", "epoch") or value is None:
                     continue
                 points.setdefault(name, []).append((index if step is None else step, value))
-    return {name: tuple(np.array(column) for column in zip(*pairs)) for name, pairs in points.items()}
+    return {name: tuple(np.array(column) for column in zip(*pairs, strict=True)) for name, pairs in points.items()}
 
 
 def _find_metrics_csv(run_dir: Path) -> Path | None:
@@ -284,6 +313,7 @@ def _load_hydra_config(run_dir: Path) -> DictConfig | None:
 
 # ---------------------------------------------------------------------------- the comparison
 
+
 def higher_is_better(metric: str) -> bool:
     """Accuracy-like metrics improve upwards; loss and perplexity downwards."""
     return metric.rsplit("/", 1)[-1] in HIGHER_IS_BETTER
@@ -314,8 +344,12 @@ def choose_metric(runs: list[Run], requested: str | None) -> str:
         requested = f"val/{requested}"
     candidates = ([requested] if requested else []) + list(MAIN_METRICS)
     for metric in candidates:
-        if any(metric in run.history or run.summary_metric(metric) is not None
-               or run.summary_metric(test_metric_name(metric)) is not None for run in runs):
+        if any(
+            metric in run.history
+            or run.summary_metric(metric) is not None
+            or run.summary_metric(test_metric_name(metric)) is not None
+            for run in runs
+        ):
             return metric
     return candidates[0]
 
@@ -331,10 +365,13 @@ def compare(runs: list[Run], metric: str | None = None, strict_budget: bool = Fa
     for task, task_runs in sorted(by_task.items()):
         task_metric = choose_metric(task_runs, metric)
         baseline = digital_baseline(task_runs, test_metric_name(task_metric))
-        entries = sorted(((run, run_record(run, task_metric, baseline, strict_budget)) for run in task_runs),
-                         key=lambda entry: (_config_order(entry[1]), _order(entry[1]["seed"])))
-        comparisons.append(TaskComparison(task, task_metric, entries, group_rows([r for _, r in entries]),
-                                          strict_budget))
+        entries = sorted(
+            ((run, run_record(run, task_metric, baseline, strict_budget)) for run in task_runs),
+            key=lambda entry: (_config_order(entry[1]), _order(entry[1]["seed"])),
+        )
+        comparisons.append(
+            TaskComparison(task, task_metric, entries, group_rows([r for _, r in entries]), strict_budget)
+        )
     return comparisons
 
 
@@ -356,8 +393,11 @@ def budget_difference(run: Run, reference: Run) -> str:
     if not mine.keys() & theirs.keys():
         steps = [_number(side.summary.get("steps")) for side in (run, reference)]
         mine, theirs = ({"steps": int(value)} if value is not None else {} for value in steps)
-    return ", ".join(f"{key} {_budget_value(mine[key])} vs {_budget_value(theirs[key])}"
-                     for key in sorted(mine.keys() & theirs.keys()) if mine[key] != theirs[key])
+    return ", ".join(
+        f"{key} {_budget_value(mine[key])} vs {_budget_value(theirs[key])}"
+        for key in sorted(mine.keys() & theirs.keys())
+        if mine[key] != theirs[key]
+    )
 
 
 def baseline_for(run: Run, candidates: list[tuple[Run, float]], strict_budget: bool) -> tuple[float | None, str]:
@@ -367,7 +407,7 @@ def baseline_for(run: Run, candidates: list[tuple[Run, float]], strict_budget: b
     if not candidates:
         return None, ""
     differences = [budget_difference(run, reference) for reference, _ in candidates]
-    same = [value for (_, value), difference in zip(candidates, differences) if not difference]
+    same = [value for (_, value), difference in zip(candidates, differences, strict=True) if not difference]
     if same:
         return statistics.fmean(same), ""
     flag = "; ".join(dict.fromkeys(differences))
@@ -440,16 +480,22 @@ def group_rows(records: list[dict]) -> list[dict]:
 def _differences(row: dict, rows: list[dict]) -> str:
     """``key=value`` for the config keys in which ``row`` differs from the rows that show the same
     device, mode, rank, M, M_sm and status (and would otherwise look like it); '' when none does."""
-    alike = [other for other in rows if other is not row
-             and all(other[name] == row[name] for name in CONFIG_FIELDS)]
+    alike = [other for other in rows if other is not row and all(other[name] == row[name] for name in CONFIG_FIELDS)]
     if not alike:
         return ""
-    keys = sorted({key for other in alike for key in set(row["config"]) | set(other["config"])
-                   if row["config"].get(key, MISSING) != other["config"].get(key, MISSING)})
+    keys = sorted(
+        {
+            key
+            for other in alike
+            for key in set(row["config"]) | set(other["config"])
+            if row["config"].get(key, MISSING) != other["config"].get(key, MISSING)
+        }
+    )
     return " ".join(f"{key}={row['config'].get(key, MISSING)}" for key in keys)
 
 
 # ---------------------------------------------------------------------------- output
+
 
 def table(comparison: TaskComparison) -> tuple[str, list[str], list[list[str]], list[str]]:
     """The task's table as (heading, header, rows of cells, footnotes): what the markdown and the
@@ -458,9 +504,25 @@ def table(comparison: TaskComparison) -> tuple[str, list[str], list[list[str]], 
     best = "max" if higher_is_better(metric) else "min"
     differs = any(row["differs"] for row in comparison.rows)
     flagged = any(row["budget"] for row in comparison.rows)
-    header = ["device", "mode", "integrator", "rank", "M", "M_sm", *(["config differs in"] if differs else []),
-              "seed(s)", "status", f"final {metric}", f"best {metric}", test, f"gap {test} ({unit}) ¹",
-              *(["budget vs digital ²"] if flagged else []), "queries", "queries/step", "surrogate rel. error"]
+    header = [
+        "device",
+        "mode",
+        "integrator",
+        "rank",
+        "M",
+        "M_sm",
+        *(["config differs in"] if differs else []),
+        "seed(s)",
+        "status",
+        f"final {metric}",
+        f"best {metric}",
+        test,
+        f"gap {test} ({unit}) ¹",
+        *(["budget vs digital ²"] if flagged else []),
+        "queries",
+        "queries/step",
+        "surrogate rel. error",
+    ]
     cells = []
     for row in comparison.rows:
         line = [_cell(row[name]) for name in SETTING_FIELDS]
@@ -471,21 +533,33 @@ def table(comparison: TaskComparison) -> tuple[str, list[str], list[list[str]], 
             if name == "gap" and flagged:
                 line.append(f"⚠ {row['budget']}" if row["budget"] else MISSING)
         cells.append(line)
-    notes = [f"final = last logged {metric} in metrics.csv (summary.json's value if none was logged); "
-             f"best = {best} over logged steps; {test} from summary.json; queries/step = total queries / steps."]
+    notes = [
+        f"final = last logged {metric} in metrics.csv (summary.json's value if none was logged); "
+        f"best = {best} over logged steps; {test} from summary.json; queries/step = total queries / steps."
+    ]
     if any(row["device"] == DIGITAL for row in comparison.rows):
-        formula = ("100 × (digital − hybrid), in percentage points" if unit == POINTS else
-                   "100 × (hybrid − digital) / digital, in % of the digital run's value")
-        notes.append(f"¹ gap on {test} = {formula}, against the digital run of the same task, seed and training "
-                     "budget (mean over the seeds that have one): positive = hybrid worse.")
+        formula = (
+            "100 × (digital − hybrid), in percentage points"
+            if unit == POINTS
+            else "100 × (hybrid − digital) / digital, in % of the digital run's value"
+        )
+        notes.append(
+            f"¹ gap on {test} = {formula}, against the digital run of the same task, seed and training "
+            "budget (mean over the seeds that have one): positive = hybrid worse."
+        )
     else:
         notes.append("¹ gap: no digital run of this task to compare with (run it with device=digital).")
     if flagged:
-        notes.append("² ⚠ no digital run of the same seed had the same training budget (epoch, step or batch "
-                     "limits: this run vs digital); " +
-                     ("the gap is left out (--strict-budget)." if comparison.strict_budget else
-                      "the gap is against a digital run that trained differently: rerun the baseline with "
-                      "the same budget, or pass --strict-budget to leave such gaps out."))
+        notes.append(
+            "² ⚠ no digital run of the same seed had the same training budget (epoch, step or batch "
+            "limits: this run vs digital); "
+            + (
+                "the gap is left out (--strict-budget)."
+                if comparison.strict_budget
+                else "the gap is against a digital run that trained differently: rerun the baseline with "
+                "the same budget, or pass --strict-budget to leave such gaps out."
+            )
+        )
     if any(len(row["run_dirs"]) > 1 for row in comparison.rows):
         notes.append("Rows of several runs (same config, different seeds): mean ± sample std over the runs.")
     if differs:
@@ -511,11 +585,17 @@ def write_csv(comparisons: list[TaskComparison], path: Path) -> None:
         writer.writeheader()
         for comparison in comparisons:
             for row in comparison.rows:
-                record = {"task": comparison.task, "metric": comparison.metric,
-                          "test_metric": comparison.test_metric, "n_runs": len(row["run_dirs"]),
-                          "seeds": ";".join(map(str, row["seeds"])), "run_dirs": ";".join(row["run_dirs"]),
-                          "differs": row["differs"], "gap_unit": comparison.gap_unit,
-                          "budget_vs_digital": row["budget"]}
+                record = {
+                    "task": comparison.task,
+                    "metric": comparison.metric,
+                    "test_metric": comparison.test_metric,
+                    "n_runs": len(row["run_dirs"]),
+                    "seeds": ";".join(map(str, row["seeds"])),
+                    "run_dirs": ";".join(row["run_dirs"]),
+                    "differs": row["differs"],
+                    "gap_unit": comparison.gap_unit,
+                    "budget_vs_digital": row["budget"],
+                }
                 record.update({name: _csv_value(row[name]) for name in CONFIG_FIELDS})
                 for name in NUMBER_FORMATS:
                     mean, std = row[name] or (None, None)
@@ -564,9 +644,16 @@ def plot_metric_vs_step(comparison: TaskComparison, styles: dict) -> Figure | No
     seeds = _seed_markers(comparison)
     for run, record in curves:
         steps, values = run.history[metric]
-        axes.plot(steps, values, color=styles[_key(record)]["color"], marker=seeds[record["seed"]],
-                  markevery=_mark_every(steps, seeds, record["seed"]), markersize=4, alpha=0.85,
-                  linewidth=2.0 if record["device"] == DIGITAL else 1.2)
+        axes.plot(
+            steps,
+            values,
+            color=styles[_key(record)]["color"],
+            marker=seeds[record["seed"]],
+            markevery=_mark_every(steps, seeds, record["seed"]),
+            markersize=4,
+            alpha=0.85,
+            linewidth=2.0 if record["device"] == DIGITAL else 1.2,
+        )
     _legend(axes, styles, [record for _, record in curves], seeds)
     return figure
 
@@ -588,9 +675,16 @@ def plot_surrogate_error(comparison: TaskComparison, styles: dict) -> Figure | N
     figure, axes = _figure(f"{comparison.task}: surrogate relative error", "step", "‖Â − A‖_F / ‖A‖_F")
     seeds = _seed_markers(comparison)
     for record, steps, values, linestyle in lines:
-        axes.plot(steps, values, linestyle=linestyle, color=styles[_key(record)]["color"],
-                  marker=seeds[record["seed"]], markevery=_mark_every(steps, seeds, record["seed"]), markersize=4,
-                  alpha=0.85)
+        axes.plot(
+            steps,
+            values,
+            linestyle=linestyle,
+            color=styles[_key(record)]["color"],
+            marker=seeds[record["seed"]],
+            markevery=_mark_every(steps, seeds, record["seed"]),
+            markersize=4,
+            alpha=0.85,
+        )
     every = np.concatenate([values for _, _, values, _ in lines])
     if every.max() > 10 * every.min():
         axes.set_yscale("log")
@@ -606,20 +700,30 @@ def plot_metric_vs_queries(comparison: TaskComparison, styles: dict) -> Figure |
     configuration, half transparent, '×n' where n runs fall on one point; digital runs as
     horizontal lines (their mean)."""
     metric = comparison.metric
-    points = [record for _, record in comparison.entries if record["device"] != DIGITAL
-              and record["final_val"] is not None and (record["queries_total"] or 0) > 0]
+    points = [
+        record
+        for _, record in comparison.entries
+        if record["device"] != DIGITAL and record["final_val"] is not None and (record["queries_total"] or 0) > 0
+    ]
     if not points:
         return None
-    figure, axes = _figure(f"{comparison.task}: final {metric} vs device queries", "total queries",
-                           f"final {metric}")
+    figure, axes = _figure(f"{comparison.task}: final {metric} vs device queries", "total queries", f"final {metric}")
     by_config: dict[tuple, list[dict]] = {}
     for record in points:
         by_config.setdefault(_key(record), []).append(record)
     for key, records in by_config.items():
         style = styles[key]
-        axes.scatter([r["queries_total"] for r in records], [r["final_val"] for r in records], s=55, alpha=0.55,
-                     color=style["color"], marker=style["marker"], edgecolors="black", linewidths=0.6,
-                     label=f"{style['label']} ({_runs(len(records))})")
+        axes.scatter(
+            [r["queries_total"] for r in records],
+            [r["final_val"] for r in records],
+            s=55,
+            alpha=0.55,
+            color=style["color"],
+            marker=style["marker"],
+            edgecolors="black",
+            linewidths=0.6,
+            label=f"{style['label']} ({_runs(len(records))})",
+        )
     coincide: dict[tuple, int] = {}
     for record in points:
         spot = (float(f"{record['queries_total']:.4g}"), float(f"{record['final_val']:.4g}"))
@@ -632,40 +736,62 @@ def plot_metric_vs_queries(comparison: TaskComparison, styles: dict) -> Figure |
         if record["device"] == DIGITAL and record["final_val"] is not None:
             digital.setdefault(_key(record), []).append(record["final_val"])
     for key, values in digital.items():
-        axes.axhline(statistics.fmean(values), color=styles[key]["color"], linestyle="--",
-                     label=f"{styles[key]['label']} (mean of {_runs(len(values))})")
+        axes.axhline(
+            statistics.fmean(values),
+            color=styles[key]["color"],
+            linestyle="--",
+            label=f"{styles[key]['label']} (mean of {_runs(len(values))})",
+        )
     axes.set_xscale("log")
     _place_legend(figure, *axes.get_legend_handles_labels())
     return figure
 
 
-def html_report(comparisons: list[TaskComparison], images: dict[str, dict[str, bytes]],
-                warnings: list[str], sources: list[str]) -> str:
+def html_report(
+    comparisons: list[TaskComparison], images: dict[str, dict[str, bytes]], warnings: list[str], sources: list[str]
+) -> str:
     """One self-contained HTML page: every task's table, footnotes and plots (PNG embedded as
     base64 data URIs), the warnings first; no external file, script or style sheet."""
+
     def cell(tag: str, text: str) -> str:
         return f"<{tag}>{html.escape(text)}</{tag}>"
 
-    parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-             "<title>astraora: hybrid runs vs digital baselines</title>", f"<style>{_HTML_STYLE}</style>",
-             "</head>", "<body>", "<h1>astraora: hybrid runs vs digital baselines</h1>",
-             f"<p>Runs read from {', '.join(f'<code>{html.escape(str(s))}</code>' for s in sources)}.</p>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        "<title>astraora: hybrid runs vs digital baselines</title>",
+        f"<style>{_HTML_STYLE}</style>",
+        "</head>",
+        "<body>",
+        "<h1>astraora: hybrid runs vs digital baselines</h1>",
+        f"<p>Runs read from {', '.join(f'<code>{html.escape(str(s))}</code>' for s in sources)}.</p>",
+    ]
     if warnings:
         parts.append('<div class="warning">' + "".join(cell("p", f"⚠ {line}") for line in warnings) + "</div>")
     for comparison in comparisons:
         heading, header, cells, notes = table(comparison)
         flag_column = header.index("budget vs digital ²") if "budget vs digital ²" in header else None
-        parts += ["<section>", cell("h2", heading), "<table>",
-                  "<thead><tr>" + "".join(cell("th", name) for name in header) + "</tr></thead>", "<tbody>"]
+        parts += [
+            "<section>",
+            cell("h2", heading),
+            "<table>",
+            "<thead><tr>" + "".join(cell("th", name) for name in header) + "</tr></thead>",
+            "<tbody>",
+        ]
         for line in cells:
             flagged = flag_column is not None and line[flag_column] != MISSING
-            parts.append(("<tr class=\"flagged\">" if flagged else "<tr>")
-                         + "".join(cell("td", text) for text in line) + "</tr>")
+            parts.append(
+                ('<tr class="flagged">' if flagged else "<tr>") + "".join(cell("td", text) for text in line) + "</tr>"
+            )
         parts += ["</tbody>", "</table>", '<div class="notes">' + "".join(cell("p", note) for note in notes) + "</div>"]
         for name, png in images.get(comparison.task, {}).items():
             data = base64.b64encode(png).decode("ascii")
-            parts.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
-                         f"{cell('figcaption', name)}</figure>")
+            parts.append(
+                f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+                f"{cell('figcaption', name)}</figure>"
+            )
         parts.append("</section>")
     parts += ["</body>", "</html>"]
     return "\n".join(parts) + "\n"
@@ -685,23 +811,27 @@ _HTML_STYLE = (
 
 # ---------------------------------------------------------------------------- command line
 
+
 def main(argv: list[str] | None = None) -> int:
     """Print the tables; write comparison.csv, the plots and report.html; 2 when no run directory
     is found."""
     parser = argparse.ArgumentParser(prog="compare.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or multirun directories")
     parser.add_argument("--out", type=Path, help="output folder (default: DIR if one, else ./compare_out)")
-    parser.add_argument("--metric", help="main metric, e.g. val/acc (default: val/acc, val/ppl or "
-                                         "val/loss, whichever the task logged)")
-    parser.add_argument("--strict-budget", action="store_true",
-                        help="leave out the gap of a hybrid run whose digital run (same seed) had another "
-                             "training budget (epoch, step or batch limits) instead of flagging it")
+    parser.add_argument(
+        "--metric", help="main metric, e.g. val/acc (default: val/acc, val/ppl or val/loss, whichever the task logged)"
+    )
+    parser.add_argument(
+        "--strict-budget",
+        action="store_true",
+        help="leave out the gap of a hybrid run whose digital run (same seed) had another "
+        "training budget (epoch, step or batch limits) instead of flagging it",
+    )
     args = parser.parse_args(argv)
 
     runs = [run for run in map(_load_or_warn, find_run_dirs(args.dirs)) if run is not None]
     if not runs:
-        print(f"compare: no run directories (with a {SUMMARY}) found under {' '.join(args.dirs)}",
-              file=sys.stderr)
+        print(f"compare: no run directories (with a {SUMMARY}) found under {' '.join(args.dirs)}", file=sys.stderr)
         return 2
     not_dirs = [path for path in args.dirs if not Path(path).is_dir()]
     if not_dirs:
@@ -727,6 +857,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------- helpers
+
 
 def _load_or_warn(run_dir: Path) -> Run | None:
     try:
@@ -821,8 +952,7 @@ def _config_order(record: dict) -> tuple:
 
 
 def _natural_key(path: Path) -> list:
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
-            for part in re.split(r"(\d+)", str(path)) if part]
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(path)) if part]
 
 
 def _key(record: dict) -> tuple:
@@ -839,19 +969,24 @@ def _styles(comparison: TaskComparison) -> dict[tuple, dict]:
     hybrid = [key for key in keys if key[0] != DIGITAL]
     digital = [key for key in keys if key[0] == DIGITAL]
     # a field the mode does not use is None: it tells nothing apart (the mode, which varies then, does)
-    varying = [index for index in range(1, len(SETTING_FIELDS))
-               if len({key[index] for key in hybrid} - {None}) > 1]
+    varying = [index for index in range(1, len(SETTING_FIELDS)) if len({key[index] for key in hybrid} - {None}) > 1]
     differs = {_key(row): row["differs"] for row in comparison.rows if row["differs"]}
     palette = colormaps["tab10"]
     styles = {}
     for number, key in enumerate(hybrid):
         parts = [str(key[0])] + [f"{SETTING_FIELDS[i]}={key[i]}" for i in varying if key[i] is not None]
         parts += [f"[{differs[key]}]"] if key in differs else []
-        styles[key] = {"label": " ".join(parts), "color": palette(number % palette.N),
-                       "marker": SETTING_MARKERS[number % len(SETTING_MARKERS)]}
+        styles[key] = {
+            "label": " ".join(parts),
+            "color": palette(number % palette.N),
+            "marker": SETTING_MARKERS[number % len(SETTING_MARKERS)],
+        }
     for number, key in enumerate(digital):
-        styles[key] = {"label": DIGITAL + (f" [{differs[key]}]" if key in differs else ""),
-                       "color": DIGITAL_SHADES[number % len(DIGITAL_SHADES)], "marker": "_"}
+        styles[key] = {
+            "label": DIGITAL + (f" [{differs[key]}]" if key in differs else ""),
+            "color": DIGITAL_SHADES[number % len(DIGITAL_SHADES)],
+            "marker": "_",
+        }
     return styles
 
 
@@ -887,13 +1022,17 @@ def _figure(title: str, xlabel: str, ylabel: str):
 def _legend(axes, styles: dict, records: list[dict], seeds: dict, kinds: list[Line2D] = ()) -> None:
     """One entry per configuration (its colour), then ``kinds`` (what a line style means) and,
     where several seeds are drawn, one per seed (its marker)."""
-    handles = [Line2D([], [], color=styles[key]["color"], label=styles[key]["label"])
-               for key in dict.fromkeys(_key(record) for record in records)]
+    handles = [
+        Line2D([], [], color=styles[key]["color"], label=styles[key]["label"])
+        for key in dict.fromkeys(_key(record) for record in records)
+    ]
     handles += list(kinds)
     drawn = sorted({record["seed"] for record in records}, key=_order)
     if len(drawn) > 1:
-        handles += [Line2D([], [], color="grey", marker=seeds[seed], linestyle="None",
-                           label=f"seed {_cell(seed)}") for seed in drawn]
+        handles += [
+            Line2D([], [], color="grey", marker=seeds[seed], linestyle="None", label=f"seed {_cell(seed)}")
+            for seed in drawn
+        ]
     _place_legend(axes.figure, handles, [handle.get_label() for handle in handles])
 
 

@@ -27,8 +27,14 @@ RUNSETS = (("hybrid", "hybrid"), ("digital", "digital"))
 STEP = "Step"  # W&B's own x axis (the logged step), not a metric key
 QUERIES = "queries/total"
 SURROGATE = ("surrogate/rel_error", "surrogate/rel_error_best_rank_r")
-SUMMARY_COLUMNS = ("queries/total", "surrogate/rel_error", "surrogate/rel_error_best_rank_r", "steps", "epochs",
-                   "status")
+SUMMARY_COLUMNS = (
+    "queries/total",
+    "surrogate/rel_error",
+    "surrogate/rel_error_best_rank_r",
+    "steps",
+    "epochs",
+    "status",
+)
 
 
 class DashboardError(Exception):
@@ -63,10 +69,12 @@ def dashboard_spec(project: str, entity: str | None = None, metric: str = "val/a
     lower = "higher" if metric.endswith("acc") else "lower"
     pooled = {
         "name": "Hybrid vs digital by setting",
-        "text": (f"Runs of one setting (setting.{', setting.'.join(GROUP_BY)}) pooled over seeds: mean and "
-                 f"standard deviation. {metric} and {test}: {lower} is better. Digital runs make no device "
-                 "queries: they are absent from the panels against queries (log axis); compare with their "
-                 "level in the by-step and bar panels."),
+        "text": (
+            f"Runs of one setting (setting.{', setting.'.join(GROUP_BY)}) pooled over seeds: mean and "
+            f"standard deviation. {metric} and {test}: {lower} is better. Digital runs make no device "
+            "queries: they are absent from the panels against queries (log axis); compare with their "
+            "level in the by-step and bar panels."
+        ),
         "groupby": [f"setting.{key}" for key in GROUP_BY],
         "runsets": runsets,
         "columns": columns,
@@ -75,8 +83,7 @@ def dashboard_spec(project: str, entity: str | None = None, metric: str = "val/a
             _line(f"{metric} vs total device queries", QUERIES, [metric], log_x=True),
             _bar(f"{test} at the end of the run", [test]),
             _line("total device queries by step", STEP, [QUERIES], log_y=True),
-            _line("surrogate relative error ‖Â − A‖/‖A‖ and the best rank-r error", STEP, list(SURROGATE),
-                  log_y=True),
+            _line("surrogate relative error ‖Â − A‖/‖A‖ and the best rank-r error", STEP, list(SURROGATE), log_y=True),
             _scatter(f"{test} vs total device queries, one point per run", QUERIES, test, log_x=True),
         ],
     }
@@ -96,7 +103,11 @@ def dashboard_spec(project: str, entity: str | None = None, metric: str = "val/a
     return {
         "title": title,
         "description": "Hybrid runs beside their digital baselines, grouped by the logged setting.",
-        "project": project, "entity": entity, "metric": metric, "test_metric": test, "task": task,
+        "project": project,
+        "entity": entity,
+        "metric": metric,
+        "test_metric": test,
+        "task": task,
         "sections": [pooled, per_run],
     }
 
@@ -141,17 +152,34 @@ def build_report(spec: dict, reports):
     entity = spec["entity"] or ""
     blocks = [reports.P(spec["description"])]
     for section in spec["sections"]:
-        runsets = [reports.Runset(entity=entity, project=spec["project"], name=runset["name"],
-                                  filters=" and ".join(f"Tags() in [{tag!r}]" for tag in runset["tags"]),
-                                  groupby=[f"config.{key}" for key in section["groupby"]],
-                                  pinned_columns=[_column(key) for key in section["columns"]])
-                   for runset in section["runsets"]]
-        blocks += [reports.H2(section["name"]), reports.P(section["text"]),
-                   reports.PanelGrid(runsets=runsets, panels=[_panel(panel, reports, bool(section["groupby"]))
-                                                              for panel in section["panels"]])]
+        runsets = [
+            reports.Runset(
+                entity=entity,
+                project=spec["project"],
+                name=runset["name"],
+                filters=" and ".join(f"Tags() in [{tag!r}]" for tag in runset["tags"]),
+                groupby=[f"config.{key}" for key in section["groupby"]],
+                pinned_columns=[_column(key) for key in section["columns"]],
+            )
+            for runset in section["runsets"]
+        ]
+        blocks += [
+            reports.H2(section["name"]),
+            reports.P(section["text"]),
+            reports.PanelGrid(
+                runsets=runsets,
+                panels=[_panel(panel, reports, bool(section["groupby"])) for panel in section["panels"]],
+            ),
+        ]
     options = {"entity": spec["entity"]} if spec["entity"] else {}
-    return reports.Report(project=spec["project"], title=spec["title"], description=spec["description"],
-                          blocks=blocks, width="fluid", **options)
+    return reports.Report(
+        project=spec["project"],
+        title=spec["title"],
+        description=spec["description"],
+        blocks=blocks,
+        width="fluid",
+        **options,
+    )
 
 
 def upload(spec: dict) -> str:
@@ -160,15 +188,18 @@ def upload(spec: dict) -> str:
     try:
         import wandb_workspaces.reports.v2 as reports
     except ImportError:
-        raise DashboardError("the W&B report API is not installed: pip install 'wandb[workspaces]' "
-                             "(or --dry-run to print the report without uploading it)") from None
+        raise DashboardError(
+            "the W&B report API is not installed: pip install 'wandb[workspaces]' "
+            "(or --dry-run to print the report without uploading it)"
+        ) from None
     try:
         import wandb
 
         wandb.Api()  # the login: raises when there is none
     except Exception as error:  # noqa: BLE001 - W&B raises several kinds; each becomes one line
-        raise DashboardError(f"W&B login failed ({_one_line(error)}): run `wandb login` or set WANDB_API_KEY, "
-                             "and check the network") from None
+        raise DashboardError(
+            f"W&B login failed ({_one_line(error)}): run `wandb login` or set WANDB_API_KEY, and check the network"
+        ) from None
     try:
         report = build_report(spec, reports)
         report.save()
@@ -178,6 +209,7 @@ def upload(spec: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- helpers
+
 
 def _line(title: str, x: str, y: list[str], log_x: bool = False, log_y: bool = False) -> dict:
     return {"kind": "line", "title": title, "x": x, "y": y, "log_x": log_x, "log_y": log_y}
@@ -204,13 +236,22 @@ def _panel(panel: dict, reports, grouped: bool):
     """One panel of the spec as a report panel (grouped runs: mean with a standard-deviation band)."""
     if panel["kind"] == "line":
         group = {"groupby_aggfunc": "mean", "groupby_rangefunc": "stddev"} if grouped else {}
-        return reports.LinePlot(title=panel["title"], x=panel["x"], y=list(panel["y"]), log_x=panel["log_x"],
-                                log_y=panel["log_y"], **group)
+        return reports.LinePlot(
+            title=panel["title"], x=panel["x"], y=list(panel["y"]), log_x=panel["log_x"], log_y=panel["log_y"], **group
+        )
     if panel["kind"] == "scatter":
-        return reports.ScatterPlot(title=panel["title"], x=reports.SummaryMetric(panel["x"]),
-                                   y=reports.SummaryMetric(panel["y"]), log_x=panel["log_x"])
-    return reports.BarPlot(title=panel["title"], metrics=[reports.SummaryMetric(key) for key in panel["metrics"]],
-                           groupby_aggfunc="mean", groupby_rangefunc="stddev")
+        return reports.ScatterPlot(
+            title=panel["title"],
+            x=reports.SummaryMetric(panel["x"]),
+            y=reports.SummaryMetric(panel["y"]),
+            log_x=panel["log_x"],
+        )
+    return reports.BarPlot(
+        title=panel["title"],
+        metrics=[reports.SummaryMetric(key) for key in panel["metrics"]],
+        groupby_aggfunc="mean",
+        groupby_rangefunc="stddev",
+    )
 
 
 def _one_line(error: BaseException) -> str:
@@ -225,12 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     parser = argparse.ArgumentParser(prog="wandb_dashboard.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--project", default="astraora", help="W&B project of the runs (logger.wandb.project; "
-                                                              "default astraora)")
+    parser.add_argument(
+        "--project", default="astraora", help="W&B project of the runs (logger.wandb.project; default astraora)"
+    )
     parser.add_argument("--entity", help="W&B entity (user or team; default: the login's)")
     parser.add_argument("--task", help="only this task's runs (default: every task, grouped apart)")
-    parser.add_argument("--metric", default="val/acc", choices=MAIN_METRICS,
-                        help="the task's main metric (default val/acc; val/ppl or val/loss for language models)")
+    parser.add_argument(
+        "--metric",
+        default="val/acc",
+        choices=MAIN_METRICS,
+        help="the task's main metric (default val/acc; val/ppl or val/loss for language models)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the report as JSON; upload nothing")
     args = parser.parse_args(argv)
     spec = dashboard_spec(args.project, args.entity, args.metric, args.task)

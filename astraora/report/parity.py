@@ -66,10 +66,18 @@ TARGETS = {"acc": 0.5, "loss": 1.0}
 TASK_OVERRIDES: dict[str, list[str]] = {
     "digits": [],
     "pydoc_text": ["task.max_epochs=1"],
-    "image_folder": ["task.datamodule.image_size=32", "task.datamodule.batch_size=32", "task.max_epochs=8",
-                     "task.datamodule.test_fraction=0.2", "task.datamodule.num_workers=0"],
-    "synthetic_audio": ["task.datamodule.noise=1.5", "task.datamodule.num_classes=8",
-                        "task.datamodule.clips_per_class=64"],
+    "image_folder": [
+        "task.datamodule.image_size=32",
+        "task.datamodule.batch_size=32",
+        "task.max_epochs=8",
+        "task.datamodule.test_fraction=0.2",
+        "task.datamodule.num_workers=0",
+    ],
+    "synthetic_audio": [
+        "task.datamodule.noise=1.5",
+        "task.datamodule.num_classes=8",
+        "task.datamodule.clips_per_class=64",
+    ],
 }
 # the test metric compared per task kind
 TEST_METRICS = ("test/acc", "test/loss")
@@ -77,8 +85,10 @@ TEST_METRICS = ("test/acc", "test/loss")
 
 # ---------------------------------------------------------------------------- data the study makes
 
-def make_image_folder(root: Path, classes_per_image: int = 150, size: int = 32, noise: float = 0.8,
-                      seed: int = 1234) -> Path:
+
+def make_image_folder(
+    root: Path, classes_per_image: int = 150, size: int = 32, noise: float = 0.8, seed: int = 1234
+) -> Path:
     """A class-per-folder PNG set of four flip-invariant textures in noise (horizontal stripes,
     vertical stripes, checkerboard, rings) with random frequency and phase: ``root/<class>/<i>.png``.
     Written once (kept when ``root`` already holds it); returns ``root``."""
@@ -111,6 +121,7 @@ def make_image_folder(root: Path, classes_per_image: int = 150, size: int = 32, 
 
 # ---------------------------------------------------------------------------- running the grid
 
+
 def run_dir(out: Path, task: str, device: str, mode: str, seed: int) -> Path:
     """``OUT/runs/<task>/<device>/<mode>/seed<S>``; the digital twin ``OUT/runs/<task>/digital/seed<S>``."""
     base = out / "runs" / task
@@ -122,9 +133,19 @@ def command(out: Path, task: str, device: str, mode: str, seed: int, extra: tupl
     runs only (e.g. ``surrogate.rank=32``: the digital twin has no surrogate)."""
     data = [f"task.root={out / 'data' / 'image_folder'}"] if task == "image_folder" else []
     hybrid = [] if device == DIGITAL else [f"mode={mode}", *extra]
-    return [sys.executable, "-m", "astraora.train", f"task={task}", f"device={device}", *hybrid,
-            f"seed={seed}", *TASK_OVERRIDES.get(task, []), *data,
-            f"hydra.run.dir={run_dir(out, task, device, mode, seed)}", "logger=csv"]
+    return [
+        sys.executable,
+        "-m",
+        "astraora.train",
+        f"task={task}",
+        f"device={device}",
+        *hybrid,
+        f"seed={seed}",
+        *TASK_OVERRIDES.get(task, []),
+        *data,
+        f"hydra.run.dir={run_dir(out, task, device, mode, seed)}",
+        "logger=csv",
+    ]
 
 
 def jobs(tasks, devices, seeds, columns=COLUMNS) -> list[tuple[str, str, str, int]]:
@@ -146,13 +167,15 @@ def train(out: Path, task: str, device: str, mode: str, seed: int, extra: tuple[
     directory.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with open(directory.parent / f"seed{seed}.log", "w") as log:
-        code = subprocess.run(command(out, task, device, mode, seed, extra), cwd=ROOT, stdout=log,
-                              stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(
+            command(out, task, device, mode, seed, extra), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        ).returncode
     print(f"{task} {device} {mode} seed {seed}: exit {code}, {time.time() - started:.0f} s", flush=True)
     return (directory / "summary.json").exists()
 
 
 # ---------------------------------------------------------------------------- the decomposition
+
 
 @dataclass
 class Cell:
@@ -160,8 +183,8 @@ class Cell:
 
     task: str
     device: str
-    metric: str                                              # test/acc or test/loss
-    values: dict[str, dict] = field(default_factory=dict)    # column -> {seed: value}
+    metric: str  # test/acc or test/loss
+    values: dict[str, dict] = field(default_factory=dict)  # column -> {seed: value}
     gaps: dict[str, tuple[float, float | None, int] | None] = field(default_factory=dict)
 
     @property
@@ -218,8 +241,10 @@ def collect(paths) -> list[Cell]:
         values.setdefault((run.task, run.device, mode, run.setting("seed")), []).append(run.summary_metric(metric))
     cells = []
     for task in sorted(metrics):
-        devices = sorted({device for (t, device, _, _) in values if t == task and device != DIGITAL},
-                         key=lambda d: (DEVICES.index(d) if d in DEVICES else len(DEVICES), d))
+        devices = sorted(
+            {device for (t, device, _, _) in values if t == task and device != DIGITAL},
+            key=lambda d: (DEVICES.index(d) if d in DEVICES else len(DEVICES), d),
+        )
         for device in devices:
             cell = Cell(task, device, metrics[task])
             for (t, d, mode, seed), seed_values in values.items():
@@ -242,6 +267,7 @@ def paired_gap(cell: Cell, worse: str, better: str) -> tuple[float, float | None
 
 # ---------------------------------------------------------------------------- output
 
+
 def markdown(cells: list[Cell], settings: dict[str, str] | None = None) -> str:
     """One table per task: each column's test metric (mean ± std over seeds) and the gaps."""
     settings = settings or {}
@@ -250,19 +276,33 @@ def markdown(cells: list[Cell], settings: dict[str, str] | None = None) -> str:
         task_cells = [cell for cell in cells if cell.task == task]
         metric, unit = task_cells[0].metric, task_cells[0].unit
         target = task_cells[0].target
-        title = f"### {task} ({metric}; gaps in {'points' if unit == 'pt' else '% of the reference loss'}, positive = worse)"
+        gaps = "points" if unit == "pt" else "% of the reference loss"
+        title = f"### {task} ({metric}; gaps in {gaps}, positive = worse)"
         lines += [title, ""]
         if task in settings:
             lines += [f"Settings: `{settings[task]}`", ""]
-        header = ["device", "seeds", *COLUMNS, "device gap", "surrogate", "ZO", "combined",
-                  "total vs digital", f"combined ≤ {target:g} {unit}"]
+        header = [
+            "device",
+            "seeds",
+            *COLUMNS,
+            "device gap",
+            "surrogate",
+            "ZO",
+            "combined",
+            "total vs digital",
+            f"combined ≤ {target:g} {unit}",
+        ]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for cell in task_cells:
             row = [cell.device, ", ".join(map(str, cell.seeds))]
-            row += [_format(cell.mean(column), 100 if unit == "pt" else 1, ".2f" if unit == "pt" else ".4f")
-                    for column in COLUMNS]
-            row += [_format(cell.gaps.get(name) and cell.gaps[name][:2], 1, "+.2f")
-                    for name in ("device", "surrogate", "zo", "combined", "total")]
+            row += [
+                _format(cell.mean(column), 100 if unit == "pt" else 1, ".2f" if unit == "pt" else ".4f")
+                for column in COLUMNS
+            ]
+            row += [
+                _format(cell.gaps.get(name) and cell.gaps[name][:2], 1, "+.2f")
+                for name in ("device", "surrogate", "zo", "combined", "total")
+            ]
             met = cell.meets_target
             row.append("—" if met is None else "yes" if met else "**no**")
             lines.append("| " + " | ".join(row) + " |")
@@ -277,9 +317,17 @@ def markdown(cells: list[Cell], settings: dict[str, str] | None = None) -> str:
     return "\n".join(lines)
 
 
-CSV_FIELDS = ("task", "device", "metric", "unit", "seeds",
-              *(f"{column}{suffix}" for column in COLUMNS for suffix in ("", "_std")),
-              *(f"gap_{name}{suffix}" for name in GAPS for suffix in ("", "_std")), "target", "meets_target")
+CSV_FIELDS = (
+    "task",
+    "device",
+    "metric",
+    "unit",
+    "seeds",
+    *(f"{column}{suffix}" for column in COLUMNS for suffix in ("", "_std")),
+    *(f"gap_{name}{suffix}" for name in GAPS for suffix in ("", "_std")),
+    "target",
+    "meets_target",
+)
 
 
 def write_csv(cells: list[Cell], path: Path) -> None:
@@ -288,9 +336,15 @@ def write_csv(cells: list[Cell], path: Path) -> None:
         writer = csv.DictWriter(file, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for cell in cells:
-            row = {"task": cell.task, "device": cell.device, "metric": cell.metric, "unit": cell.unit,
-                   "seeds": ";".join(map(str, cell.seeds)), "target": cell.target,
-                   "meets_target": "" if cell.meets_target is None else cell.meets_target}
+            row = {
+                "task": cell.task,
+                "device": cell.device,
+                "metric": cell.metric,
+                "unit": cell.unit,
+                "seeds": ";".join(map(str, cell.seeds)),
+                "target": cell.target,
+                "meets_target": "" if cell.meets_target is None else cell.meets_target,
+            }
             for column in COLUMNS:
                 mean_std = cell.mean(column) or (None, None)
                 row[column], row[f"{column}_std"] = (_csv(v) for v in mean_std)
@@ -316,16 +370,25 @@ def plot(cells: list[Cell], task: str, path: Path) -> bool:
         stats = [cell.mean(column) for cell in task_cells]
         means = [scale * s[0] if s else np.nan for s in stats]
         errors = [scale * s[1] if s and s[1] is not None else 0.0 for s in stats]
-        left.bar(x + (index - 2) * width, means, width, yerr=errors, label=column,
-                 color="black" if column == DIGITAL else None)
+        left.bar(
+            x + (index - 2) * width,
+            means,
+            width,
+            yerr=errors,
+            label=column,
+            color="black" if column == DIGITAL else None,
+        )
     known = [scale * s[0] for cell in task_cells for s in map(cell.mean, COLUMNS) if s]
     if known:
         low, high = min(known), max(known)
         pad = max(0.1 * (high - low), 1e-3 * max(abs(high), 1.0))
         left.set_ylim(low - 3 * pad, high + 2 * pad)
-    left.set(title=f"{task}: {task_cells[0].metric} by gradient mode", xticks=x,
-             xticklabels=[cell.device for cell in task_cells],
-             ylabel=task_cells[0].metric + (" (%)" if scale == 100 else ""))
+    left.set(
+        title=f"{task}: {task_cells[0].metric} by gradient mode",
+        xticks=x,
+        xticklabels=[cell.device for cell in task_cells],
+        ylabel=task_cells[0].metric + (" (%)" if scale == 100 else ""),
+    )
     left.legend(fontsize="small")
     names = ("device", "surrogate", "zo", "combined", "total")
     width = 0.8 / len(names)
@@ -334,9 +397,12 @@ def plot(cells: list[Cell], task: str, path: Path) -> bool:
         right.bar(x + (index - 2) * width, values, width, label=name)
     right.axhline(task_cells[0].target, color="grey", linestyle="--", label="target (combined)")
     right.axhline(0, color="black", linewidth=0.8)
-    right.set(title=f"{task}: gap split (positive = worse)", xticks=x,
-              xticklabels=[cell.device for cell in task_cells],
-              ylabel="points" if scale == 100 else "% of reference loss")
+    right.set(
+        title=f"{task}: gap split (positive = worse)",
+        xticks=x,
+        xticklabels=[cell.device for cell in task_cells],
+        ylabel="points" if scale == 100 else "% of reference loss",
+    )
     right.legend(fontsize="small")
     for axes in (left, right):
         axes.grid(alpha=0.3, axis="y")
@@ -363,14 +429,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASK_OVERRIDES), choices=list(TASK_OVERRIDES))
     parser.add_argument("--devices", nargs="+", default=list(DEVICES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--modes", nargs="+", default=list(COLUMNS), choices=list(COLUMNS),
-                        help="which of the five trainings to run (default all)")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="extra",
-                        help="extra overrides of the hybrid runs (use a separate --out for them)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(COLUMNS),
+        choices=list(COLUMNS),
+        help="which of the five trainings to run (default all)",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="extra",
+        help="extra overrides of the hybrid runs (use a separate --out for them)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="trainings run at once")
     parser.add_argument("--out", type=Path, default=Path("outputs/parity"))
-    parser.add_argument("--report-only", nargs="*", metavar="DIR",
-                        help="only write the report, from the runs under DIR (default OUT/runs)")
+    parser.add_argument(
+        "--report-only",
+        nargs="*",
+        metavar="DIR",
+        help="only write the report, from the runs under DIR (default OUT/runs)",
+    )
     args = parser.parse_args(argv)
     out = args.out.resolve()
     if args.report_only is None:
@@ -379,8 +460,13 @@ def main(argv: list[str] | None = None) -> int:
         grid = jobs(args.tasks, args.devices, args.seeds, args.modes)
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             list(pool.map(lambda job: train(out, *job, tuple(args.extra)), grid))
-    settings = None if args.report_only else {  # the study's own runs: say how they were run
-        task: " ".join([*overrides, *args.extra]) or "task defaults" for task, overrides in TASK_OVERRIDES.items()}
+    settings = (
+        None
+        if args.report_only
+        else {  # the study's own runs: say how they were run
+            task: " ".join([*overrides, *args.extra]) or "task defaults" for task, overrides in TASK_OVERRIDES.items()
+        }
+    )
     cells = write(out, args.report_only or None, settings)
     if not cells:
         print(f"parity: no finished runs under {out / 'runs'}", file=sys.stderr)
@@ -390,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------- helpers
+
 
 def _mean_std(values: list[float]) -> tuple[float, float | None] | None:
     values = [v for v in values if v is not None]

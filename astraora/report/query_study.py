@@ -45,11 +45,20 @@ VARIANTS: dict[str, list[str]] = {
 # per-task settings of the study (CPU-sized); stated in the table
 TASK_OVERRIDES: dict[str, list[str]] = {
     "digits": [],
-    "synthetic_audio": ["task.datamodule.noise=1.5", "task.datamodule.num_classes=8", "task.datamodule.clips_per_class=128"],
+    "synthetic_audio": [
+        "task.datamodule.noise=1.5",
+        "task.datamodule.num_classes=8",
+        "task.datamodule.clips_per_class=128",
+    ],
     "pydoc_text": ["task.max_epochs=1"],
     # a second image task, held out: the generated texture folder of the parity study
-    "image_folder": ["task.datamodule.image_size=32", "task.datamodule.batch_size=32", "task.max_epochs=8",
-                     "task.datamodule.test_fraction=0.2", "task.datamodule.num_workers=0"],
+    "image_folder": [
+        "task.datamodule.image_size=32",
+        "task.datamodule.batch_size=32",
+        "task.max_epochs=8",
+        "task.datamodule.test_fraction=0.2",
+        "task.datamodule.num_workers=0",
+    ],
 }
 DEFAULT_TASKS = ["digits", "synthetic_audio", "pydoc_text"]
 # the metric compared, and whether higher is better
@@ -67,8 +76,19 @@ def image_root(out: Path) -> Path:
 
 def command(task: str, variant: str, seed: int, directory: Path, device: str = "mzi") -> list[str]:
     data = [f"task.root={image_root(directory.parents[3])}"] if task == "image_folder" else []
-    return [sys.executable, "-m", "astraora.train", f"task={task}", f"device={device}", f"seed={seed}",
-            *TASK_OVERRIDES.get(task, []), *data, *VARIANTS[variant], f"hydra.run.dir={directory}", "logger=csv"]
+    return [
+        sys.executable,
+        "-m",
+        "astraora.train",
+        f"task={task}",
+        f"device={device}",
+        f"seed={seed}",
+        *TASK_OVERRIDES.get(task, []),
+        *data,
+        *VARIANTS[variant],
+        f"hydra.run.dir={directory}",
+        "logger=csv",
+    ]
 
 
 def train(out: Path, task: str, variant: str, seed: int) -> dict | None:
@@ -102,12 +122,22 @@ def collect(out: Path, seeds: list[int] | None = None) -> list[dict]:
             if not values:
                 continue
             queries = {seed: float(summaries[seed]["queries"]["total"]) for seed in values}
-            rows.append({"task": task_dir.name, "variant": variant, "metric": name, "higher_is_better": higher,
-                         "seeds": len(values), "value": sum(values.values()) / len(values), "std": _std(list(values.values())),
-                         "queries": sum(queries.values()) / len(queries),
-                         "zo": sum(float(summaries[k]["queries"]["zo"]) for k in values) / len(values),
-                         "surrogate": sum(float(summaries[k]["queries"]["surrogate"]) for k in values) / len(values),
-                         "per_seed": values, "per_seed_queries": queries})
+            rows.append(
+                {
+                    "task": task_dir.name,
+                    "variant": variant,
+                    "metric": name,
+                    "higher_is_better": higher,
+                    "seeds": len(values),
+                    "value": sum(values.values()) / len(values),
+                    "std": _std(list(values.values())),
+                    "queries": sum(queries.values()) / len(queries),
+                    "zo": sum(float(summaries[k]["queries"]["zo"]) for k in values) / len(values),
+                    "surrogate": sum(float(summaries[k]["queries"]["surrogate"]) for k in values) / len(values),
+                    "per_seed": values,
+                    "per_seed_queries": queries,
+                }
+            )
     for row in rows:
         # paired with the paper's runs of the same seeds
         base = next((b for b in rows if b["task"] == row["task"] and b["variant"] == "paper"), None)
@@ -116,7 +146,9 @@ def collect(out: Path, seeds: list[int] | None = None) -> list[dict]:
             paired = [row["per_seed"][k] - base["per_seed"][k] for k in common]
             row["difference"] = sum(paired) / len(paired)
             row["difference_se"] = _std(paired) / math.sqrt(len(paired))
-            row["query_ratio"] = sum(row["per_seed_queries"][k] for k in common) / sum(base["per_seed_queries"][k] for k in common)
+            row["query_ratio"] = sum(row["per_seed_queries"][k] for k in common) / sum(
+                base["per_seed_queries"][k] for k in common
+            )
         else:
             row["difference"] = row["difference_se"] = row["query_ratio"] = math.nan
     for row in rows:
@@ -141,15 +173,25 @@ def markdown(rows: list[dict]) -> str:
         metric = task_rows[0]["metric"]
         scale, unit = (100, " pt") if metric.endswith("acc") else (1, "")
         role = "tuned on" if task == TUNED_ON else "held out (not tuned on)"
-        lines += [f"**{task}** ({role}; `{' '.join(TASK_OVERRIDES.get(task, [])) or 'task defaults'}`, device=mzi)", "",
-                  f"| variant | seeds | {metric} | total queries | query ratio | Δ {metric}{unit} vs paper, same seeds (± s.e.) |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"**{task}** ({role}; `{' '.join(TASK_OVERRIDES.get(task, [])) or 'task defaults'}`, device=mzi)",
+            "",
+            f"| variant | seeds | {metric} | total queries | query ratio "
+            f"| Δ {metric}{unit} vs paper, same seeds (± s.e.) |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in task_rows:
-            value = f"{scale * r['value']:.2f} ± {scale * r['std']:.2f}" if scale != 1 else f"{r['value']:.4f} ± {r['std']:.4f}"
+            value = (
+                f"{scale * r['value']:.2f} ± {scale * r['std']:.2f}"
+                if scale != 1
+                else f"{r['value']:.4f} ± {r['std']:.4f}"
+            )
             diff = f"{scale * r['difference']:+.2f}" if scale != 1 else f"{r['difference']:+.4f}"
             if r["seeds"] > 1 and not math.isnan(r.get("difference_se", math.nan)):
                 diff += f" ± {scale * r['difference_se']:.2f}" if scale != 1 else f" ± {r['difference_se']:.4f}"
-            lines.append(f"| {r['variant']} | {r['seeds']} | {value} | {r['queries']:,.0f} | {r['query_ratio']:.3f} | {diff} |")
+            lines.append(
+                f"| {r['variant']} | {r['seeds']} | {value} | {r['queries']:,.0f} | {r['query_ratio']:.3f} | {diff} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -163,8 +205,13 @@ def plot(rows: list[dict], path: Path) -> None:
         ax = fig.add_subplot(1, len(tasks), i + 1)
         task_rows = sorted((r for r in rows if r["task"] == task), key=lambda r: r["queries"])
         for r in task_rows:
-            style = dict(marker="*", s=160, color="tab:red") if r["variant"] == "query_efficient" else \
-                dict(marker="s", s=70, color="black") if r["variant"] == "paper" else dict(marker="o", s=40, color="tab:blue")
+            style = (
+                dict(marker="*", s=160, color="tab:red")
+                if r["variant"] == "query_efficient"
+                else dict(marker="s", s=70, color="black")
+                if r["variant"] == "paper"
+                else dict(marker="o", s=40, color="tab:blue")
+            )
             ax.scatter(r["queries"], r["value"], zorder=3, **style)
             ax.annotate(r["variant"], (r["queries"], r["value"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         front, best = [], -math.inf
@@ -200,8 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=list(TASK_OVERRIDES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=None,
-                        help="seeds to run (default 0 1 2) and, with --report-only, to report (default: all finished)")
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="seeds to run (default 0 1 2) and, with --report-only, to report (default: all finished)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="trainings run at once")
     parser.add_argument("--out", type=Path, default=Path("outputs/query_study"))
     parser.add_argument("--report-only", action="store_true", help="write the table and plot from finished runs")
@@ -210,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         if "image_folder" in args.tasks:
             from astraora.report.parity import make_image_folder
+
             make_image_folder(image_root(out))
         jobs = [(t, v, s) for s in (args.seeds or [0, 1, 2]) for t in args.tasks for v in args.variants]
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:

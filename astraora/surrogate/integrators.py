@@ -122,8 +122,16 @@ class PsiImplicitIntegrator(Integrator):
 
     name = "psi_implicit"
 
-    def __init__(self, samples: int = 100, sketch: str = "gaussian", reuse_sketch: bool = False, *, generator: torch.Generator,
-                 every: int = 1, rebuild_every: int = 0):
+    def __init__(
+        self,
+        samples: int = 100,
+        sketch: str = "gaussian",
+        reuse_sketch: bool = False,
+        *,
+        generator: torch.Generator,
+        every: int = 1,
+        rebuild_every: int = 0,
+    ):
         super().__init__(every, rebuild_every)
         if int(samples) < 1:
             raise ConfigError(f"integrator.samples={samples} must be >= 1.")
@@ -144,9 +152,13 @@ class PsiImplicitIntegrator(Integrator):
         if not self.reuses(n):
             if self.reuse_sketch and not self._warned:
                 self._warned = True
-                log.warning("integrator.reuse_sketch: off for a layer with n = %d inputs > M_sm = %d (a fixed sketch "
-                            "would never probe %d of its input directions); it draws a fresh sketch per update.",
-                            n, self.samples, n - self.samples)
+                log.warning(
+                    "integrator.reuse_sketch: off for a layer with n = %d inputs > M_sm = %d (a fixed sketch "
+                    "would never probe %d of its input directions); it draws a fresh sketch per update.",
+                    n,
+                    self.samples,
+                    n - self.samples,
+                )
             return self.draw_sketch(n, dtype).to(device)
         if self._fixed_z is None or self._fixed_z.shape[1] != n:
             self._fixed_z, self._cache = self.draw_sketch(n, dtype).to(device), None
@@ -216,21 +228,40 @@ class PsiImplicitIntegrator(Integrator):
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         if self.reuse_sketch:
-            self._fixed_z, self._cache, self.reused = state.get("fixed_z"), state.get("cache"), int(state.get("reused", 0))
+            self._fixed_z, self._cache, self.reused = (
+                state.get("fixed_z"),
+                state.get("cache"),
+                int(state.get("reused", 0)),
+            )
 
     def queries_per_update(self, rank: int, reused: bool = False) -> int:
         """Queries of one update (:func:`~astraora.surrogate.auto.psi_queries`)."""
         return psi_queries(rank, self.samples, reused)
 
 
-INTEGRATORS = {"psi_implicit": PsiImplicitIntegrator, "exact": ExactIntegrator, "rebuild": RebuildIntegrator, "frozen": FrozenIntegrator}
+INTEGRATORS = {
+    "psi_implicit": PsiImplicitIntegrator,
+    "exact": ExactIntegrator,
+    "rebuild": RebuildIntegrator,
+    "frozen": FrozenIntegrator,
+}
 
 
-def make_integrator(name: str, *, generator: torch.Generator, every: int = 1, rebuild_every: int = 0, samples: int = 100,
-                    sketch: str = "gaussian", reuse_sketch: bool = False) -> Integrator:
+def make_integrator(
+    name: str,
+    *,
+    generator: torch.Generator,
+    every: int = 1,
+    rebuild_every: int = 0,
+    samples: int = 100,
+    sketch: str = "gaussian",
+    reuse_sketch: bool = False,
+) -> Integrator:
     """Build an integrator from its config values; ``generator`` draws psi_implicit's sketches."""
     if name not in INTEGRATORS:
         raise ConfigError(f"integrator.name={name!r} is not allowed; choose one of {sorted(INTEGRATORS)}.")
     if name == "psi_implicit":
-        return PsiImplicitIntegrator(samples, sketch, reuse_sketch, generator=generator, every=every, rebuild_every=rebuild_every)
+        return PsiImplicitIntegrator(
+            samples, sketch, reuse_sketch, generator=generator, every=every, rebuild_every=rebuild_every
+        )
     return INTEGRATORS[name](every, rebuild_every)

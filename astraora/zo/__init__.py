@@ -20,5 +20,12 @@ def reuses_readout(zo: ZOEstimator | ColoredEstimator | None) -> bool:
     return zo is not None and getattr(zo, "reuses_readout", False)
 
 
-__all__ = ["ZOEstimator", "ColoredEstimator", "DIRECTIONS", "ESTIMATOR_DIRECTIONS", "colored_conflicts", "make_estimator",
-           "reuses_readout"]
+__all__ = [
+    "ZOEstimator",
+    "ColoredEstimator",
+    "DIRECTIONS",
+    "ESTIMATOR_DIRECTIONS",
+    "colored_conflicts",
+    "make_estimator",
+    "reuses_readout",
+]

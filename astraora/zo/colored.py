@@ -22,14 +22,13 @@ about √(p/M). It relies on the declared structure: a device whose controls als
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from astraora.errors import ConfigError
 from astraora.ledger import QueryLedger
-
 
 # keys of the zo group that only shape random directions: ignored here (summary.json records M as null)
 RANDOM_DIRECTION_KEYS = ("samples", "chunk_size", "reuse_forward", "guided_weight", "min_samples", "between")
@@ -44,8 +43,10 @@ def colored_conflicts(zo: dict) -> str | None:
     if not (unknown or active):
         return None
     names = ", ".join(f"zo.{k}={zo[k]!r}" for k in unknown + active)
-    return (f"{names}: not available with zo.direction=colored, which draws no random directions and "
-            f"measures every step; leave {', '.join('zo.' + k for k in OFF_VALUES)} off or use zo=gaussian.")
+    return (
+        f"{names}: not available with zo.direction=colored, which draws no random directions and "
+        f"measures every step; leave {', '.join('zo.' + k for k in OFF_VALUES)} off or use zo=gaussian."
+    )
 
 
 class ColoredEstimator:
@@ -67,7 +68,9 @@ class ColoredEstimator:
 
     direction = "colored"
 
-    def __init__(self, mu: float = 1e-4, two_sided: bool = False, reuse_readout: bool = True, **random_direction_settings):
+    def __init__(
+        self, mu: float = 1e-4, two_sided: bool = False, reuse_readout: bool = True, **random_direction_settings
+    ):
         problem = colored_conflicts(random_direction_settings)
         if problem:
             raise ConfigError(problem)
@@ -92,15 +95,17 @@ class ColoredEstimator:
             raise ConfigError(
                 f"zo.direction=colored needs a device with one control per matrix entry (device.family matvec, slm or "
                 f"mrr, with row-neighbour crosstalk at most); {type(device).__name__} declares no such structure: "
-                "use zo=gaussian.")
+                "use zo=gaussian."
+            )
         return tuple(int(o) for o in offsets)
 
     @staticmethod
     def colors(offsets: tuple[int, ...]) -> int:
         return max(offsets) - min(offsets) + 1
 
-    def queries_per_step(self, batch: int, d_out: int, device=None, forward_output: bool = True,
-                         samples: int | None = None) -> int:
+    def queries_per_step(
+        self, batch: int, d_out: int, device=None, forward_output: bool = True, samples: int | None = None
+    ) -> int:
         """(k + 1)·n one-sided, 2k·n two-sided, for the device's k colors and n inputs: the count
         when no earlier readout can be reused (with one, k·n one-sided)."""
         k = self.colors(self.offsets_of(device))

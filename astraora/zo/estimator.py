@@ -38,7 +38,7 @@ class _DirectionStream:
     stream; orthogonal blocks are made from a block of such rows, antithetic pairs repeat a base
     row negated, the guided part mixes in a fixed basis Q of the last estimates."""
 
-    def __init__(self, zo: "ZOEstimator", p: int, dtype: torch.dtype, device: torch.device, basis: Tensor | None):
+    def __init__(self, zo: ZOEstimator, p: int, dtype: torch.dtype, device: torch.device, basis: Tensor | None):
         self.zo, self.p, self.dtype, self.device = zo, p, dtype, device
         self.gen = zo.generator_for(device)
         self.basis = basis  # (p, k') orthonormal, or None
@@ -56,7 +56,7 @@ class _DirectionStream:
             b = int(torch.randint(0, zo.blocks, (), generator=self.gen, device=self.device))
             row = torch.zeros(self.p, dtype=self.dtype, device=self.device)
             start = sum(self.block_sizes[:b])
-            row[start:start + self.block_sizes[b]] = math.sqrt(zo.blocks) * self._plain(self.block_sizes[b])
+            row[start : start + self.block_sizes[b]] = math.sqrt(zo.blocks) * self._plain(self.block_sizes[b])
             return row
         if not zo.orthogonal:
             return self._plain(self.p)
@@ -64,7 +64,9 @@ class _DirectionStream:
             size = min(zo.base_rows, self.p)
             rows = torch.stack([self._plain(self.p) for _ in range(size)])  # (b, p) Gaussian or sphere rows
             q, r = torch.linalg.qr(rows.T.double())
-            q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones((), dtype=q.dtype, device=q.device))
+            q = q * torch.sign(torch.diagonal(r)).where(
+                torch.diagonal(r) != 0, torch.ones((), dtype=q.dtype, device=q.device)
+            )
             # same lengths as the independent rows (Gaussian: χ_p; sphere: √p), orthogonal directions
             self.block = (q.T * rows.double().norm(dim=1, keepdim=True)).to(self.dtype)
         row, self.block = self.block[0], self.block[1:]
@@ -86,8 +88,11 @@ class _DirectionStream:
 
     def save(self) -> tuple:
         """Everything the rest of the stream depends on: generator state, unserved rows."""
-        return (self.gen.get_state(), None if self.block is None else self.block.clone(),
-                None if self.pending is None else self.pending.clone())
+        return (
+            self.gen.get_state(),
+            None if self.block is None else self.block.clone(),
+            None if self.pending is None else self.pending.clone(),
+        )
 
     def restore(self, saved: tuple) -> None:
         self.gen.set_state(saved[0])
@@ -148,11 +153,26 @@ class ZOEstimator:
     seed: no p-sized vector is exchanged). Without one (a single process) nothing changes.
     """
 
-    def __init__(self, samples: int = 100, mu: float = 1e-4, direction: str = "gaussian", two_sided: bool = False,
-                 reuse_forward: bool = True, chunk_size: int | str = "auto", orthogonal: bool = False,
-                 antithetic: bool = False, guided_k: int = 0, guided_weight: float = 0.5, blocks: int = 1,
-                 adaptive_rse: float | None = None, min_samples: int = 10, every: int = 1, between: str = "momentum",
-                 *, generator: torch.Generator):
+    def __init__(
+        self,
+        samples: int = 100,
+        mu: float = 1e-4,
+        direction: str = "gaussian",
+        two_sided: bool = False,
+        reuse_forward: bool = True,
+        chunk_size: int | str = "auto",
+        orthogonal: bool = False,
+        antithetic: bool = False,
+        guided_k: int = 0,
+        guided_weight: float = 0.5,
+        blocks: int = 1,
+        adaptive_rse: float | None = None,
+        min_samples: int = 10,
+        every: int = 1,
+        between: str = "momentum",
+        *,
+        generator: torch.Generator,
+    ):
         if int(samples) < 1:
             raise ConfigError(f"zo.samples={samples} must be >= 1.")
         if not mu > 0:
@@ -164,7 +184,9 @@ class ZOEstimator:
         if orthogonal and direction == "rademacher":
             raise ConfigError("zo.orthogonal=true is not allowed with zo.direction=rademacher; use gaussian or sphere.")
         if antithetic and two_sided:
-            raise ConfigError("zo.antithetic=true is not allowed with zo.two_sided=true (a pair already is a central difference).")
+            raise ConfigError(
+                "zo.antithetic=true is not allowed with zo.two_sided=true (a pair already is a central difference)."
+            )
         if antithetic and int(samples) % 2:
             raise ConfigError(f"zo.samples={samples} must be even with zo.antithetic=true.")
         if int(guided_k) < 0:
@@ -177,9 +199,13 @@ class ZOEstimator:
             raise ConfigError(f"zo.blocks={blocks} is not allowed with zo.orthogonal or zo.guided_k; use one of them.")
         if adaptive_rse is not None and not float(adaptive_rse) > 0:
             raise ConfigError(f"zo.adaptive_rse={adaptive_rse} must be > 0 or null (off).")
-        if adaptive_rse is not None and (not 1 <= int(min_samples) <= int(samples) or (antithetic and int(min_samples) % 2)):
-            raise ConfigError(f"zo.min_samples={min_samples} must be between 1 and zo.samples={samples}"
-                              f"{' and even with zo.antithetic=true' if antithetic else ''}.")
+        if adaptive_rse is not None and (
+            not 1 <= int(min_samples) <= int(samples) or (antithetic and int(min_samples) % 2)
+        ):
+            raise ConfigError(
+                f"zo.min_samples={min_samples} must be between 1 and zo.samples={samples}"
+                f"{' and even with zo.antithetic=true' if antithetic else ''}."
+            )
         if int(every) < 1:
             raise ConfigError(f"zo.every={every} must be >= 1.")
         if between not in BETWEEN:
@@ -237,8 +263,9 @@ class ZOEstimator:
                 self._device_generator.manual_seed(int(torch.randint(0, 2**62, (), generator=self.generator)))
         return self._device_generator
 
-    def directions(self, k: int, p: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-                   out: Tensor | None = None) -> Tensor:
+    def directions(
+        self, k: int, p: int, dtype: torch.dtype, device: torch.device | str = "cpu", out: Tensor | None = None
+    ) -> Tensor:
         """k i.i.d. directions u (k, p) with E[u uᵀ] = I, drawn one row at a time (into ``out`` when
         given) so that the stream does not depend on how the M samples are chunked."""
         gen = self.generator_for(device)
@@ -274,8 +301,9 @@ class ZOEstimator:
             return False
         return device is None or device.forward_output_gives_phi(batch > d_out)
 
-    def queries_per_step(self, batch: int, d_out: int, device=None, forward_output: bool = True,
-                         samples: int | None = None) -> int:
+    def queries_per_step(
+        self, batch: int, d_out: int, device=None, forward_output: bool = True, samples: int | None = None
+    ) -> int:
         """ZO queries for one measured estimate, as in ALGORITHM.md §5 and §9 (``forward_output``:
         whether the forward output y is passed to :meth:`estimate`; ``samples``: the M it used,
         default ``samples``; an estimate skipped by ``every`` makes none)."""
@@ -332,7 +360,7 @@ class ZOEstimator:
         if not bool(torch.isfinite(ghat).all()):
             return
         if self.guided_k:
-            self.history = (self.history + [ghat.detach().reshape(-1).clone()])[-self.guided_k:]
+            self.history = (self.history + [ghat.detach().reshape(-1).clone()])[-self.guided_k :]
         if self.every > 1 and self.between == "last":
             self._last = ghat.detach().clone()
 
@@ -363,11 +391,20 @@ class ZOEstimator:
 
         def coefficients(u: Tensor) -> Tensor:
             k = u.shape[0]
-            plus = phi(ledger.query_settings(probes, torch.add(flat, u, alpha=self.mu, out=settings[:k]).view(k, *theta.shape),
-                                             "zo", check=check))
+            plus = phi(
+                ledger.query_settings(
+                    probes, torch.add(flat, u, alpha=self.mu, out=settings[:k]).view(k, *theta.shape), "zo", check=check
+                )
+            )
             if self.two_sided:
-                minus = phi(ledger.query_settings(probes, torch.add(flat, u, alpha=-self.mu, out=settings[:k]).view(k, *theta.shape),
-                                                  "zo", check=check))
+                minus = phi(
+                    ledger.query_settings(
+                        probes,
+                        torch.add(flat, u, alpha=-self.mu, out=settings[:k]).view(k, *theta.shape),
+                        "zo",
+                        check=check,
+                    )
+                )
                 return (plus - minus) / (2 * self.mu)
             if self.antithetic:  # rows (0, 1), (2, 3), ... are u, −u: each pair is one central difference
                 d = (plus[0::2] - plus[1::2]) / (2 * self.mu)
@@ -386,7 +423,7 @@ class ZOEstimator:
                 u = stream.take(k, out=u_buffer)
                 coef = coefficients(u)
                 if self.reducer is not None:
-                    coefs[start:start + k] = coef
+                    coefs[start : start + k] = coef
                 else:
                     ghat.addmv_(u.T, coef)  # ĝ += Σ_i coef_i u_i
                     if self.adaptive_rse is not None:
@@ -399,9 +436,9 @@ class ZOEstimator:
                 for start in range(0, size, chunk):
                     k = min(chunk, size - start)
                     u = stream.take(k, out=u_buffer)
-                    ghat.addmv_(u.T, coefs[start:start + k])
+                    ghat.addmv_(u.T, coefs[start : start + k])
                     if self.adaptive_rse is not None:
-                        unit_sq += (coefs[start:start + k].double().square() * u.double().square().sum(1)).sum()
+                        unit_sq += (coefs[start : start + k].double().square() * u.double().square().sum(1)).sum()
             done += size
             if self.adaptive_rse is not None and done < self.samples:
                 rse = self.relative_standard_error(ghat, unit_sq, done)
@@ -423,9 +460,16 @@ class ZOEstimator:
         return math.sqrt(var / mean_sq) if mean_sq > 0 else math.inf
 
     def state_dict(self) -> dict:
-        device_state = self._device_generator.get_state() if self._device_generator is not None else self._pending_device_state
-        return {"generator": self.generator.get_state(), "device_generator": device_state, "calls": self.calls,
-                "history": [h.cpu() for h in self.history], "last": None if self._last is None else self._last.cpu()}
+        device_state = (
+            self._device_generator.get_state() if self._device_generator is not None else self._pending_device_state
+        )
+        return {
+            "generator": self.generator.get_state(),
+            "device_generator": device_state,
+            "calls": self.calls,
+            "history": [h.cpu() for h in self.history],
+            "last": None if self._last is None else self._last.cpu(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
