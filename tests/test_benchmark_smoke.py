@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -45,6 +47,7 @@ def test_benchmark_core_quick(tmp_path):
         assert step["measured"] == {"forward": 32, "zo": 100 * q, "surrogate": 220, "readout": 0}
 
 
+@pytest.mark.slow
 def test_time_epoch_with_its_digital_twin():
     """scripts/time_epoch.py --with-digital: the digital twin has no physical layer and so no query
     counters (it stopped with a KeyError after timing the hybrid)."""

@@ -436,6 +436,7 @@ def test_ddp_configs_compose():
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.accelerator == "gpu" and cfg.trainer.num_nodes == 2
 
 
+@pytest.mark.slow
 def test_odd_global_batch_is_refused(tmp_path):
     res = run_cli(["trainer=ddp_cpu", "task.datamodule.batch_size=63", f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path)
     assert res.returncode == 2
@@ -713,6 +714,7 @@ def _collectives_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_rank_sync_mean_is_the_mean_over_real_processes(tmp_path):
     """The ZO estimate's reducer averages over the processes: summing instead would double θ's step
     under SGD (Adam hides it, being blind to the gradient's scale), so the collectives are checked on

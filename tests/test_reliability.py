@@ -66,6 +66,7 @@ def test_slow_queries_time_out_and_are_retried():
     assert layer.ledger.retries > 0
 
 
+@pytest.mark.slow
 def test_persistent_device_failure_checkpoints_and_stops(tmp_path):
     out = tmp_path / "run"
     result = run_cli(

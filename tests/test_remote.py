@@ -184,6 +184,7 @@ def start_server_process(address: str, *overrides: str) -> tuple[subprocess.Pope
     raise AssertionError("the server did not start: " + "".join(seen))
 
 
+@pytest.mark.slow
 def test_killed_server_checkpoints_and_stops_then_resume_finishes(tmp_path):
     server, endpoint = start_server_process("tcp://127.0.0.1:*", "server.delay_s=0.05")  # a slow chip
     run_dir = tmp_path / "run"

@@ -177,6 +177,7 @@ def test_an_unknown_wandb_resume_mode_is_refused(make_cfg):
         run(make_cfg(*RUN, "logger=wandb", "logger.wandb.resume=fork"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_still_writes_summary(tmp_path, sig):
     """The run cannot end before the signal (10^5 epochs), which is sent once a checkpoint exists;
@@ -199,6 +200,7 @@ def test_ctrl_c_or_sigterm_still_writes_summary(tmp_path, sig):
     assert summary["status"] == "interrupted" and summary["steps"] >= 3
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_long_step_at_once(tmp_path):
     """A step at M = 10^6 directions takes minutes; SIGTERM ends the run within seconds of arriving,
     with summary.json saying interrupted (nothing is checkpointed from the middle of the step)."""

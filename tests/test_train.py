@@ -155,6 +155,7 @@ def test_bad_values_fail_in_validation(make_cfg):
         run(make_cfg(*FAST, "surrogate.rank=65"))
 
 
+@pytest.mark.slow
 def test_multirun_and_compare(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     result = run_cli(["-m", *FAST, "device=digital,slm", "surrogate.rank=4", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
@@ -184,6 +185,7 @@ def test_experiment_presets_compose_and_validate():
         validate(compose_config([f"experiment={preset}"]))
 
 
+@pytest.mark.slow
 def test_optuna_search_and_joblib_launcher_run(tmp_path):
     """One sweep checks both presets: the Optuna sweeper launches its 2 trials as one batch through
     the joblib launcher (one worker: loky's worker processes would add a start-up per worker)."""

@@ -137,6 +137,7 @@ def test_cli_refusals_leave_no_run_folder(tmp_path):
     assert not list((tmp_path / "outputs" / "runs").glob("*"))
 
 
+@pytest.mark.slow
 def test_cli_multirun_refused_in_its_first_job_leaves_no_sweep_folder(tmp_path):
     """A refusal only the data can give (run(), inside Hydra's multirun): one line, exit 2, and no
     outputs/multirun/<sweep> with a lone multirun.yaml (tests/test_preflight.py: the earlier checks)."""
