@@ -1,9 +1,9 @@
-"""``python train.py``: the command line is checked before anything heavy is imported or written.
+"""``python train.py`` / ``astraora-train``: the command line is checked before anything heavy is imported
+or written, then Hydra runs the job (:func:`astraora.train.hydra_main`, around :func:`astraora.train.run`).
 
 An override naming a group option that does not exist, a key the config lacks, or a value the
 validation refuses stops here with one line and exit code 2, in the time it takes to compose the
-config (about a second, no torch or Lightning start-up), and leaves no run directory behind. Then
-:func:`astraora.train.hydra_main` runs the job.
+config (no torch or Lightning start-up), and leaves no run directory behind.
 
 The checks see the configs Hydra will compose: astraora's own folder (:data:`CONFIG_DIR`, inside the
 installed package or the clone's top-level ``conf/``), the folders and packages a user adds with
@@ -26,19 +26,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from astraora.paths import CONFIG_DIR, find_config_dir  # noqa: F401 - find_config_dir: where CONFIG_DIR comes from
 
-def find_config_dir(package_dir: Path) -> str:
-    """astraora's Hydra config folder for the package at ``package_dir``: ``<package>/conf`` where a wheel
-    installed it (pyproject.toml maps the repository's ``conf/`` to ``astraora/conf``), else ``conf/``
-    beside the package (a clone, an editable install). Where neither holds ``config.yaml``, the packaged
-    place, which Hydra then names in its error."""
-    for candidate in (package_dir / "conf", package_dir.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    return str(package_dir / "conf")
-
-
-CONFIG_DIR = find_config_dir(Path(__file__).resolve().parent)
 MULTIRUN_FLAGS = ("-m", "--multirun")
 # Hydra's flags that choose where configs come from (hydra/_internal/utils.py: get_args_parser)
 CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
@@ -220,13 +209,14 @@ def _compose_and_validate(overrides: list[str], config_dir: str | ConfigSources,
     except HydraException as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         fail(" ".join(lines[:2]))
-    from astraora.checkpoints import read_checkpoint
     from astraora.config import validate
     from astraora.errors import AstraoraError
 
     try:
         validate(cfg, import_targets=False)
         if cfg.resume:
+            from astraora.checkpoints import read_checkpoint  # torch: only for a resume
+
             read_checkpoint(cfg)
     except AstraoraError as err:
         fail(str(err))
@@ -346,6 +336,8 @@ def discard_empty_sweeps() -> None:
 
 
 def main() -> None:
+    """``python train.py`` / ``astraora-train``: the checks above, in one line and exit code 2 where they
+    refuse, then Hydra's job (:func:`astraora.train.hydra_main`)."""
     argv = sys.argv[1:]
     from astraora import reproducible  # applied when the package was imported; a bad value is refused here
 
@@ -358,9 +350,13 @@ def main() -> None:
         check_group_overrides(argv)
         check_single_run(argv)
         check_multirun(argv)
-    from astraora.train import hydra_main
+    from astraora.train import hydra_main  # torch and Lightning: imported once the command line is checked
 
     try:
         hydra_main()
     finally:
         discard_empty_sweeps()
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from astraora.train import CONFIG_DIR
+from astraora.paths import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,31 +19,22 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 # Long end-to-end checks (the README's default run to 95 %, SIGKILL and resume) are marked ``slow``:
-# `python -m pytest -q` deselects them and says so at the end; `python -m pytest -q -m slow` runs
-# them (CI, .ci/run, runs both commands).
+# `python -m pytest -q` deselects them (the marker expression "not slow" where none is given),
+# `python -m pytest -q -m slow` runs them (CI, .ci/run, runs both commands).
 SLOW = "slow"
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", f"{SLOW}: long end-to-end check, run with -m {SLOW} (CI runs it)")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("markexpr"):
-        return  # an explicit -m decides
-    slow = [item for item in items if item.get_closest_marker(SLOW)]
-    if slow:
-        config.hook.pytest_deselected(items=slow)
-        items[:] = [item for item in items if not item.get_closest_marker(SLOW)]
-        config._astraora_slow = [item.nodeid for item in slow]
+    if not config.option.markexpr:
+        config.option.markexpr = f"not {SLOW}"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    slow = getattr(config, "_astraora_slow", [])
+    slow = [item for item in terminalreporter.stats.get("deselected", []) if item.get_closest_marker(SLOW)]
     if slow:
         terminalreporter.write_line(
-            f"{len(slow)} slow end-to-end tests not run here ({', '.join(slow)}); "
-            f"run them with: python -m pytest -q -m {SLOW}  (CI runs both commands)"
+            f"{len(slow)} slow end-to-end tests not run here; run them with: python -m pytest -q -m {SLOW}"
         )
 
 
@@ -86,6 +77,18 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
         text=True,
         timeout=timeout,
     )
+
+
+def single_class(root: Path, kind: str) -> Path:
+    """A class tree (tests/fixtures_vision_audio.py) of images or audio clips with one class folder."""
+    from fixtures_vision_audio import write_audio_tree, write_image_tree
+
+    (write_image_tree if kind == "image" else write_audio_tree)(root)
+    for extra in sorted(p for p in root.iterdir() if p.is_dir())[1:]:
+        for file in extra.iterdir():
+            file.unlink()
+        extra.rmdir()
+    return root
 
 
 @pytest.fixture

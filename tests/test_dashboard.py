@@ -14,9 +14,11 @@ import pytest
 import torch
 from conftest import compose_config
 
+from astraora.loggers import make_loggers, wandb_summary
 from astraora.report import dashboard
 from astraora.report.dashboard import config_keys, dashboard_spec, history_keys, summary_keys, tags
-from astraora.train import build_module, comparison_setting, make_loggers, run, summarize, wandb_summary
+from astraora.rundir import comparison_setting, summarize
+from astraora.train import build_module, run
 
 FAST = ["debug=fast", "surrogate.rank=4"]
 LM = ["task=pydoc_text", "device=slm", "task.model.n_layer=1", "task.model.n_embd=32", "task.model.block_size=16"]

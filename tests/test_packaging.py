@@ -1,5 +1,5 @@
 """astraora installed as a package: its configs travel in the wheel (pyproject.toml maps conf/ to
-astraora/conf, :func:`astraora.cli.find_config_dir` finds them there), and a user's own config folders
+astraora/conf, :func:`astraora.paths.find_config_dir` finds them there), and a user's own config folders
 (``hydra.searchpath``, ``--config-dir``, a primary config's ``hydra.searchpath``, a Hydra SearchPathPlugin)
 are what the command line's early checks see, for the training and for ``astraora-device-server``.
 In-process; the wheel itself is built and run by scripts/check_wheel.sh (CI)."""
@@ -14,7 +14,7 @@ import pytest
 import tomllib
 from conftest import REPO
 
-from astraora import cli
+from astraora import cli, paths
 from astraora.remote import server
 
 LAB_DEVICE = """\
@@ -50,7 +50,7 @@ def refused(capsys, check, *args, **kwargs) -> str:
     return lines[0]
 
 
-def accepted(argv: list[str], config_dir: str = cli.CONFIG_DIR):
+def accepted(argv: list[str], config_dir: str = paths.CONFIG_DIR):
     """The config the early checks compose for ``argv`` (they refuse nothing)."""
     cli.check_group_overrides(argv, config_dir)
     sources, overrides = cli.config_sources(argv, config_dir)
@@ -78,13 +78,13 @@ def test_config_dir_is_found_inside_an_installed_package(tmp_path, capsys):
     shutil.copytree(REPO / "conf", site / "astraora" / "conf")
     (site / "conf").mkdir()  # another distribution's top-level conf/ must not be taken
     (site / "conf" / "config.yaml").write_text("other: 1\n")
-    packaged = cli.find_config_dir(site / "astraora")
+    packaged = paths.find_config_dir(site / "astraora")
     assert packaged == str(site / "astraora" / "conf")
     clone = tmp_path / "clone"
     (clone / "astraora").mkdir(parents=True)
     shutil.copytree(REPO / "conf", clone / "conf")
-    assert cli.find_config_dir(clone / "astraora") == str(clone / "conf")
-    assert cli.find_config_dir(REPO / "astraora") == cli.CONFIG_DIR == server.CONFIG_DIR == str(REPO / "conf")
+    assert paths.find_config_dir(clone / "astraora") == str(clone / "conf")
+    assert paths.find_config_dir(REPO / "astraora") == paths.CONFIG_DIR == server.CONFIG_DIR == str(REPO / "conf")
 
     assert accepted(["device=mrr", "task=digits"], packaged).device.family == "mrr"
     line = refused(capsys, cli.check_group_overrides, ["device=nope"], packaged)

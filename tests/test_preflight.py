@@ -1,11 +1,10 @@
-"""Bad values refused before training in one line: the rules table of astraora.config, the command
-line's checks (secrets, launcher, accelerator, multirun jobs, empty sweep folders) and the torch-side
-preflight of astraora.preflight (trainer settings, memory). In-process: no subprocess here."""
+"""Bad values refused before training in one line: the rules table of astraora.config and the torch-side
+preflight of astraora.preflight (trainer settings, memory). In-process: no subprocess here. The command
+line's own checks (secrets, launcher, accelerator, multirun jobs, empty sweep folders): tests/test_cli.py."""
 
 from __future__ import annotations
 
 import resource
-import sys
 import time
 import typing
 from contextlib import contextmanager
@@ -14,26 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, compose_config
-from omegaconf import OmegaConf
 
-from astraora import cli, preflight
+from astraora import preflight
 from astraora.build import build_model
 from astraora.config import PRECISIONS, validate
 from astraora.errors import ConfigError
+from astraora.paths import CONFIG_DIR
 from astraora.preflight import LargeTensorsOnMeta, check_accelerator, check_memory, check_trainer, estimate_memory
 
 DIGITS = {"num_classes": 10, "in_features": 64}
-
-
-def refusal(capsys, argv: list[str], monkeypatch) -> str:
-    """``python train.py ARGV`` in this process, up to its refusal: the one stderr line."""
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    assert exit_info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------- the rules
@@ -76,7 +64,7 @@ def test_rules_accept_every_preset():
         for group in ("trainer", "experiment")
         for p in sorted((REPO / "conf" / group).glob("*.yaml"))
     ]
-    with initialize_config_dir(config_dir=cli.CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for overrides in [
             *presets,
             ["trainer.max_epochs=-1", "trainer.max_steps=100"],
@@ -91,58 +79,6 @@ def test_precisions_are_lightnings():
 
     lightning = {value for group in typing.get_args(_PRECISION_INPUT) for value in typing.get_args(group)}
     assert set(PRECISIONS) == lightning
-
-
-# ---------------------------------------------------------------------------------- the command line
-def test_secret_keys_are_refused_before_hydra_writes(capsys, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    for argv in (
-        ["+device.token=SUPERSECRET1"],
-        ["device.token=SUPERSECRET1"],
-        ["-m", "+device.api_secret=SUPERSECRET1"],
-        ["hydra.job.env_set.DB_PASSWORD=SUPERSECRET1"],
-    ):
-        line = refusal(capsys, argv, monkeypatch)
-        assert "SUPERSECRET1" not in line and "$ASTRAORA_DEVICE_TOKEN or device.token_file" in line
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # the other checks are off then; this one is not
-    refusal(capsys, ["+device.token=SUPERSECRET1"], monkeypatch)
-    assert not (tmp_path / "outputs").exists()
-    cli.check_secrets(["device.token_file=/run/secrets/t", "task.generate.max_new_tokens=5", "task.tokenizer=byte"])
-
-
-def test_launcher_accelerator_and_multirun_jobs_are_checked_before_hydra(capsys, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    assert "add -m" in refusal(capsys, ["launcher=slurm"], monkeypatch)
-    monkeypatch.setattr(cli.shutil, "which", lambda command: None)
-    assert "needs SLURM's sbatch and srun" in refusal(capsys, ["-m", "launcher=slurm", "seed=1,2"], monkeypatch)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert "torch sees no CUDA GPU" in refusal(capsys, ["trainer=gpu"], monkeypatch)
-    assert "torch sees no CUDA GPU" in refusal(capsys, ["-m", "trainer=gpu", "seed=1,2"], monkeypatch)
-    line = refusal(capsys, ["-m", "seed=1,2", "task.datamodule.batch_size=64,0"], monkeypatch)
-    assert "task.datamodule.batch_size=0 is not allowed" in line
-    assert not (tmp_path / "outputs").exists()
-
-
-def test_sweep_jobs_lists_what_the_basic_sweeper_runs():
-    assert cli.sweep_jobs(["a=1", "b=2,3", "c=range(0,2)"]) == [
-        ["a=1", "b=2", "c=0"],
-        ["a=1", "b=2", "c=1"],
-        ["a=1", "b=3", "c=0"],
-        ["a=1", "b=3", "c=1"],
-    ]
-    many = cli.sweep_jobs([f"k{i}=1,2" for i in range(8)])  # 256 combinations: each value once instead
-    assert len(many) == 16 and ["k0=2", *(f"k{i}=1" for i in range(1, 8))] in many
-
-
-def test_an_empty_sweep_folder_is_discarded(tmp_path):
-    empty, used = tmp_path / "empty", tmp_path / "used"
-    for sweep in (empty, used):
-        (sweep / "0").mkdir(parents=True)
-        (sweep / "multirun.yaml").write_text("{}\n")
-        cli.DiscardEmptySweep().on_multirun_start(config=OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
-    (used / "0" / "summary.json").write_text("{}\n")
-    cli.discard_empty_sweeps()
-    assert not empty.exists() and (used / "0" / "summary.json").exists()
 
 
 # ---------------------------------------------------------------------------------- trainer preflight

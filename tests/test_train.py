@@ -1,4 +1,5 @@
-"""The experiment framework: configs, a few batches of real training per mode, run outputs."""
+"""One run (astraora.train.run): every config composes and builds, a few batches of real training per
+mode, the run's outputs, and the refusals that leave no run folder behind."""
 
 from __future__ import annotations
 
@@ -7,15 +8,15 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import compose_config, run_cli
-from hydra import compose, initialize_config_dir
+from conftest import compose_config, single_class
+from fixtures_vision_audio import write_image_tree
 
 from astraora.build import build_model, hybrid_layers
 from astraora.config import validate
-from astraora.errors import ConfigError
+from astraora.errors import AstraoraError, ConfigError
 from astraora.hybrid import HybridLayer
-from astraora.report.compare import main as compare_main
-from astraora.train import CONFIG_DIR, run
+from astraora.paths import CONFIG_DIR
+from astraora.train import run
 
 DEVICES = sorted(
     p.stem for p in (Path(CONFIG_DIR) / "device").glob("*.yaml") if p.stem != "remote"
@@ -123,6 +124,36 @@ def test_digital_baseline_swaps_in_a_linear(make_cfg):
     assert summary["device"] == "digital" and summary["queries"]["total"] == 0 and summary["surrogate"] is None
 
 
+@pytest.mark.parametrize("kind", ["image", "audio"])
+def test_one_class_folder_is_one_line(make_cfg, tmp_path, kind):
+    root = single_class(tmp_path / kind, kind)
+    task = "image_folder" if kind == "image" else "audio_folder"
+    cfg = make_cfg("debug=fast", f"task={task}", f"task.root={root}", "task.datamodule.num_workers=0")
+    with pytest.raises(AstraoraError, match="has 1 class folder.*at least 2"):
+        run(cfg)
+    assert not Path(cfg.paths.output_dir).exists()
+
+
+def test_empty_class_folder_and_empty_split_are_one_line(make_cfg, tmp_path):
+    root = tmp_path / "images"
+    write_image_tree(root)
+    (root / "empty_class").mkdir()
+    cfg = make_cfg("debug=fast", "task=image_folder", f"task.root={root}", "task.datamodule.num_workers=0")
+    with pytest.raises(AstraoraError, match="empty_class has no readable files"):
+        run(cfg)
+    (root / "empty_class").rmdir()
+    cfg = make_cfg(
+        "debug=fast",
+        "task=image_folder",
+        f"task.root={root}",
+        "task.datamodule.num_workers=0",
+        "task.datamodule.val_fraction=0.01",
+    )
+    with pytest.raises(AstraoraError, match=r"the val split .* is empty.*val_fraction"):
+        run(cfg)
+    assert not Path(cfg.paths.output_dir).exists()
+
+
 def test_language_model_run_writes_perplexity_and_sample(make_cfg):
     cfg = make_cfg(
         *FAST,
@@ -155,66 +186,9 @@ def test_bad_values_fail_in_validation(make_cfg):
         run(make_cfg(*FAST, "surrogate.rank=65"))
 
 
-@pytest.mark.slow
-def test_multirun_and_compare(tmp_path, capsys):
-    sweep = tmp_path / "sweep"
-    result = run_cli(["-m", *FAST, "device=digital,slm", "surrogate.rank=4", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summaries = sorted(sweep.glob("*/summary.json"))
-    assert len(summaries) == 2
-    assert {json.loads(p.read_text())["device"] for p in summaries} == {"digital", "slm"}
-    assert len({p.parent for p in summaries}) == 2  # separate output dirs
-    out = tmp_path / "report"
-    assert compare_main([str(sweep), "--out", str(out)]) == 0  # scripts/compare.py's main, in-process
-    printed = capsys.readouterr().out
-    assert "| slm" in printed and "| digital" in printed
-    assert (out / "comparison.csv").is_file() and list(out.glob("*.png"))
-
-
-def test_wandb_offline_leaves_a_run_directory(make_cfg, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = make_cfg(*FAST, "logger=wandb", "device=digital")
-    run(cfg)
-    out = Path(cfg.paths.output_dir)
-    assert list((out / "wandb").glob("offline-run-*"))
-    assert (out / "metrics.csv").is_file()
-
-
 def test_experiment_presets_compose_and_validate():
     for preset in sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")):
         validate(compose_config([f"experiment={preset}"]))
-
-
-@pytest.mark.slow
-def test_optuna_search_and_joblib_launcher_run(tmp_path):
-    """One sweep checks both presets: the Optuna sweeper launches its 2 trials as one batch through
-    the joblib launcher (one worker: loky's worker processes would add a start-up per worker)."""
-    sweep = tmp_path / "optuna"
-    result = run_cli(
-        [
-            "-m",
-            "hparams_search=optuna",
-            "launcher=joblib",
-            "hydra.launcher.n_jobs=1",
-            "hydra.sweeper.n_trials=2",
-            "hydra.sweeper.n_jobs=2",
-            *FAST,
-            "device=slm",
-            "task.model.hidden=24",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=tmp_path,
-    )  # ranks up to 20
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len(list(sweep.glob("*/summary.json"))) == 2
-    assert "best_value" in (sweep / "optimization_results.yaml").read_text()
-    assert "Joblib.Parallel" in result.stdout + result.stderr and "launching 2 jobs" in result.stdout + result.stderr
-
-
-def test_slurm_launcher_preset_composes():
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["launcher=slurm"], return_hydra_config=True)
-    assert "submitit" in cfg.hydra.launcher._target_ and cfg.trainer.accelerator == "gpu"
 
 
 def test_physical_scheduler_follows_scheduler_unless_set():
@@ -246,3 +220,20 @@ def test_physical_scheduler_follows_scheduler_unless_set():
     assert factors("device=mrr") == (pytest.approx(0.0), pytest.approx(0.0))
     with pytest.raises(ConfigError, match="physical_scheduler.name"):
         validate(compose_config(["physical_scheduler.name=linear"]), import_targets=False)
+
+
+def test_wide_physical_layer_on_cpu_warns(make_cfg, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="astraora")
+    run(
+        make_cfg(
+            "debug=fast", "device=slm", "task.model.hidden=520", "surrogate.rank=4", "trainer.limit_train_batches=1"
+        )
+    )
+    warnings = [r.getMessage() for r in caplog.records if "on a CPU: expect minutes per step" in r.getMessage()]
+    assert warnings == [
+        "physical layer head.physical is 520 -> 520 (SLM) on a CPU: expect minutes per step; README "
+        "'How long a run takes on a CPU' lists CPU-sized settings, scripts/time_epoch.py estimates "
+        "this one"
+    ]

@@ -42,9 +42,10 @@ from torch import Tensor
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from astraora.cli import CONFIG_DIR, config_sources, group_options  # CONFIG_DIR: also scripts' and benchmark's
+from astraora.cli import config_sources, group_options
 from astraora.devices.base import Device
 from astraora.errors import AstraoraError, ConfigError, DeviceFault
+from astraora.paths import CONFIG_DIR  # also the benchmark's
 from astraora.remote.keys import ServerKeys
 from astraora.remote.lab import PURPOSES, DeviceInfo, LabDevice, SimulatedDevice
 from astraora.remote.wire import DTYPES, PROTOCOL_VERSION, ProtocolError, decode, encode, short

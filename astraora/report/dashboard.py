@@ -2,7 +2,7 @@
 
 Runs logged with ``logger=wandb`` carry what this report needs (README, "Weights & Biases"): the
 tags ``hybrid``/``digital``, ``task:<t>``, ``device:<d>``, ``mode:<m>``; the config ``setting`` =
-{task, device, mode, rank, M, integrator, hybrid, seed} (astraora.train.comparison_setting); every
+{task, device, mode, rank, M, integrator, hybrid, seed} (astraora.rundir.comparison_setting); every
 history row carries the cumulative ``queries/total``; the summary holds summary.json's numbers.
 
 :func:`dashboard_spec` returns the report as plain data (sections, their run sets and grouping,
