@@ -16,305 +16,27 @@ When the surrogate is updated: right after the optimizer has changed θ, through
 there (rather than lazily at the next forward) charges the integrator's queries to the step that
 moved θ, leaves the hardware programmed at the new θ for the next forward (no extra reprogram), and
 keeps the surrogate current for anyone who reads it between steps (diagnostics, checkpoints).
+
+The pieces around it: the surrogate, its integrators and its health check in
+:mod:`astraora.surrogate`; the collectives of data-parallel training in :mod:`astraora.parallel`.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import math
-import time
-
 import torch
 from torch import Tensor, nn
 
-from astraora.devices.base import Device, zo_step_problem
-from astraora.errors import AstraoraError, ConfigError, DeviceFailure, PeerFailure
+from astraora.choices import MODES
+from astraora.devices.base import Device
+from astraora.errors import ConfigError
 from astraora.ledger import QueryLedger
+from astraora.parallel import RankSync
 from astraora.rng import make_generator
-from astraora.surrogate import LowRankSurrogate, make_integrator
+from astraora.surrogate import LowRankSurrogate, SurrogateHealth, make_integrator
+from astraora.surrogate.health import cosine
 from astraora.surrogate.lowrank import best_rank_error
 from astraora.zo import ColoredEstimator, ZOEstimator, reuses_readout
-
-MODES = ("zo+sm", "exact+sm", "zo+exact", "exact")
-
-
-def is_collective_failure(error: BaseException) -> bool:
-    """Whether ``error`` is a torch.distributed collective (gloo, NCCL) or store operation that
-    failed: a peer's connection closed (it stopped) or the operation timed out."""
-    import torch.distributed as dist
-
-    if isinstance(error, getattr(dist, "DistError", ())):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(
-        mark in text
-        for mark in ("gloo", "Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL")
-    )
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    """``text`` as one printable line of at most ``limit`` characters (it may come from the network)."""
-    line = " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-class RankSync:
-    """The collectives a HybridLayer needs under data-parallel training (``torch.distributed``).
-
-    Every process holds the same θ and surrogate; each measures its own shard of the batch. The
-    ZO coefficients are averaged (:meth:`mean`, M floats per estimate; colored differences, which
-    read whole matrices out, are measured on rank 0 only: see :meth:`HybridLayer._colored_once`,
-    2·m·n floats); the surrogate is updated
-    on rank 0 only and its factors broadcast (:meth:`broadcast`, (m + n)·r + r² + 1 floats), so
-    its queries are made, and counted, once. ``floats`` counts the numbers each collective moved,
-    by purpose, for the communication figure.
-
-    Stopping together: a collective that fails because another process stopped (its connections
-    closed: killed, crashed, or exited after an error) raises a :class:`PeerFailure` (or a
-    DeviceFailure where that process's device failed) instead of gloo's or NCCL's error, and no
-    collective runs after that. A process other than rank 0 that stops on an error of its own
-    leaves a short JSON note in the process group's store (:meth:`announce`); rank 0, which hosts
-    the store and writes summary.json, reads the notes while it waits in a collective, so it stops
-    at once and names the cause. Nothing read from the store is unpickled (anyone who can reach
-    its port can write there): notes are size-limited JSON, counters are integers. The other
-    ranks never read the store, and write their note only after a plain socket found its server
-    still there: if rank 0 is gone, so is the store, and a store call would print the C++
-    client's error with its stack frames.
-    """
-
-    NOTE = "astraora/stop/"  # + rank: the note a process other than rank 0 leaves when it stops
-    NOTES = "astraora/stops"  # counter: how many notes were left (one integer to poll)
-    NOTE_BYTES = 4096  # notes longer than this are refused unparsed
-
-    def __init__(self, store=None, rank: int | None = None, world_size: int | None = None):
-        import torch.distributed as dist
-
-        self._dist = dist
-        self.rank = dist.get_rank() if rank is None else int(rank)
-        self.world_size = dist.get_world_size() if world_size is None else int(world_size)
-        self.floats = {"zo": 0, "surrogate": 0, "health": 0, "control": 0}
-        # The process group's key-value store: a channel besides the collectives, through which a
-        # process that stops tells rank 0 why (rank 0 may be waiting in a collective it never joins).
-        self.store = store if store is not None else dist.distributed_c10d._get_default_store()
-        self.stopped: DeviceFailure | None = None  # why this process stops: no collectives any more
-
-    # ----------------------------------------------------------------- coordinated stop
-    def announce(self, error: BaseException) -> None:
-        """Tell rank 0 that this process stops because of ``error``, its own failure (not a lost
-        peer's), so that rank 0 stops at once and names it. Rank 0 itself leaves no note: the
-        others learn that it stopped from their collectives failing when it exits."""
-        if self.stopped is None:
-            self.stopped = PeerFailure(f"this process stopped: {_one_line(error)}")
-        if self.rank == 0 or not self._store_reachable():
-            return
-        kind = "device_failure" if isinstance(error, DeviceFailure) else "error"
-        message = _one_line(str(error) if isinstance(error, AstraoraError) else f"{type(error).__name__}: {error}")
-        try:
-            self.store.set(f"{self.NOTE}{self.rank}", json.dumps({"kind": kind, "message": message}))
-            self.store.add(self.NOTES, 1)
-        except Exception:  # noqa: BLE001 - rank 0 went away meanwhile: nobody is left to tell
-            pass
-
-    def _store_reachable(self) -> bool:
-        """Whether the store's server (in rank 0) still accepts connections, checked with a plain
-        socket so that a gone server prints nothing (a store call would print a C++ trace)."""
-        import socket
-
-        store = self.store
-        while hasattr(store, "underlying_store"):
-            store = store.underlying_store
-        host, port = getattr(store, "host", None), getattr(store, "port", None)
-        if not host or not port:
-            return True  # an in-process or file store (tests)
-        try:
-            socket.create_connection((host, int(port)), timeout=2.0).close()
-        except OSError:
-            return False
-        return True
-
-    def notes(self) -> dict[int, dict]:
-        """The notes left by the processes that stopped on an error of their own, by rank: each
-        ``{"kind": "device_failure" | "error", "message": one line}``. Read on rank 0 only."""
-        if self.rank != 0 or not self.store.add(self.NOTES, 0):
-            return {}
-        found = {}
-        for rank in range(1, self.world_size):
-            key = f"{self.NOTE}{rank}"
-            if self.store.check([key]):
-                found[rank] = self.parse_note(self.store.get(key))
-        return found
-
-    @classmethod
-    def parse_note(cls, raw: bytes) -> dict:
-        """A note as read from the store, checked: size-limited JSON with a known kind and a
-        message shown as one printable line; anything else is reported as unreadable, never run."""
-        note = None
-        if len(raw) <= cls.NOTE_BYTES:
-            try:
-                note = json.loads(bytes(raw).decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                note = None
-        if (
-            not isinstance(note, dict)
-            or note.get("kind") not in ("device_failure", "error")
-            or not isinstance(note.get("message"), str)
-        ):
-            return {"kind": "error", "message": "its note in the process group's store was unreadable"}
-        return {"kind": note["kind"], "message": _one_line(note["message"])}
-
-    def stop_error(self) -> DeviceFailure:
-        """Why this process stops now that a collective failed or another process left a note: a
-        DeviceFailure naming the process whose device failed, else a :class:`PeerFailure`."""
-        if self.stopped is not None:
-            return self.stopped
-        notes = self.notes() if self.rank == 0 else {}
-        if notes:
-            rank, note = min(notes.items())
-            kind = DeviceFailure if note["kind"] == "device_failure" else PeerFailure
-            error = kind(f"data-parallel process {rank} stopped ({note['message']}); this process stops too.")
-        elif self.rank == 0:
-            who = "process 1" if self.world_size == 2 else "another process"
-            error = PeerFailure(f"data-parallel {who} stopped (killed or crashed); this process stops too.")
-        else:
-            who = "process 0" if self.world_size == 2 else "another process"
-            error = PeerFailure(
-                f"data-parallel {who} stopped (killed, crashed or failed: see its output); this process stops too."
-            )
-        self.stopped = error
-        return error
-
-    def _wait(self, work) -> None:
-        """Wait for a collective. If it fails (a process stopped: its connections closed) or, on
-        rank 0, another process left a note meanwhile (it will never join), stop this process with
-        :meth:`stop_error` instead of gloo's error or a hang until the process-group timeout."""
-        spins, next_check = 0, 0.0
-        while not work.is_completed():
-            now = time.monotonic()
-            if self.rank == 0 and now >= next_check:
-                if self.store.add(self.NOTES, 0):
-                    raise self.stop_error()
-                next_check = now + 0.01
-            spins += 1
-            time.sleep(0 if spins < 100 else 2e-4)
-        try:
-            work.wait()
-        except RuntimeError as err:  # gloo, NCCL (DistBackendError is a RuntimeError)
-            raise self.stop_error() from err
-
-    def _start(self) -> None:
-        if self.stopped is not None:
-            raise self.stopped
-
-    def check(self) -> None:
-        """A one-float collective that every process passes together, or leaves with a
-        DeviceFailure when another stopped (before a collective that cannot be watched)."""
-        self._reduce(torch.zeros(1), "control")
-
-    def gather_object(self, obj) -> list | None:
-        """``obj`` of every process, by rank, on rank 0 (None elsewhere). Sent as ``torch.save``
-        bytes and read back with ``torch.load(weights_only=True)``: tensors, numbers, strings and
-        containers only, so nothing a peer sends can run code here (torch's all_gather_object
-        unpickles)."""
-        self._start()
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)
-        device = self._collective_device()
-        payload = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8).to(device)
-        sizes = self._all_gather(torch.tensor([payload.numel()], dtype=torch.int64, device=device))
-        padded = torch.zeros(int(max(int(n) for n in sizes)), dtype=torch.uint8, device=device)
-        padded[: payload.numel()] = payload
-        parts = self._all_gather(padded)
-        if self.rank != 0:
-            return None
-        return [self.decode(part[: int(n)], rank) for rank, (part, n) in enumerate(zip(parts, sizes, strict=True))]
-
-    @staticmethod
-    def decode(data: Tensor, rank: int = 0):
-        """What :meth:`gather_object` sent, from its bytes; refuses anything but plain data."""
-        try:
-            return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - torch's weights-only unpickler refuses other objects
-            raise PeerFailure(
-                f"data-parallel process {rank} sent a checkpoint state that is not plain tensors "
-                f"and numbers ({_one_line(err, 200)}); this process stops."
-            ) from None
-
-    def _collective_device(self) -> torch.device:
-        """Where the backend's collectives take tensors (NCCL: this process's GPU)."""
-        if self._dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
-    def _all_gather(self, t: Tensor) -> list[Tensor]:
-        out = [torch.empty_like(t) for _ in range(self.world_size)]
-        self._wait(self._dist.all_gather(out, t, async_op=True))
-        return out
-
-    # ----------------------------------------------------------------- collectives
-    def _reduce(self, t: Tensor, purpose: str) -> Tensor:
-        self._start()
-        self.floats[purpose] = self.floats.get(purpose, 0) + t.numel()
-        t = t.contiguous()
-        self._wait(self._dist.all_reduce(t, async_op=True))
-        return t
-
-    def mean(self, t: Tensor) -> Tensor:
-        """The mean of ``t`` over the processes (the ZO estimator's reducer)."""
-        return self._reduce(t.clone(), "zo") / self.world_size
-
-    def sum(self, t: Tensor, purpose: str = "health") -> Tensor:
-        return self._reduce(t.clone(), purpose)
-
-    def broadcast(self, t: Tensor, purpose: str = "surrogate") -> Tensor:
-        """``t`` as rank 0 holds it, on every process."""
-        self._start()
-        self.floats[purpose] = self.floats.get(purpose, 0) + t.numel()
-        t = t.contiguous()
-        self._wait(self._dist.broadcast(t, src=0, async_op=True))
-        return t
-
-
-def _cosine(a: Tensor, b: Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.reshape(1, -1).double(), b.reshape(1, -1).double()).item())
-
-
-@torch.no_grad()
-def batch_view(x: Tensor, y: Tensor, y_hat: Tensor, rank: int, rcond: float = 0.1) -> tuple[Tensor, Tensor] | None:
-    """The surrogate's error and the best rank-r error, squared, on the inputs a batch spans, from
-    the batch's inputs X (B, n), readings Y = X Aᵀ and the surrogate's outputs Ŷ = X Âᵀ. With
-    X = U S Vᵀ (singular values above ``rcond`` × the largest: dividing by S amplifies the readings'
-    noise, at most 1/rcond times), A V = Yᵀ U S⁻¹ exactly, so
-    e² = ‖S⁻¹ Uᵀ (Y − Ŷ)‖² = ‖(Â − A) V‖² and b² = the squared singular values of A V beyond the
-    r-th need no query. Where the batch spans every input (B ≥ n, all of X's singular values kept) they
-    are the errors in the Frobenius norm; else those of A restricted to the batch's input subspace, which the
-    batch's own conditioning (trained features are far from isotropic) does not weigh. U and S come
-    from the smaller Gram matrix (X Xᵀ, or Xᵀ X with U S⁻¹ = X V S⁻², so Uᵀ M = S⁻¹ Vᵀ Xᵀ M).
-    None where the batch cannot tell: it spans r or fewer inputs, the layer has r or fewer outputs,
-    or A V has rank ≤ r to rounding."""
-    rounding = 100 * torch.finfo(y.dtype).eps / rcond  # the readings' rounding, through S⁻¹
-    x, y, residual = x.double(), y.double(), (y - y_hat).double()
-    rows, n = x.shape
-    if rows <= n:
-        lam, basis = torch.linalg.eigh(x @ x.T)
-        left_y, left_r = basis.T @ y, basis.T @ residual  # Uᵀ Y, Uᵀ R
-        power = 0.5
-    else:
-        lam, basis = torch.linalg.eigh(x.T @ x)
-        left_y, left_r = basis.T @ (x.T @ y), basis.T @ (x.T @ residual)  # Vᵀ Xᵀ Y = S Uᵀ Y
-        power = 1.0
-    if lam.numel() == 0 or not lam[-1] > 0:
-        return None
-    keep = lam > (rcond**2) * lam[-1]  # s > rcond · s_max
-    if int(keep.sum()) <= rank or y.shape[1] <= rank:
-        return None
-    scale = lam[keep].pow(-power).unsqueeze(1)  # S⁻¹ (rows ≤ n) or S⁻² (rows > n)
-    seen = scale * left_y[keep]  # (A V)ᵀ: (k, m)
-    error = (scale * left_r[keep]).square().sum()
-    tail = torch.linalg.svdvals(seen)[rank:].square().sum()
-    if not tail > rounding**2 * seen.square().sum():
-        return None
-    return error, tail
+from astraora.zo.validation import zo_step_problem
 
 
 class _PhysicalLayerFunction(torch.autograd.Function):
@@ -350,9 +72,11 @@ class HybridLayer(nn.Module):
         output_bias: add a digital bias b ∈ R^m, y = s · query(x) + b (trained by the digital
             optimizer, like the bias of the digital twin's Linear).
         health_threshold: if set, a training forward whose residual ‖Y − X Âᵀ‖/‖Y‖ exceeds it
-            triggers a full readout rebuild of the surrogate (counted as ``readout``).
+            triggers a full readout rebuild of the surrogate (counted as ``readout``;
+            :class:`~astraora.surrogate.health.SurrogateHealth` holds the rules and their state).
         health_growth: if set, a full readout when the surrogate's error over the best rank-r
-            error, both on the inputs the last few training batches span (:func:`batch_view`),
+            error, both on the inputs the last few training batches span
+            (:func:`~astraora.surrogate.health.batch_view`),
             exceeds (1 + health_growth) times that ratio first measured after the last full
             readout (right after a readout the surrogate is the best rank-r one, so this bounds how
             far an integrator that only approximates the update, such as psi_implicit, may drift,
@@ -361,10 +85,6 @@ class HybridLayer(nn.Module):
         max_retries, timeout_s: the ledger's fault handling.
         seed, name: the run seed and this layer's stable name (seed its generators).
     """
-
-    # batches per health_growth ratio: sums over a few batches move less with the inputs one batch
-    # happens to span (with fewer rows than inputs, each batch sees A on another subspace)
-    HEALTH_WINDOW = 3
 
     def __init__(
         self,
@@ -412,20 +132,11 @@ class HybridLayer(nn.Module):
         )
         self.scale = nn.Parameter(torch.ones(())) if output_scale else None
         self.bias = nn.Parameter(torch.zeros(device.d_out)) if output_bias else None
-        self.health_threshold = health_threshold
-        if health_growth is not None and not health_growth > 0:
-            raise ConfigError(f"surrogate.health_growth={health_growth} must be > 0 (or null: off).")
-        self.health_growth = health_growth
-        self.reference_residual: float | None = None  # the health ratio of the first window after the last readout
-        self.reference_kind: str | None = None  # "view": batch_view's ratio; "plain": ‖Y − X Âᵀ‖/‖Y‖
-        self.health_window: list[list[float]] = []  # [numerator², denominator²] of the last HEALTH_WINDOW batches
-        self.health_plain_run = 0  # plain batches in a row while the reference is a view
-        self.health_rebuilds = 0  # full readouts triggered by the health checks
+        self.health = SurrogateHealth(health_threshold, health_growth)
         self.theta_updates = 0
         self.capture_next_backward = False  # set by the trainer when it wants gradient cosines
         self.measure_residual = True  # the trainer clears it on steps that log no residual
         self._captured: dict[str, Tensor] = {}
-        self.last_residual: float | None = None
         self.sync: RankSync | None = None  # set by attach_sync under data-parallel training
 
     @property
@@ -439,6 +150,11 @@ class HybridLayer(nn.Module):
     @property
     def theta(self) -> nn.Parameter:
         return self.device.theta
+
+    @property
+    def health_rebuilds(self) -> int:
+        """Full readouts triggered by the health checks."""
+        return self.health.rebuilds
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, rank={self.surrogate.rank}, integrator={self.integrator.name}"
@@ -479,11 +195,7 @@ class HybridLayer(nn.Module):
         if self.training and self.uses_surrogate and not bool(self.surrogate.initialized):
             self._read_out()
         y = _PhysicalLayerFunction.apply(x2, self.device.theta, self)
-        if (
-            self.training
-            and self.uses_surrogate
-            and (self.measure_residual or self.health_threshold is not None or self.health_growth is not None)
-        ):
+        if self.training and self.uses_surrogate and (self.measure_residual or self.health.active):
             self._check_health(x2.detach(), y.detach())
         if self.scale is not None:
             y = self.scale * y
@@ -493,75 +205,20 @@ class HybridLayer(nn.Module):
 
     @torch.no_grad()
     def _check_health(self, x: Tensor, y: Tensor) -> None:
-        """Residual of the surrogate on this batch, from queries already made (no extra cost)."""
-        y_hat = self.surrogate.apply(x)
-        residual = (y - y_hat).square().sum().double()
-        growth = self.health_growth is not None and self._window_can_fill()
-        view = batch_view(x, y, y_hat, self.surrogate.rank) if growth else None
-        zero = residual.new_zeros(())  # on y's device, as the collective needs
-        # [residual², ‖Y‖², error², best rank-r error², 1 where this process has a view]
-        sq = torch.stack(
-            [
-                residual,
-                y.square().sum().double(),
-                *(view if view is not None else (zero, zero)),
-                residual.new_tensor(float(view is not None)),
-            ]
-        )
+        """The surrogate's residual on this batch, from queries already made (no extra cost), and a
+        full readout where the health rules ask for one."""
+        view = self.health.wants_view(self.integrator.reads_out, self.theta_updates)
+        sq = self.health.sums(x, y, self.surrogate.apply(x), self.surrogate.rank, view)
         if self.sync is not None:  # the whole batch's, so that every process takes the same decision
             sq = self.sync.sum(sq)
-        everywhere = self.sync is None or int(sq[4]) == self.sync.world_size
-        self.last_residual = float(sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-12))
-        if self.health_threshold is not None and self.last_residual > self.health_threshold:
-            self.health_rebuilds += 1
-            self._read_out()
-        elif growth:
-            self._check_growth("view" if bool(sq[4]) and everywhere else "plain", sq)
-
-    def _window_can_fill(self) -> bool:
-        """Whether this batch can still count: the window fills before the integrator's next full
-        readout empties it (never where every θ-update is a readout, ``rebuild``: then the batch's
-        view is not computed). The same on every process (a function of the shared step)."""
-        for k in range(1, self.HEALTH_WINDOW + 1):
-            if self.integrator.reads_out(self.theta_updates + k):
-                return len(self.health_window) + k >= self.HEALTH_WINDOW
-        return True
-
-    def _check_growth(self, kind: str, sq: Tensor) -> None:
-        """``health_growth``: the ratio over the last :attr:`HEALTH_WINDOW` batches (sums of squares,
-        so one batch's luck moves it less) against the ratio of the first such window after the
-        last readout. ``kind``: "view", the surrogate's error over the best rank-r error on the
-        batch's inputs (:func:`batch_view`), or "plain", the residual over ‖Y‖, where a batch
-        cannot tell."""
-        if kind != self.reference_kind:
-            self.health_plain_run = self.health_plain_run + 1 if kind == "plain" else 0
-            if self.reference_kind == "view" and self.health_plain_run < self.HEALTH_WINDOW:
-                return  # a batch that cannot be compared with the window (a short last batch)
-            # batches can no longer tell (or can again): start over with this kind
-            self.health_window, self.reference_residual, self.reference_kind = [], None, kind
-        self.health_plain_run = 0
-        pair = [float(sq[2]), float(sq[3])] if kind == "view" else [float(sq[0]), float(sq[1])]
-        self.health_window = [*self.health_window, pair]
-        self.health_window = self.health_window[-self.HEALTH_WINDOW :]
-        if len(self.health_window) < self.HEALTH_WINDOW:
-            return
-        ratio = math.sqrt(sum(r for r, _ in self.health_window) / max(sum(f for _, f in self.health_window), 1e-300))
-        if self.reference_residual is None:
-            self.reference_residual = ratio
-        elif ratio > (1 + self.health_growth) * self.reference_residual:
-            self.health_rebuilds += 1
+        if self.health.decide(sq, view, 1 if self.sync is None else self.sync.world_size):
             self._read_out()
 
     def _read_out(self) -> None:
         """A full readout of the surrogate (on rank 0, then broadcast); the next residual measured
         becomes the reference of ``health_growth``."""
         self._on_rank0_then_broadcast(lambda: self.surrogate.readout(self.ledger))
-        self._reset_health_reference()
-
-    def _reset_health_reference(self) -> None:
-        """After a full readout: ``health_growth`` measures its reference again."""
-        self.reference_residual = self.reference_kind = None
-        self.health_window, self.health_plain_run = [], 0
+        self.health.reset()
 
     # ----------------------------------------------------------------- backward pieces
     def input_grad(self, x: Tensor, g: Tensor) -> Tensor:
@@ -623,7 +280,7 @@ class HybridLayer(nn.Module):
         self.ledger.step_drift()  # drops any reading taken before the drift step
         if self.uses_surrogate and bool(self.surrogate.initialized):
             if self.integrator.reads_out(self.theta_updates):
-                self._reset_health_reference()
+                self.health.reset()
             if self.sync is None:
                 self.integrator.step(self.surrogate, self.ledger, self.theta_updates)
                 return
@@ -642,9 +299,9 @@ class HybridLayer(nn.Module):
             out["surrogate/rel_error_best_rank_r"] = best_rank_error(a, self.surrogate.rank)
         cap, self._captured = self._captured, {}
         if "grad_x" in cap:
-            out["surrogate/grad_cosine"] = _cosine(cap["grad_x"], cap["g"] @ a)
+            out["surrogate/grad_cosine"] = cosine(cap["grad_x"], cap["g"] @ a)
         if "grad_theta" in cap and self.mode.startswith("zo"):
-            out["zo/grad_cosine"] = _cosine(cap["grad_theta"], self.exact_theta_grad(cap["x"], cap["g"]))
+            out["zo/grad_cosine"] = cosine(cap["grad_theta"], self.exact_theta_grad(cap["x"], cap["g"]))
         return out
 
     # ----------------------------------------------------------------- checkpoint state
@@ -655,11 +312,7 @@ class HybridLayer(nn.Module):
             "zo": self.zo.state_dict() if self.zo is not None else None,
             "integrator": self.integrator.state_dict(),
             "theta_updates": self.theta_updates,
-            "reference_residual": self.reference_residual,
-            "reference_kind": self.reference_kind,
-            "health_window": self.health_window,
-            "health_plain_run": self.health_plain_run,
-            "health_rebuilds": self.health_rebuilds,
+            **self.health.state_dict(),
         }
 
     def set_extra_state(self, state: dict) -> None:
@@ -669,9 +322,4 @@ class HybridLayer(nn.Module):
             self.zo.load_state_dict(state["zo"])
         self.integrator.load_state_dict(state["integrator"])
         self.theta_updates = int(state["theta_updates"])
-        self.reference_residual = state.get("reference_residual")  # absent in older checkpoints
-        # older checkpoints held a plain residual: a later batch with a view takes a new reference
-        self.reference_kind = state.get("reference_kind", None if self.reference_residual is None else "plain")
-        self.health_window = [list(pair) for pair in state.get("health_window", [])]
-        self.health_plain_run = int(state.get("health_plain_run", 0))
-        self.health_rebuilds = int(state.get("health_rebuilds", 0))
+        self.health.load_state_dict(state)

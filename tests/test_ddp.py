@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -128,7 +127,7 @@ def test_health_growth_decides_alike_in_every_process(rows):
     errors on their inputs) are the same on every process, so every process reads out at the same
     steps. Where one shard is too short to tell (2 rows, rank 3), every process falls back to the
     plain residual."""
-    from test_reliability import falling_best_error_layer, falling_best_error_walk
+    from test_surrogate_health import falling_best_error_layer, falling_best_error_walk
 
     layers = [falling_best_error_layer(), falling_best_error_layer()]
     box, barrier = [None, None], threading.Barrier(2)
@@ -146,8 +145,8 @@ def test_health_growth_decides_alike_in_every_process(rows):
     for t in threads:
         t.join()
     assert fires[0] == fires[1] and len(fires[0]) == 15
-    assert layers[0].reference_residual == layers[1].reference_residual
-    assert layers[0].reference_kind == layers[1].reference_kind == ("view" if min(rows) > 3 else "plain")
+    assert layers[0].health.reference_residual == layers[1].health.reference_residual
+    assert layers[0].health.reference_kind == layers[1].health.reference_kind == ("view" if min(rows) > 3 else "plain")
     assert any(fires[0]) is (min(rows) > 3)  # the plain residual stays level here
 
 
@@ -192,8 +191,8 @@ def test_digital_buffers_are_averaged_over_processes(make_cfg, monkeypatch):
     running mean one process keeps over the whole global batch); the physical layers' buffers
     and integer counters are left alone. DDP itself does not keep them equal under manual
     optimisation, so without this a resume (rank 0's statistics everywhere) changed rank 1's."""
+    from astraora import parallel
     from astraora.build import build_model
-    from astraora.lit import module as lit_module
     from astraora.lit.module import ClassificationModule
 
     cfg = make_cfg("task.model.hidden=8", "surrogate.rank=2")
@@ -219,7 +218,7 @@ def test_digital_buffers_are_averaged_over_processes(make_cfg, monkeypatch):
     bn = "stem.2.running_mean"
     assert not torch.equal(dict(ranks[0].model.named_buffers())[bn], dict(ranks[1].model.named_buffers())[bn])
 
-    monkeypatch.setattr(lit_module, "world_size", lambda: 2)
+    monkeypatch.setattr(parallel, "world_size", lambda: 2)
     box, barrier = [None, None], threading.Barrier(2)
     for rank, module in enumerate(ranks):
         module._sync = _ThreadSync(rank, 2, box, barrier)
@@ -238,186 +237,6 @@ def test_digital_buffers_are_averaged_over_processes(make_cfg, monkeypatch):
     assert int(a["stem.2.num_batches_tracked"]) == 1
     assert float(a["head.physical.device.drift"].abs().max()) == 0.0
     assert float(b["head.physical.device.drift"].min()) == 1.0
-
-
-class _Evil:
-    """A pickle that runs code when unpickled (what anyone who reaches the store's port could write)."""
-
-    ran = False
-
-    def __reduce__(self):
-        return (_Evil._run, ())
-
-    @staticmethod
-    def _run():
-        _Evil.ran = True
-        return "ran"
-
-
-class _Work:
-    """A collective in flight: completed (or failed), or still waiting for 2 s."""
-
-    def __init__(self, error: Exception | None = None, done: bool = True):
-        self.error, self.done_at = error, time.monotonic() + (0 if done else 2)
-
-    def is_completed(self) -> bool:
-        return time.monotonic() >= self.done_at
-
-    def wait(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-
-class _NoStore:
-    """The store of a process other than rank 0 after a failure: any call would be a bug (with rank 0
-    gone, the C++ client prints a trace)."""
-
-    def __getattr__(self, name):
-        raise AssertionError(f"store.{name} called")
-
-
-GLOO_LOST = RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1")
-
-
-def test_store_notes_are_plain_json_never_unpickled(monkeypatch):
-    """Rank 0 reads why another process stopped from the process group's store, which anyone on the
-    network can write to: a pickle there is refused unread (never run), as are an oversized note and
-    one of the wrong shape; a note's message is shown as one printable line; a device failure keeps
-    its kind (status device_failure), anything else is a PeerFailure (status peer_failure)."""
-    import pickle
-
-    from astraora.errors import DeviceFailure
-    from astraora.hybrid import PeerFailure, RankSync
-    from astraora.lit.faults import summary_status
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("pickle used on store data")
-
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(pickle, "load", refuse)
-    evil = pickle.dumps(_Evil(), protocol=2)
-
-    def rank0_with_note(value) -> RankSync:
-        store = torch.distributed.HashStore()
-        store.set(RankSync.NOTE + "1", value)
-        store.add(RankSync.NOTES, 1)
-        return RankSync(store, rank=0, world_size=2)
-
-    for value in (
-        evil,
-        b"x" * (RankSync.NOTE_BYTES + 1),
-        json.dumps(["error", "not a dict"]),
-        json.dumps({"kind": "run_this", "message": "m"}),
-        b"\xff\xfe",
-    ):
-        error = rank0_with_note(value).stop_error()
-        assert type(error) is PeerFailure and "note in the process group's store was unreadable" in str(error)
-    assert not _Evil.ran
-
-    note = json.dumps({"kind": "device_failure", "message": "device 'head'\n\x1b[31mfailed\x00 " + "y" * 500})
-    error = rank0_with_note(note).stop_error()
-    assert type(error) is DeviceFailure and summary_status(error) == "device_failure"
-    assert str(error).startswith("data-parallel process 1 stopped (device 'head' [31mfailed ")
-    assert str(error).isprintable() and len(str(error)) < 400
-
-    # what a process other than rank 0 writes is such a note
-    store = torch.distributed.HashStore()
-    RankSync(store, rank=1, world_size=2).announce(ValueError("a bug\nsecond line"))
-    error = RankSync(store, rank=0, world_size=2).stop_error()
-    assert type(error) is PeerFailure and summary_status(error) == "peer_failure"
-    assert str(error) == "data-parallel process 1 stopped (ValueError: a bug second line); this process stops too."
-
-
-def test_gathered_checkpoint_state_is_read_as_plain_data_only():
-    """Every process's checkpoint state reaches rank 0 as torch.save bytes read back with
-    weights_only=True: tensors and numbers come through, an object that would run code is refused."""
-    import io
-    import pickle
-
-    from astraora.hybrid import PeerFailure, RankSync
-
-    state = {"ledger": {"queries": {"zo": 3}, "wait_seconds": 0.5}, "rng": [torch.arange(3), "MT19937", None]}
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    back = RankSync.decode(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8))
-    assert back["ledger"] == state["ledger"] and torch.equal(back["rng"][0], state["rng"][0])
-    for raw in (pickle.dumps(_Evil(), protocol=2), _torch_saved(_Evil())):
-        with pytest.raises(PeerFailure, match="process 1 sent a checkpoint state that is not plain"):
-            RankSync.decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8), rank=1)
-    assert not _Evil.ran
-
-
-def _torch_saved(obj) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def test_failed_collective_becomes_one_astraora_error():
-    """A collective that fails because the other process stopped raises a PeerFailure (exit 3, one
-    line), not gloo's RuntimeError; after that no collective starts. A process other than rank 0
-    does not touch the store on the way (rank 0, its server, may be gone)."""
-    from astraora.hybrid import PeerFailure, RankSync
-    from astraora.lit.faults import peer_failure
-
-    rank1 = RankSync(_NoStore(), rank=1, world_size=2)
-    with pytest.raises(PeerFailure, match=r"^data-parallel process 0 stopped \(killed, crashed or failed") as caught:
-        rank1._wait(_Work(GLOO_LOST))
-    assert caught.value.__cause__ is GLOO_LOST
-    with pytest.raises(PeerFailure):
-        rank1.check()  # no collective after a stop
-
-    rank0 = RankSync(torch.distributed.HashStore(), rank=0, world_size=2)
-    with pytest.raises(PeerFailure, match=r"^data-parallel process 1 stopped \(killed or crashed\); this process"):
-        rank0._wait(_Work(GLOO_LOST))
-
-    # errors raised elsewhere (DDP's gradient all-reduce, Lightning's collectives): train.run asks
-    class Module:
-        _sync = RankSync(torch.distributed.HashStore(), rank=0, world_size=2)
-
-    assert isinstance(peer_failure(Module(), GLOO_LOST), PeerFailure)
-    assert peer_failure(Module(), RuntimeError("shape mismatch")) is None  # this process's own bug
-    assert peer_failure(object(), GLOO_LOST) is None  # one process
-
-
-def test_rank_0_stops_at_a_note_while_waiting():
-    """Rank 0 waiting in a collective the other process will never join (it failed and left a
-    note) stops at once with that process's DeviceFailure instead of hanging."""
-    from astraora.errors import DeviceFailure
-    from astraora.hybrid import RankSync
-
-    store = torch.distributed.HashStore()
-    RankSync(store, rank=1, world_size=2).announce(DeviceFailure("device 'head.physical': a zo query failed 4 times"))
-    started = time.monotonic()
-    with pytest.raises(DeviceFailure, match=r"process 1 stopped \(device 'head.physical': a zo query failed"):
-        RankSync(store, rank=0, world_size=2)._wait(_Work(done=False))
-    assert time.monotonic() - started < 1
-
-
-def test_launcher_kill_waits_for_rank_0_to_stop_by_itself():
-    """Lightning's launcher kills every process within 5 s of one exiting with an error, which would
-    kill rank 0 before it writes summary.json: StopTogether gives it a grace period first, then the
-    launcher's kill still happens (the safety net)."""
-    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-
-    from astraora.lit.faults import StopTogether
-
-    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
-    child.wait()
-    main = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands in for rank 0
-    try:
-        observer = _ChildProcessObserver(main_pid=main.pid, child_processes=[child], sleep_period=3600)
-        observer.start()  # sleeps; its check is called below
-        assert StopTogether.defer_launcher_kill(grace_s=0.5)
-        assert observer._run() is False and main.poll() is None  # rank 0 left to stop by itself
-        time.sleep(0.6)
-        assert observer._run() is True and main.wait(timeout=5) == -signal.SIGKILL
-    finally:
-        observer._finished = True
-        if main.poll() is None:
-            main.kill()
 
 
 def test_ddp_configs_compose():
@@ -696,35 +515,3 @@ def test_device_failure_in_one_process_stops_both_then_resume_equals_uninterrupt
     assert (got["queries"], got["reprograms"], got["steps"]) == (ref["queries"], ref["reprograms"], ref["steps"])
     assert got["metrics"] == ref["metrics"] and got["status"] == "completed"
     assert (run_dir / "metrics.csv").read_text() == (ddp_reference / "metrics.csv").read_text()
-
-
-def _collectives_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """One of ``world`` gloo processes: RankSync's mean, sum and broadcast of rank-dependent values."""
-    import torch.distributed as dist
-
-    from astraora.hybrid import RankSync
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        sync = RankSync()
-        t = torch.tensor([rank + 1.0, 10.0 * (rank + 1)])
-        results = {"input": t.clone(), "mean": sync.mean(t), "sum": sync.sum(t), "broadcast": sync.broadcast(t.clone())}
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_rank_sync_mean_is_the_mean_over_real_processes(tmp_path):
-    """The ZO estimate's reducer averages over the processes: summing instead would double θ's step
-    under SGD (Adam hides it, being blind to the gradient's scale), so the collectives are checked on
-    two real gloo processes, not on a stand-in."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_collectives_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    inputs = [r["input"] for r in results]
-    for r in results:
-        assert torch.equal(r["mean"], (inputs[0] + inputs[1]) / 2)
-        assert torch.equal(r["sum"], inputs[0] + inputs[1])
-        assert torch.equal(r["broadcast"], inputs[0])

@@ -21,16 +21,9 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
+from astraora import parallel
 from astraora.build import hybrid_layers, make_optimizer, make_scheduler
-from astraora.hybrid import RankSync
-
-LEDGER_COUNTERS = ("queries", "reprograms", "oracle", "retries", "skipped", "wait_seconds")
-
-
-def world_size() -> int:
-    """Processes in the data-parallel run (1 without torch.distributed)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+from astraora.parallel import RankSync
 
 
 class HybridModule(L.LightningModule):
@@ -75,17 +68,12 @@ class HybridModule(L.LightningModule):
         """Under DDP (before Lightning wraps the module): the physical layers exchange only their
         ZO coefficients and rank 0's surrogate; θ and the surrogate's buffers are kept out of
         DDP's gradient all-reduce and buffer broadcast (θ's ĝ is already the same everywhere)."""
-        if world_size() == 1 or not self.physical or self._sync is not None:
+        if parallel.world_size() == 1 or not self.physical or self._sync is not None:
             return
-        from torch.nn.parallel import DistributedDataParallel
-
         self._sync = RankSync()
         for layer in self.physical.values():
             layer.attach_sync(self._sync)
-        thetas = {id(t) for t in self.theta_parameters()}
-        ignore = [name for name, p in self.named_parameters() if id(p) in thetas]
-        ignore += [name for name, _ in self.named_buffers() if ".surrogate." in f".{name}"]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignore)
+        parallel.exclude_from_ddp(self, self.theta_parameters())
 
     def shared_buffers(self) -> list[Tensor]:
         """The digital network's floating-point buffers (BatchNorm running statistics): under
@@ -94,7 +82,6 @@ class HybridModule(L.LightningModule):
         physical = tuple(f"{name}." for name in self.physical)
         return [b for name, b in self.model.named_buffers() if b.is_floating_point() and not name.startswith(physical)]
 
-    @torch.no_grad()
     def average_buffers(self) -> None:
         """Under DDP, after every step: each process's :meth:`shared_buffers` replaced by their
         mean over the processes, so every process holds the same model (what a checkpoint, written
@@ -104,21 +91,7 @@ class HybridModule(L.LightningModule):
         cover this: under manual optimisation it runs only on the first forward of a new wrapper,
         i.e. at the start of a run and again, differently, after a resume; torch's SyncBatchNorm
         runs on GPUs only.)"""
-        world = world_size()
-        if world == 1:
-            return
-        groups: dict[torch.dtype, list[Tensor]] = {}
-        for b in self.shared_buffers():
-            groups.setdefault(b.dtype, []).append(b)
-        for buffers in groups.values():
-            flat = torch.cat([b.reshape(-1) for b in buffers])
-            if self._sync is not None:  # leaves with a DeviceFailure if another process stopped
-                total = self._sync.sum(flat, "buffers")
-            else:
-                total = flat.clone()
-                torch.distributed.all_reduce(total)
-            for b, mean in zip(buffers, (total / world).split([b.numel() for b in buffers]), strict=True):
-                b.copy_(mean.view_as(b))
+        parallel.average_buffers(self.shared_buffers(), self._sync)
 
     def on_train_start(self) -> None:
         restore, self._buffers_to_restore = getattr(self, "_buffers_to_restore", None), None
@@ -145,10 +118,7 @@ class HybridModule(L.LightningModule):
             for t in (layer.theta, layer.surrogate.U, layer.surrogate.S, layer.surrogate.V)
         ]
         states += self.shared_buffers()
-        divergence = torch.stack(
-            [(t.detach() - sync.broadcast(t.detach().clone(), "check")).abs().max() for t in states]
-        )
-        torch.distributed.all_reduce(divergence, op=torch.distributed.ReduceOp.MAX)
+        divergence = parallel.rank_divergence(sync, states)
         self.distributed_info = {
             "world_size": sync.world_size,
             "zo_floats_per_step": (sync.floats["zo"] - self._zo_floats_at_start) / steps,
@@ -162,7 +132,7 @@ class HybridModule(L.LightningModule):
                 if name not in ignored
                 for t in self.theta_parameters()
             ),
-            "max_rank_divergence": float(divergence.max()),
+            "max_rank_divergence": divergence,
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -184,37 +154,22 @@ class HybridModule(L.LightningModule):
             "rng_states": checkpoint.get("rng_states"),
         }
         per_rank = self._sync.gather_object(mine)
-        if per_rank is None:  # not rank 0: its checkpoint is not written
-            return
-        checkpoint["per_rank"] = per_rank
-        for name in self.physical:
-            state = checkpoint["state_dict"][f"model.{name}._extra_state"]["ledger"]
-            flat = self._flatten_counters(state)
-            columns = [[v for _, v in self._flatten_counters(r["layers"][name]["ledger"])] for r in per_rank]
-            self._unflatten_counters(
-                state, [(k, v) for (k, _), v in zip(flat, map(sum, zip(*columns, strict=True)), strict=True)]
-            )
+        if per_rank is not None:  # rank 0: the process that writes the checkpoint
+            parallel.add_per_rank(checkpoint, per_rank, self._layer_keys())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if world_size() == 1:
+        if parallel.world_size() == 1:
             return
-        rank = torch.distributed.get_rank()
         self._is_per_rank_state("")  # builds the key sets
-        per_rank = checkpoint.get("per_rank")
-        if per_rank is not None and len(per_rank) == world_size():
-            mine = per_rank[rank]
-            for name in self.physical:
-                checkpoint["state_dict"][f"model.{name}._extra_state"] = mine["layers"][name]
-            checkpoint["state_dict"].update(mine["metrics"])
+        rank, world = torch.distributed.get_rank(), parallel.world_size()
+        mine = parallel.take_per_rank(checkpoint, rank, world, self._layer_keys())
+        if mine is not None:
             # DDP's wrapper copies rank 0's buffers to every process after this: set them again then
-            self._buffers_to_restore = {k: v for k, v in mine["metrics"].items() if k in self._per_rank_keys}
-            return
-        if rank == 0:
-            return
-        for name in self.physical:
-            state = checkpoint["state_dict"].get(f"model.{name}._extra_state", {}).get("ledger")
-            if state is not None:
-                self._unflatten_counters(state, [(k, 0) for k, _ in self._flatten_counters(state)])
+            self._buffers_to_restore = {k: v for k, v in mine.items() if k in self._per_rank_keys}
+
+    def _layer_keys(self) -> dict[str, str]:
+        """The state_dict key of each physical layer's checkpoint state, by layer name."""
+        return {name: f"model.{name}._extra_state" for name in self.physical}
 
     def _is_per_rank_state(self, key: str) -> bool:
         """Whether a state_dict key is a running metric's state or a buffer that each process
@@ -225,25 +180,6 @@ class HybridModule(L.LightningModule):
             )
             self._per_rank_keys = {name for name, _ in self.named_buffers() if ".surrogate." not in f".{name}"}
         return key in self._per_rank_keys or key.startswith(self._metric_prefixes)
-
-    @staticmethod
-    def _flatten_counters(state: dict) -> list[tuple[tuple, float]]:
-        out = []
-        for key in LEDGER_COUNTERS:
-            if isinstance(state.get(key), dict):
-                out += [((key, sub), float(v)) for sub, v in sorted(state[key].items())]
-            elif key in state:
-                out.append(((key,), float(state[key])))
-        return out
-
-    @staticmethod
-    def _unflatten_counters(state: dict, flat: list) -> None:
-        for path, value in flat:
-            cast = float if path[0] == "wait_seconds" else int
-            if len(path) == 2:
-                state[path[0]][path[1]] = cast(round(value)) if cast is int else cast(value)
-            else:
-                state[path[0]] = cast(round(value)) if cast is int else cast(value)
 
     # ----------------------------------------------------------------- optimizers
     def theta_parameters(self) -> list[nn.Parameter]:
@@ -357,7 +293,7 @@ class HybridModule(L.LightningModule):
         )
         norm = sum(float(b.norm() ** 2) for b in theta_before)
         self.log("device/theta_delta", math.sqrt(delta / max(norm, 1e-30)))
-        residuals = [layer.last_residual for layer in self.physical.values() if layer.last_residual is not None]
+        residuals = [r for r in (layer.health.last_residual for layer in self.physical.values()) if r is not None]
         if residuals:
             self.log("surrogate/residual", float(sum(residuals) / len(residuals)))
 
@@ -384,9 +320,7 @@ class HybridModule(L.LightningModule):
             return totals
         if not collective:
             return dict(self._reduced_totals) if self._reduced_totals is not None else totals
-        keys = sorted(totals)
-        summed = self._sync.sum(torch.tensor([float(totals[k]) for k in keys], dtype=torch.float64), "ledger").tolist()
-        totals = {k: (int(round(v)) if isinstance(totals[k], int) else v) for k, v in zip(keys, summed, strict=True)}
+        totals = parallel.sum_over_ranks(self._sync, totals)
         self._reduced_totals = {k: v for k, v in totals.items() if k not in (extra or {})}
         return totals
 

@@ -1,5 +1,6 @@
-"""The low-rank surrogate Â = U S Vᵀ of a device and the integrators that keep it current."""
+"""The low-rank surrogate Â = U S Vᵀ of a device, the integrators that keep it current, and its health check."""
 
+from astraora.surrogate.health import SurrogateHealth, batch_view
 from astraora.surrogate.integrators import (
     ExactIntegrator,
     FrozenIntegrator,
@@ -7,6 +8,7 @@ from astraora.surrogate.integrators import (
     PsiImplicitIntegrator,
     RebuildIntegrator,
     make_integrator,
+    psi_step,
 )
 from astraora.surrogate.lowrank import LowRankSurrogate
 
@@ -18,4 +20,7 @@ __all__ = [
     "RebuildIntegrator",
     "FrozenIntegrator",
     "make_integrator",
+    "psi_step",
+    "SurrogateHealth",
+    "batch_view",
 ]

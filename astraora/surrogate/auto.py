@@ -5,7 +5,7 @@ since the layers of one model differ in size).
 * **rank** ``auto`` = ``min(k, max(AUTO_RANK_FLOOR, k // AUTO_RANK_DIVISOR))`` with k = min(d_in, d_out):
   about a quarter of the layer's narrow side, never below the old fixed default 10 (layers up to
   43 wide keep rank 10) and never above k. 64 → 64: 16; 128 → 128: 32; 512 → 1024: 128; 6144 → 192: 48.
-  docs/PARITY.md, "Surrogate rank and readout by layer size", has the measurements behind it.
+  The measurements behind the rule: docs/archive/PARITY.md, "Surrogate rank and readout by layer size".
 * **integrator** ``auto``: a full readout (``rebuild``, d_in queries) at each update when the step
   then costs no more queries than with one ``psi_implicit`` update (2r + 2·M_sm; 2r + M_sm with
   ``reuse_sketch``); the readout's truncated SVD is then the best rank-r surrogate for fewer
@@ -16,21 +16,20 @@ since the layers of one model differ in size).
   ``rebuild_every`` apply to whichever is chosen.
 * ``surrogate.readout_rank``: ``same`` (default) keeps the rank above where the update is a full
   readout; ``full`` keeps the whole matrix there (rank k, no extra query: the readout measured all
-  of it). ``full`` gained 1–2 pt on short audio runs and lost about 1 pt on longer image runs, so it is
-  an option, not the default: docs/PARITY.md, "Full rank where the surrogate is read out".
+  of it). It helped on some tasks and hurt on others, so it is an option, not the default
+  (docs/archive/PARITY.md, "Full rank where the surrogate is read out").
 """
 
 from __future__ import annotations
 
 from numbers import Integral
 
+from astraora.choices import AUTO, READOUT_RANKS
 from astraora.errors import ConfigError
 
-AUTO = "auto"
 AUTO_RANK_FLOOR = 10
 AUTO_RANK_DIVISOR = 4
 PSI_KEYS = ("samples", "sketch", "reuse_sketch")
-READOUT_RANKS = ("same", "full")
 
 
 def auto_rank(d_in: int, d_out: int) -> int:

@@ -1,7 +1,7 @@
 """Integrators that move the surrogate from A(θ₀) to A(θ₁) after θ changes.
 
 * ``psi_implicit``: one first-order projector-splitting (KSL) step on the increment
-  ΔA = A(θ₁) − A(θ₀), using only forward queries (ALGORITHM.md §4): 2r + 2·M_sm queries,
+  ΔA = A(θ₁) − A(θ₀) (:func:`psi_step`), from forward queries only (ALGORITHM.md §4): 2r + 2·M_sm queries,
   two reprograms, no m×n matrix, no SVD. Skipped (no query, counted in ``skipped['surrogate']``)
   when θ has not moved since the last update. With ``reuse_sketch`` the sketch Z is drawn once
   and its readings at θ₁ are kept, so the next update takes its θ₀ readings of Z from them:
@@ -23,6 +23,7 @@ import math
 import torch
 from torch import Tensor
 
+from astraora.choices import SKETCHES
 from astraora.errors import ConfigError
 from astraora.ledger import QueryLedger
 from astraora.surrogate.auto import keeps_fixed_sketch, psi_queries
@@ -30,8 +31,29 @@ from astraora.surrogate.lowrank import LowRankSurrogate, truncated_svd
 
 log = logging.getLogger(__name__)
 
-SKETCHES = ("gaussian", "orthogonal")
 UNCHANGED_RTOL = 1e-12  # psi_implicit skips its update when ‖θ₁ − θ₀‖ ≤ this · ‖θ₀‖
+
+
+def psi_step(U: Tensor, S: Tensor, V: Tensor, P1: Tensor, Z: Tensor, D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One first-order projector-splitting (KSL) step of Â = U S Vᵀ on the increment ΔA, which is
+    never formed (ALGORITHM.md §4). Only forward readings of ΔA are needed:
+
+    Args:
+        U, S, V: the factors at θ₀: (m, r), (r, r), (n, r), U and V orthonormal.
+        P1: ΔA V (m, r), the K-step's readings (query(Vᵀ; θ₁) − query(Vᵀ; θ₀), transposed).
+        Z: the sketch (M_sm, n) with E[zzᵀ] = I.
+        D: Z ΔAᵀ (M_sm, m), the L-step's readings (query(Z; θ₁) − query(Z; θ₀)).
+
+    Returns the factors (U₁, S₁, V₁) at θ₁.
+    """
+    # 1. K-step: K = U S + P₁; (U₁, Ŝ) = qr(K)
+    U1, S_hat = torch.linalg.qr(U @ S + P1)
+    # 2. S-step, backwards in time: S̃ = Ŝ − U₁ᵀ P₁
+    S_tilde = S_hat - U1.T @ P1
+    # 3. L-step, implicitly: P₂ = Zᵀ (D U₁) / M_sm ≈ ΔAᵀ U₁; L = V S̃ᵀ + P₂; (V₁, S₁ᵀ) = qr(L)
+    P2 = Z.T @ (D @ U1) / Z.shape[0]
+    V1, S1_T = torch.linalg.qr(V @ S_tilde.T + P2)
+    return U1, S1_T.T, V1
 
 
 class Integrator:
@@ -182,7 +204,7 @@ class PsiImplicitIntegrator(Integrator):
     @torch.no_grad()
     def update(self, surrogate: LowRankSurrogate, ledger: QueryLedger) -> bool:
         U, S, V = surrogate.U, surrogate.S, surrogate.V
-        r, m_sm = surrogate.rank, self.samples
+        r = surrogate.rank
         theta0, theta1 = surrogate.theta_ref.clone(), ledger.device.theta.detach()
         if (theta1 - theta0).norm() <= UNCHANGED_RTOL * theta0.norm():
             # θ did not move (a skipped ZO step, a zero learning rate): ΔA = 0, and the 2r + 2·M_sm
@@ -203,16 +225,8 @@ class PsiImplicitIntegrator(Integrator):
             self.reused += 1
         if reuse:
             self._cache = {"theta": theta1.clone(), "drift_steps": ledger.drift_steps, "readings": Y1[r:].clone()}
-        D = Y1 - Y0
-        P1 = D[:r].T  # ΔA V, (m, r)
-        # K-step
-        U1, S_hat = torch.linalg.qr(U @ S + P1)
-        # S-step, backwards in time
-        S_tilde = S_hat - U1.T @ P1
-        # L-step, implicitly: P2 = Zᵀ (D U₁) / M_sm ≈ ΔAᵀ U₁
-        P2 = Z.T @ (D[r:] @ U1) / m_sm
-        V1, S1_T = torch.linalg.qr(V @ S_tilde.T + P2)
-        S1 = S1_T.T
+        D = Y1 - Y0  # rows: (ΔA V)ᵀ, then Z ΔAᵀ
+        U1, S1, V1 = psi_step(U, S, V, D[:r].T, Z, D[r:])
         if not (torch.isfinite(U1).all() and torch.isfinite(S1).all() and torch.isfinite(V1).all()):
             ledger.skipped["surrogate"] += 1
             return False
