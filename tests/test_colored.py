@@ -111,17 +111,19 @@ def test_meshes_and_undeclared_neighbours_are_refused_naming_the_key():
 def test_config_refuses_random_direction_options_naming_them():
     validate(compose_config(["device=slm", "zo=colored"]))
     validate(compose_config(["device=slm", "zo.direction=colored", "zo.samples=10"]))  # unused, accepted
-    with pytest.raises(ConfigError, match=r"zo.orthogonal=True: not available with zo.direction=colored.*zo=gaussian"):
-        validate(compose_config(["device=slm", "zo.direction=colored", "zo.orthogonal=true"]))
+    with pytest.raises(ConfigError, match=r"zo.spread=True: not available with zo.direction=colored.*zo=gaussian"):
+        validate(compose_config(["device=slm", "zo.direction=colored", "+zo.spread=true"]))
     with pytest.raises(ConfigError, match=r"zo.every=2"):
         validate(compose_config(["device=slm", "zo=colored", "+zo.every=2"]))
     with pytest.raises(ConfigError, match=r"zo.direction='coloured' is not allowed.*'colored'"):
         validate(compose_config(["device=slm", "zo.direction=coloured"]))
     with pytest.raises(ConfigError, match="zo.mu=0"):
         validate(compose_config(["device=slm", "zo=colored", "zo.mu=0"]))
-    with pytest.raises(ConfigError, match="zo.guided_k=3"):
-        ColoredEstimator(guided_k=3)
-    with pytest.raises(ConfigError, match=r"zo.reuse_readout='yes' must be true or false"):
+    with pytest.raises(ConfigError, match="zo.every=3: not available with zo.direction=colored"):
+        ColoredEstimator(every=3)
+    with pytest.raises(ConfigError, match="zo.spread=3: not available with zo.direction=colored"):
+        ColoredEstimator(spread=3)
+    with pytest.raises(ConfigError, match=r"zo.reuse_readout='yes'.* true or false"):
         validate(compose_config(["device=slm", "zo=colored", "zo.reuse_readout=yes"]))
     with pytest.raises(ConfigError, match=r"zo.reuse_readout=True: only with zo.direction=colored.*'gaussian'"):
         validate(compose_config(["device=mzi", "+zo.reuse_readout=true"]))

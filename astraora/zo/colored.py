@@ -18,6 +18,10 @@ starts from, so that estimate costs k·n queries. It is exact up to O(μ) (O(μ�
 two-sided), where the random-direction estimator of ALGORITHM.md §3 carries a relative noise of
 about √(p/M). It relies on the declared structure: a device whose controls also move other entries
 (unmodelled crosstalk) gives a biased gradient, so it is refused for devices that declare none.
+
+The equations are the pure functions :func:`color_masks`, :func:`colored_derivatives` and
+:func:`colored_gradient`; :class:`ColoredEstimator` measures the settings through the ledger and
+reuses its last readout.
 """
 
 from __future__ import annotations
@@ -27,28 +31,43 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from astraora.choices import COLORED
 from astraora.errors import ConfigError
 from astraora.ledger import QueryLedger
-
-# keys of the zo group that only shape random directions: ignored here (summary.json records M as null)
-RANDOM_DIRECTION_KEYS = ("samples", "chunk_size", "reuse_forward", "guided_weight", "min_samples", "between")
-# query-efficiency options of the random-direction estimator, refused unless at their off values
-OFF_VALUES = {"orthogonal": False, "antithetic": False, "guided_k": 0, "blocks": 1, "adaptive_rse": None, "every": 1}
+from astraora.zo.validation import validate_zo
 
 
-def colored_conflicts(zo: dict) -> str | None:
-    """The error for zo settings colored finite differences cannot honour, or None."""
-    unknown = sorted(set(zo) - {"direction", "mu", "two_sided", "reuse_readout", *RANDOM_DIRECTION_KEYS, *OFF_VALUES})
-    active = sorted(k for k, off in OFF_VALUES.items() if k in zo and zo[k] != off)
-    if not (unknown or active):
-        return None
-    names = ", ".join(f"zo.{k}={zo[k]!r}" for k in unknown + active)
-    return (
-        f"{names}: not available with zo.direction=colored, which draws no random directions and "
-        f"measures every step; leave {', '.join('zo.' + k for k in OFF_VALUES)} off or use zo=gaussian."
-    )
+# --------------------------------------------------------------------------- the equations (§9)
+def color_masks(k: int, m: int, n: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
+    """1_c for the k colors (k, m, n): 1 at the controls of color c (column ≡ c mod k), else 0."""
+    column = torch.arange(n, device=device)
+    return torch.stack([(column % k == c).to(dtype).expand(m, n) for c in range(k)])
 
 
+def colored_derivatives(plus: Tensor, base: Tensor, mu: float, two_sided: bool) -> Tensor:
+    """D_c = (A(θ + μ·1_c) − A(θ)) / μ one-sided (``base`` = A(θ)), (A(θ + μ·1_c) − A(θ − μ·1_c)) / (2μ)
+    two-sided (``base`` = the A(θ − μ·1_c)), for the k colors (k, m, n)."""
+    if two_sided:
+        return (plus - base) / (2 * mu)
+    return (plus - base) / mu
+
+
+def colored_gradient(c: Tensor, derivatives: Tensor, offsets: tuple[int, ...]) -> Tensor:
+    """∂φ/∂θ[i, j + o] = Σ_c C[i, j] · D_c[i, j] over j + o ≡ c (mod k), for C = Gᵀ X (m, n), the
+    derivatives D (k, m, n) of :func:`colored_derivatives` and the device's column offsets o. Shape
+    (m, n), dtype of C."""
+    k, m, n = derivatives.shape
+    column = torch.arange(n, device=derivatives.device)
+    terms = c * derivatives  # (k, m, n): C[i, j] · ∂A[i, j]/∂θ[i, j + o], o by color
+    ghat = torch.zeros(m, n, dtype=c.dtype, device=c.device)
+    for color in range(k):
+        for o in offsets:
+            cols = column[((column + o) % k == color) & (column + o >= 0) & (column + o < n)]
+            ghat[:, cols + o] += terms[color][:, cols]
+    return ghat
+
+
+# --------------------------------------------------------------------------- the estimator
 class ColoredEstimator:
     """Colored finite-difference VJP for entry-wise devices (``zo=colored``).
 
@@ -60,24 +79,22 @@ class ColoredEstimator:
             reading it again: k settings instead of k + 1. False reproduces the (k + 1)·n count.
 
     The random-direction keys of the zo group (``samples``, ``chunk_size``, ...) are accepted and
-    unused, so that ``zo.direction=colored`` works on top of any zo group; its query-efficiency
-    options must be off. Same interface as :class:`~astraora.zo.ZOEstimator` (``estimate``,
-    ``queries_per_step``, ``state_dict``, ``reducer``). With data-parallel training the estimate,
-    linear in each process's share of C, is averaged over the processes by ``reducer``.
+    unused, so that ``zo.direction=colored`` works on top of any zo group; ``every`` must be 1 (the
+    values are checked by :func:`~astraora.zo.validate_zo`). Same interface as
+    :class:`~astraora.zo.ZOEstimator` (``estimate``, ``queries_per_step``, ``state_dict``, ``reducer``).
+    With data-parallel training the estimate, linear in each process's share of C, is averaged over
+    the processes by ``reducer``.
     """
 
-    direction = "colored"
+    direction = COLORED
 
     def __init__(
         self, mu: float = 1e-4, two_sided: bool = False, reuse_readout: bool = True, **random_direction_settings
     ):
-        problem = colored_conflicts(random_direction_settings)
-        if problem:
-            raise ConfigError(problem)
-        if not mu > 0:
-            raise ConfigError(f"zo.mu={mu} must be > 0.")
-        if reuse_readout not in (True, False):
-            raise ConfigError(f"zo.reuse_readout={reuse_readout!r} must be true or false.")
+        validate_zo(
+            random_direction_settings
+            | {"direction": COLORED, "mu": mu, "two_sided": two_sided, "reuse_readout": reuse_readout}
+        )
         self.mu, self.two_sided, self.reuse_readout = float(mu), bool(two_sided), bool(reuse_readout)
         self.reducer: Callable[[Tensor], Tensor] | None = None
         self.last_samples = 0  # settings measured by the last estimate (the colors)
@@ -103,9 +120,7 @@ class ColoredEstimator:
     def colors(offsets: tuple[int, ...]) -> int:
         return max(offsets) - min(offsets) + 1
 
-    def queries_per_step(
-        self, batch: int, d_out: int, device=None, forward_output: bool = True, samples: int | None = None
-    ) -> int:
+    def queries_per_step(self, batch: int, d_out: int, device=None, forward_output: bool = True) -> int:
         """(k + 1)·n one-sided, 2k·n two-sided, for the device's k colors and n inputs: the count
         when no earlier readout can be reused (with one, k·n one-sided)."""
         k = self.colors(self.offsets_of(device))
@@ -120,16 +135,14 @@ class ColoredEstimator:
         theta = device.theta.detach()
         m, n = theta.shape
         eye = torch.eye(n, dtype=theta.dtype, device=theta.device)
-        column = torch.arange(n, device=theta.device)
-        masks = torch.stack([(column % k == c).to(theta.dtype).expand(m, n) for c in range(k)])  # (k, m, n)
+        masks = color_masks(k, m, n, theta.dtype, theta.device)  # (k, m, n)
 
         def matrices(settings: Tensor) -> Tensor:  # (K, m, n) settings → (K, m, n) matrices
             return ledger.query_settings(eye, settings, "zo").transpose(-2, -1)
 
         if self.two_sided:
             plus = matrices(theta + self.mu * masks)
-            minus = matrices(theta - self.mu * masks)
-            deriv = (plus - minus) / (2 * self.mu)
+            base = matrices(theta - self.mu * masks)
             self.last_samples = 2 * k
         else:
             reading = ledger.reading_at(theta, "zo") if self.reuses_readout else None
@@ -138,14 +151,9 @@ class ColoredEstimator:
                 base, plus = both[:1], both[1:]
             else:
                 base, plus = reading.to(theta.dtype).unsqueeze(0), matrices(theta + self.mu * masks)
-            deriv = (plus - base) / self.mu
             self.last_samples = k + (reading is None)
-        terms = (g.T @ x).to(theta.dtype) * deriv  # (k, m, n): C[i, j] · ∂A[i, j]/∂θ[i, j + o], o by color
-        ghat = torch.zeros_like(theta)
-        for c in range(k):
-            for o in offsets:
-                cols = column[((column + o) % k == c) & (column + o >= 0) & (column + o < n)]
-                ghat[:, cols + o] += terms[c][:, cols]
+        deriv = colored_derivatives(plus, base, self.mu, self.two_sided)
+        ghat = colored_gradient((g.T @ x).to(theta.dtype), deriv, offsets)
         if self.reducer is not None:
             ghat = self.reducer(ghat)
         return ghat

@@ -6,7 +6,7 @@ with ĝ₀ = g/‖g‖, and given the a_i, Σ a_i w_i ~ N(0, (Σ a_i²) (I − �
 one p-vector give ĝ with exactly the estimator's distribution, at O(p) cost for any M: a training
 with true gradients (``mode=exact``) whose θ-gradient is replaced by such a draw shows what the
 method's ZO noise costs at M directions, for M far beyond what queries could pay for
-(``scripts/zo_variance_study.py``; docs/PARITY.md, "What M would close the mesh's short runs").
+(``scripts/zo_variance_study.py``; docs/archive/PARITY.md, "What M would close the mesh's short runs").
 E[ĝ] = g and E‖ĝ − g‖² = ‖g‖² (p + 1)/M.
 """
 
