@@ -11,6 +11,7 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from astraora.config import OPTIMIZERS
 from astraora.errors import AstraoraError, ConfigError
 from astraora.hybrid import HybridLayer
 from astraora.rng import make_generator
@@ -35,16 +36,15 @@ def instantiate(config, **kwargs):
         raise
 
 
-# keys of a conf/device entry that configure the run around the device, not its constructor
-RUN_KEYS = ("family", "driver", "theta_lr", "theta_schedule", "zo_direction")
+# keys of a conf/device entry that are not constructor arguments: the family's name (summaries, tags)
+# and the ledger's driver settings (read by make_layer_factory)
+RUN_KEYS = ("family", "driver")
 
 
 def device_spec(device_cfg: DictConfig | dict) -> dict:
     """A ``conf/device`` entry as constructor arguments (without :data:`RUN_KEYS`)."""
     if not OmegaConf.is_config(device_cfg):
         return {key: value for key, value in device_cfg.items() if key not in RUN_KEYS}
-    # run keys are left unresolved: they may refer to the rest of the run's config (slm's theta_lr
-    # to zo.direction), which a device entry loaded on its own (a device server) does not have
     return {
         key: OmegaConf.to_container(device_cfg[key], resolve=True)
         if OmegaConf.is_config(device_cfg[key])
@@ -159,7 +159,7 @@ def make_optimizer(params, spec: DictConfig | dict) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd, **adam)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(spec.get("momentum", 0.9)))
-    raise ConfigError(f"optimizer name={name!r} is not allowed; choose one of ['adam', 'adamw', 'sgd'].")
+    raise ConfigError(f"optimizer name={name!r} is not allowed; choose one of {list(OPTIMIZERS)}.")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, spec: DictConfig | dict, total_steps: int):

@@ -9,13 +9,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from astraora.devices.base import zo_step_problem
+from astraora.choices import AUTO, INTEGRATOR_NAMES, MODES, READOUT_RANKS, SKETCHES
 from astraora.errors import ConfigError
-from astraora.hybrid import MODES
-from astraora.surrogate.auto import AUTO, READOUT_RANKS
-from astraora.surrogate.integrators import INTEGRATORS, SKETCHES
-from astraora.zo import ESTIMATOR_DIRECTIONS, colored_conflicts
-from astraora.zo.estimator import BETWEEN
+from astraora.zo.validation import validate_zo, zo_step_problem
 
 TASK_KINDS = ("classification", "language_model")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -195,23 +191,20 @@ def _check_rules(cfg) -> None:
         )
 
 
-def _check_query_options(cfg) -> None:
-    """The ZO estimator's query-efficiency keys (ALGORITHM.md §9); absent keys keep their defaults."""
-    present = lambda key: OmegaConf.select(cfg, key, default="__absent__") != "__absent__"  # noqa: E731
-    for key in ("zo.orthogonal", "zo.antithetic"):
-        if present(key) and _get(cfg, key) not in (True, False):
-            raise ConfigError(f"{key}={_get(cfg, key)!r} must be true or false.")
-    for key, low in (("zo.guided_k", 0), ("zo.blocks", 1), ("zo.min_samples", 1), ("zo.every", 1)):
-        if present(key):
-            _check_int(cfg, key, low)
-    if present("zo.guided_weight"):
-        _check_real(cfg, "zo.guided_weight")
-        if not _get(cfg, "zo.guided_weight") < 1:
-            raise ConfigError(f"zo.guided_weight={_get(cfg, 'zo.guided_weight')} must be between 0 and 1 (exclusive).")
-    if present("zo.adaptive_rse"):
-        _check_real(cfg, "zo.adaptive_rse", allow_none=True)
-    if present("zo.between"):
-        _check_choice(cfg, "zo.between", BETWEEN)
+def compose_entry(group: str, option: str, config_dir: str | None = None) -> DictConfig:
+    """One option of a config group as a run composes it (its own defaults list applied, e.g. a
+    device's shared blocks from ``conf/device/base/``), without the rest of the run's config: what
+    ``conf/<group>/<option>.yaml`` alone gives after ``python train.py <group>=<option>``.
+    Interpolations to the rest of the run (``${seed}``) are left unresolved."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized() and config_dir is None:  # inside a Hydra app: its search path
+        return compose(f"{group}/{option}")[group]
+    if config_dir is None:
+        from astraora.paths import CONFIG_DIR as config_dir
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose(f"{group}/{option}")[group]
 
 
 def validate(cfg: DictConfig, import_targets: bool = True) -> None:
@@ -254,24 +247,7 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
     _check_int(cfg, "device.driver.max_retries", 0)
     _check_real(cfg, "device.driver.timeout_s", allow_none=True)
     if str(_get(cfg, "mode")).startswith("zo"):
-        _check_choice(cfg, "zo.direction", ESTIMATOR_DIRECTIONS)
-        _check_real(cfg, "zo.mu")
-        if _get(cfg, "zo.direction") == "colored":
-            problem = colored_conflicts(OmegaConf.to_container(_get(cfg, "zo"), resolve=True))
-            if problem:
-                raise ConfigError(problem)
-            if OmegaConf.select(cfg, "zo.reuse_readout", default=True) not in (True, False):
-                raise ConfigError(f"zo.reuse_readout={_get(cfg, 'zo.reuse_readout')!r} must be true or false.")
-        else:
-            if OmegaConf.select(cfg, "zo.reuse_readout", default=None) is not None:
-                raise ConfigError(
-                    f"zo.reuse_readout={_get(cfg, 'zo.reuse_readout')!r}: only with zo.direction=colored "
-                    f"(random directions read no matrix out; zo.direction is {_get(cfg, 'zo.direction')!r})."
-                )
-            _check_int(cfg, "zo.samples", 1)
-            if _get(cfg, "zo.chunk_size") != "auto":
-                _check_int(cfg, "zo.chunk_size", 1)
-            _check_query_options(cfg)
+        validate_zo(OmegaConf.to_container(_get(cfg, "zo"), resolve=True))
         problem = zo_step_problem(
             OmegaConf.select(cfg, "device.nonideal.phase_bits", default=0),
             OmegaConf.select(cfg, "device.nonideal.queries", default="all"),
@@ -279,7 +255,7 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
         )
         if problem:
             raise ConfigError(problem)
-    _check_choice(cfg, "integrator.name", [*INTEGRATORS, AUTO])
+    _check_choice(cfg, "integrator.name", [*INTEGRATOR_NAMES, AUTO])
     _check_int(cfg, "integrator.every", 1)
     _check_int(cfg, "integrator.rebuild_every", 0)
     if _get(cfg, "integrator.name") in ("psi_implicit", AUTO):

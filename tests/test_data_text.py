@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from astraora.config import compose_entry
 from astraora.data import text as text_data
 from astraora.data.text import (
     PydocTextDataModule,
@@ -354,7 +355,7 @@ def test_task_yaml_instantiates(task, tmp_path, shakespeare_dir):
     }
     cfg = OmegaConf.merge(
         {"paths": {"data_dir": str(shakespeare_dir)}, "seed": 0},
-        {"task": OmegaConf.load(CONF / f"{task}.yaml")},
+        {"task": compose_entry("task", task)},
         {"task": overrides.get(task, {})},
     )
     assert cfg.task.name == task and cfg.task.kind == "language_model"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from astraora.build import make_device
+from astraora.config import compose_entry
 from astraora.devices import SLM, Device, MatVec, Monarch, MRRBank, MZIClassical, MZIMesh
 from astraora.devices.base import wrap_phase
 from astraora.devices.dense import mrr_mean_weight, mrr_transmission
@@ -101,7 +101,7 @@ def mrr_t(phi: float, a: float = 0.8, r: float = 0.9) -> float:
 # ----------------------------------------------------------------- configs
 @pytest.mark.parametrize("family", sorted(CONF_FILES))
 def test_yaml_instantiates(family):
-    cfg = OmegaConf.load(CONF_DIR / f"{family}.yaml")
+    cfg = compose_entry("device", family)
     assert "name" not in cfg and cfg.family == family
     device = make_device(cfg, d_in=6, d_out=4, seed=0, name="t")
     assert type(device) is CONF_FILES[family]
@@ -166,9 +166,9 @@ def test_mrr_auto_init_centres_the_weights(loss, coupling):
 
 
 def test_yaml_holds_paper_constants():
-    mrr = OmegaConf.load(CONF_DIR / "mrr.yaml")
+    mrr = compose_entry("device", "mrr")
     assert (mrr.loss, mrr.coupling, mrr.init_low, mrr.init_high) == (0.8, 0.9, 0.01, "auto")
-    assert OmegaConf.load(CONF_DIR / "mzi.yaml").init_center == math.pi / 2
+    assert compose_entry("device", "mzi").init_center == math.pi / 2
 
 
 @pytest.mark.parametrize(

@@ -23,13 +23,14 @@ from torch import Tensor
 from astraora.build import device_spec, make_device
 from astraora.errors import ConfigError, DeviceFailure, DeviceFault
 from astraora.ledger import QueryLedger
+from astraora.paths import CONFIG_DIR
 from astraora.remote import DeviceInfo, DeviceServer, LabDevice, RemoteDevice
 from astraora.remote.benchmark import measure
 from astraora.remote.keys import ClientKeys
 from astraora.remote.server import build_server, check_device_override, device_opener
 from astraora.remote.token import TOKEN_ENV, read_token
 from astraora.remote.wire import PROTOCOL_VERSION, encode
-from astraora.train import CONFIG_DIR, run
+from astraora.train import run
 
 TOKEN = "test-token-0123456789"
 FAST = ["debug=fast", "task.model.hidden=16", "surrogate.rank=4", "trainer.max_epochs=2"]
@@ -120,8 +121,8 @@ def test_a_served_entrywise_device_declares_its_structure_for_colored_difference
     local = run(compose_config([*FAST, "device=mrr", *crosstalk, "zo=colored"], tmp_path / "local"))
     with serving("device=mrr", *crosstalk) as server:
         assert client(server).jacobian_offsets() == (-1, 0, 1)
-        # the MRR family's θ rate (3e-2, conf/device/mrr.yaml) is not known to device=remote: given as
-        # the family's own entry gives it (README, "Hardware in the loop")
+        # device=remote knows no family: the MRR bank's training settings (θ's rate) are chosen by
+        # naming its family's entry in conf/physical
         remote = run(
             compose_config(
                 [
@@ -130,7 +131,7 @@ def test_a_served_entrywise_device_declares_its_structure_for_colored_difference
                     f"device.address={server.endpoint}",
                     "device.timeout_s=10",
                     "zo=colored",
-                    "+device.theta_lr=3e-2",
+                    "physical=mrr",
                 ],
                 tmp_path / "remote",
             )
@@ -147,15 +148,13 @@ def test_a_served_entrywise_device_declares_its_structure_for_colored_difference
             )
 
 
-def test_a_served_chips_family_defaults_are_given_as_its_own_entry_gives_them():
+def test_a_served_chips_family_training_settings_are_chosen_by_naming_the_family():
     """device=remote knows no family: θ's rate, θ's schedule and the estimator are the framework's
-    unless given with the keys the family entries use (conf/device/slm.yaml)."""
+    unless the family's training settings are named (physical=slm, conf/physical/slm.yaml)."""
     plain = compose_config(["device=remote"])
     assert (plain.physical_optimizer.lr, plain.zo.direction) == (1e-2, "gaussian")
     assert plain.physical_scheduler.name == plain.scheduler.name
-    slm = compose_config(
-        ["device=remote", "+device.zo_direction=colored", "+device.theta_lr=3e-3", "+device.theta_schedule=constant"]
-    )
+    slm = compose_config(["device=remote", "physical=slm", "zo=colored"])
     assert (slm.physical_optimizer.lr, slm.zo.direction, slm.physical_scheduler.name) == (3e-3, "colored", "constant")
     assert not {"theta_lr", "zo_direction", "theta_schedule"} & set(device_spec(slm.device))
 

@@ -15,7 +15,7 @@ Which queries see the non-idealities is ``nonideal.queries``:
 
 * ``all``: every query (forward, ZO, surrogate, readout), as real hardware does. A ZO step μ
   below half the phase resolution 2π/2^bits then measures nothing (every θ + μu rounds back to
-  θ), so such a configuration is refused (:func:`zo_step_problem`).
+  θ), so such a configuration is refused (:func:`astraora.zo.validation.zo_step_problem`).
 * ``forward``: the paper's simulation. The forward pass sees noise, quantization, drift,
   crosstalk and input quantization; every other query sees the ideal device (no output noise,
   no input quantization) at the quantized setting:
@@ -50,28 +50,6 @@ from astraora.errors import ConfigError, DeviceFault
 from astraora.rng import make_generator
 
 QUERY_SCOPES = ("all", "forward")
-
-
-def phase_resolution(bits: int) -> float:
-    """The phase step 2π / 2^bits of a ``bits``-bit phase shifter (radians)."""
-    return 2 * math.pi / 2**bits
-
-
-def zo_step_problem(phase_bits: int, queries: str, mu: float) -> str | None:
-    """The one-line reason a ZO step μ cannot work on this device, or None when it can.
-
-    With ``queries=all`` every perturbed setting θ + μu is quantized like any other; a step below
-    half the resolution rounds (almost) every entry back to θ and the estimate is noise."""
-    if isinstance(phase_bits, bool) or not isinstance(phase_bits, int) or phase_bits < 2 or queries != "all":
-        return None  # no quantization (or an invalid bit count, which the device itself refuses)
-    half = phase_resolution(phase_bits) / 2
-    if mu >= half:
-        return None
-    return (
-        f"zo.mu={mu:g} is below half the phase resolution 2π/2^{phase_bits} = {2 * half:.4g} rad of "
-        f"device.nonideal.phase_bits={phase_bits} with device.nonideal.queries=all, so every perturbation "
-        f"rounds away; use zo.mu >= {half:.4g} or device.nonideal.queries=forward."
-    )
 
 
 @dataclass

@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable
 
 import torch
-from omegaconf import OmegaConf
 
 from astraora.build import make_device
+from astraora.config import compose_entry
+from astraora.paths import CONFIG_DIR
 from astraora.remote.client import RemoteDevice
-from astraora.remote.server import CONFIG_DIR, DeviceServer, device_opener
+from astraora.remote.server import DeviceServer, device_opener
 
 
 def rate(call: Callable[[], object], rows_per_call: int, seconds: float) -> float:
@@ -41,7 +42,7 @@ def measure(
 ) -> list[str]:
     """Benchmark lines for a ``width``×``width`` layer of ``conf/device/<device>.yaml``."""
     torch.set_num_threads(1)
-    device_cfg = OmegaConf.load(f"{CONFIG_DIR}/device/{device}.yaml")
+    device_cfg = compose_entry("device", device, CONFIG_DIR)
     token = secrets.token_hex(16)
     opener, _ = device_opener(device_cfg, max_width=max(width, 1))
     server = DeviceServer(opener, token, address="tcp://127.0.0.1:*", delay_s=delay_s)
