@@ -255,7 +255,7 @@ class TiledMesh:
         runs over long contiguous vectors, then transposed once for the GEMMs. ``theta_t`` is θᵀ
         (2·cells, K)."""
         L, k = self.L, theta_t.shape[1]
-        if cell in native.CELLS and native.supports(theta_t):  # entries and blocks in one compiled pass
+        if cell in native.CELLS and native.supports(theta_t, L):  # entries and blocks in one compiled pass
             return native.cell_blocks(native.CELLS[cell], theta_t, group.slot_cell, self._steps_array, L)
         if group.theta_index.device != theta_t.device:
             group.theta_index, group.phi_index = (
@@ -268,8 +268,8 @@ class TiledMesh:
             flat = coef.view(4, -1, k)
             flat[:, group.missing] = 0
             flat[0::3, group.missing] = 1  # an empty slot is the identity: T00 = T11 = 1
-        if native.supports(coef):  # the same loop below, compiled, in one pass (devices/tile_blocks.c)
-            return native.tile_blocks(coef, self._steps_array, L)
+        if native.supports(coef, L):  # the same loop below, compiled, in one pass (devices/tile_blocks.c)
+            return native.tile_blocks(coef.contiguous(), self._steps_array, L)
         blocks = eye[:, :, None, None].expand(2 * L, 2 * L, group.tiles, k).clone()
         for s0, s1, r0, c0, c1 in self.steps:
             count = s1 - s0
@@ -294,7 +294,7 @@ class TiledMesh:
         uniform = not on_cpu or k > TRIMMED_MAX_SETTINGS
         # (2·cells, K): a slot's phases for all settings side by side; the native build with a
         # built-in cell reads them through θ's own strides, the rest wants them contiguous
-        theta_t = theta.T if cell in native.CELLS and native.supports(theta) else theta.T.contiguous()
+        theta_t = theta.T if cell in native.CELLS and native.supports(theta, L) else theta.T.contiguous()
         # a factor's blocks times the state: the native kernel where it is the faster (small blocks,
         # one thread on a CPU), else the BLAS
         product = native.tile_gemm if native.gemm_wins(eye, 2 * L) else (lambda a, b, out: torch.bmm(a, b, out=out))

@@ -16,6 +16,80 @@ from astraora.errors import ConfigError
 ENGINES = ("tiles", "columns")
 
 
+# The two cells' formulas, each written once. Every entry is computed straight into its plane of the
+# complex result (``out=``), or, under autograd (which refuses ``out=``), returned (``out=None``) and
+# stacked. The native block build computes the same two formulas in C (tile_blocks.c: paper_cell and
+# classical_cell), compared with these by tests/test_native.py.
+
+
+def _planes(theta: Tensor, phi: Tensor, zeroed: bool) -> tuple[Tensor | None, tuple, tuple]:
+    """The result (4, *S) complex and the real and imaginary planes of its four entries; under autograd
+    None and four Nones each (the entries are then returned and stacked by :func:`_assemble`)."""
+    if torch.is_grad_enabled() and (theta.requires_grad or phi.requires_grad):
+        return None, (None,) * 4, (None,) * 4
+    make = torch.zeros if zeroed else torch.empty
+    out = make((4, *theta.shape), dtype=complex_dtype(theta.dtype), device=theta.device)
+    re, im = torch.view_as_real(out).unbind(-1)
+    return out, tuple(re), tuple(im)
+
+
+def _assemble(out: Tensor | None, real: tuple, imag: tuple) -> Tensor:
+    """``out`` where the entries were written into it, else the complex (4, *S) of the entries ``real``
+    and ``imag`` (None: zero)."""
+    if out is not None:
+        return out
+    zero = torch.zeros_like(real[0])
+    imag = [zero if part is None else part for part in imag]
+    return torch.complex(torch.stack(real), torch.stack(imag))
+
+
+def paper_cell_entries(theta: Tensor, phi: Tensor) -> Tensor:
+    """The paper's cell for phases θ, φ (radians, same shape S) → (4, *S) complex, the entries
+    T00, T01, T10, T11 of
+
+        T = e^{iβ}/√2 · [[sin α + i sin β, −cos α + i cos β], [cos α + i cos β, sin α − i sin β]]
+
+    with α = (θ−φ)/2 and β = (θ+φ)/2. Multiplied out on real planes, with c = cos β/√2 and
+    s = sin β/√2 (sin/cos once, no complex temporaries):
+    T00 = c sα − s sβ + i s(sα + cβ),   T01 = −c(cα + sβ) + i(c cβ − s cα),
+    T10 = c(cα − sβ) + i(s cα + c cβ),  T11 = c sα + s sβ + i s(sα − cβ).
+    """
+    alpha, beta = (theta - phi) / 2, (theta + phi) / 2
+    sin_a, cos_a, sin_b, cos_b = alpha.sin(), alpha.cos(), beta.sin(), beta.cos()
+    c, s = cos_b / math.sqrt(2), sin_b / math.sqrt(2)
+    c_sa, s_sb, c_cb, s_ca = c * sin_a, s * sin_b, c * cos_b, s * cos_a
+    out, re, im = _planes(theta, phi, zeroed=False)
+    real = (
+        torch.sub(c_sa, s_sb, out=re[0]),
+        torch.mul(c, cos_a + sin_b, out=re[1]).neg_(),
+        torch.mul(c, cos_a - sin_b, out=re[2]),
+        torch.add(c_sa, s_sb, out=re[3]),
+    )
+    imag = (
+        torch.mul(s, sin_a + cos_b, out=im[0]),
+        torch.sub(c_cb, s_ca, out=im[1]),
+        torch.add(c_cb, s_ca, out=im[2]),
+        torch.mul(s, sin_a - cos_b, out=im[3]),
+    )
+    return _assemble(out, real, imag)
+
+
+def classical_cell_entries(theta: Tensor, phi: Tensor) -> Tensor:
+    """The classical cell with the splitting angle θ first and the external phase φ second (same
+    shape S) → (4, *S) complex T00, T01, T10, T11 = e^{iφ} sin θ, e^{iφ} cos θ, cos θ, −sin θ (the
+    native kernel's order; :class:`MZIClassical` stores each pair the other way round)."""
+    sin_t, cos_t, sin_p, cos_p = theta.sin(), theta.cos(), phi.sin(), phi.cos()
+    out, re, im = _planes(theta, phi, zeroed=True)
+    real = (
+        torch.mul(cos_p, sin_t, out=re[0]),
+        torch.mul(cos_p, cos_t, out=re[1]),
+        cos_t if re[2] is None else re[2].copy_(cos_t),
+        torch.neg(sin_t, out=re[3]),
+    )
+    imag = (torch.mul(sin_p, sin_t, out=im[0]), torch.mul(sin_p, cos_t, out=im[1]), None, None)
+    return _assemble(out, real, imag)
+
+
 class MZIMesh(Device):
     """Rectangular mesh of 2×2 MZI cells (the paper's cell): y = Re(U(θ) x)[:m].
 
@@ -95,37 +169,7 @@ class MZIMesh(Device):
     def init_theta(self, generator: torch.Generator) -> Tensor:
         return self.init_center + self.init_std * torch.randn(self.theta_shape(), generator=generator)
 
-    @staticmethod
-    def cell_entries(theta: Tensor, phi: Tensor) -> Tensor:
-        """The paper's cell for phases θ, φ (radians, same shape S) → (4, *S) complex, the entries
-        T00, T01, T10, T11 of
-
-            T = e^{iβ}/√2 · [[sin α + i sin β, −cos α + i cos β], [cos α + i cos β, sin α − i sin β]]
-
-        with α = (θ−φ)/2 and β = (θ+φ)/2. Multiplied out on real planes, with c = cos β/√2 and
-        s = sin β/√2 (sin/cos once, no complex temporaries, written straight into the result):
-        T00 = c sα − s sβ + i s(sα + cβ),   T01 = −c(cα + sβ) + i(c cβ − s cα),
-        T10 = c(cα − sβ) + i(s cα + c cβ),  T11 = c sα + s sβ + i s(sα − cβ).
-        """
-        alpha, beta = (theta - phi) / 2, (theta + phi) / 2
-        sin_a, cos_a, sin_b, cos_b = alpha.sin(), alpha.cos(), beta.sin(), beta.cos()
-        c, s = cos_b / math.sqrt(2), sin_b / math.sqrt(2)
-        c_sa, s_sb, c_cb, s_ca = c * sin_a, s * sin_b, c * cos_b, s * cos_a
-        if torch.is_grad_enabled() and (theta.requires_grad or phi.requires_grad):  # autograd: no out=
-            real = torch.stack([c_sa - s_sb, -c * (cos_a + sin_b), c * (cos_a - sin_b), c_sa + s_sb])
-            imag = torch.stack([s * (sin_a + cos_b), c_cb - s_ca, c_cb + s_ca, s * (sin_a - cos_b)])
-            return torch.complex(real, imag)
-        out = torch.empty((4, *theta.shape), dtype=complex_dtype(theta.dtype), device=theta.device)
-        re, im = torch.view_as_real(out).unbind(-1)
-        torch.sub(c_sa, s_sb, out=re[0])
-        torch.mul(c, cos_a + sin_b, out=re[1]).neg_()
-        torch.mul(c, cos_a - sin_b, out=re[2])
-        torch.add(c_sa, s_sb, out=re[3])
-        torch.mul(s, sin_a + cos_b, out=im[0])
-        torch.sub(c_cb, s_ca, out=im[1])
-        torch.add(c_cb, s_ca, out=im[2])
-        torch.mul(s, sin_a - cos_b, out=im[3])
-        return out
+    cell_entries = staticmethod(paper_cell_entries)  # (θ, φ) → (4, *S) complex T00, T01, T10, T11
 
     @classmethod
     def cell(cls, theta: Tensor, phi: Tensor) -> Tensor:
@@ -197,26 +241,6 @@ class MZIMesh(Device):
         return self._propagate(cells, eye)[0].transpose(0, 1)
 
 
-def classical_entries_angle_first(theta: Tensor, phi: Tensor) -> Tensor:
-    """The classical cell with its phases in the native kernel's order (tile_blocks.c's
-    CELL_CLASSICAL): the splitting angle θ first, the external phase φ second (same shape S) →
-    (4, *S) complex T00, T01, T10, T11 = e^{iφ} sin θ, e^{iφ} cos θ, cos θ, −sin θ."""
-    sin_t, cos_t, sin_p, cos_p = theta.sin(), theta.cos(), phi.sin(), phi.cos()
-    if torch.is_grad_enabled() and (theta.requires_grad or phi.requires_grad):  # autograd: no out=
-        zero = torch.zeros_like(sin_t)
-        real = torch.stack([cos_p * sin_t, cos_p * cos_t, cos_t, -sin_t])
-        return torch.complex(real, torch.stack([sin_p * sin_t, sin_p * cos_t, zero, zero]))
-    out = torch.zeros((4, *theta.shape), dtype=complex_dtype(theta.dtype), device=theta.device)
-    re, im = torch.view_as_real(out).unbind(-1)
-    torch.mul(cos_p, sin_t, out=re[0])
-    torch.mul(cos_p, cos_t, out=re[1])
-    re[2].copy_(cos_t)
-    torch.neg(sin_t, out=re[3])
-    torch.mul(sin_p, sin_t, out=im[0])
-    torch.mul(sin_p, cos_t, out=im[1])
-    return out
-
-
 def swap_cell_phases(theta: Tensor) -> Tensor:
     """θ (…, 2·cells) with the two phases of every cell exchanged (a copy; two strided copies are
     ≈ 2.5× faster than a flip)."""
@@ -233,20 +257,20 @@ class MZIClassical(MZIMesh):
 
     (Before this order was adopted the pair was stored (θ, φ); a θ saved then is this order's θ
     with each cell's two phases swapped: :func:`swap_cell_phases`.) The tile engine's compiled
-    block build computes this cell with the angle first (:func:`classical_entries_angle_first`),
-    so the tile route hands it θ with each pair swapped; the column route and :meth:`cell` use
-    the paper's order directly."""
+    block build computes this cell with the angle first (:func:`classical_cell_entries`), so the
+    tile route hands it θ with each pair swapped; the column route and :meth:`cell` use the
+    paper's order directly."""
 
     @staticmethod
     def cell_entries(phi: Tensor, theta: Tensor) -> Tensor:
         """The classical cell for the pair (φ, θ) in θ's order (radians, same shape S) → (4, *S)
         complex T00, T01, T10, T11 = e^{iφ} sin θ, e^{iφ} cos θ, cos θ, −sin θ."""
-        return classical_entries_angle_first(theta, phi)
+        return classical_cell_entries(theta, phi)
 
     def _tile_cell(self, theta: Tensor) -> tuple[object, Tensor]:
-        return classical_entries_angle_first, swap_cell_phases(theta)
+        return classical_cell_entries, swap_cell_phases(theta)
 
 
 # the two cells whose entries the native block build computes itself (devices/tile_blocks.c)
-native.CELLS[MZIMesh.cell_entries] = native.CELL_PAPER
-native.CELLS[classical_entries_angle_first] = native.CELL_CLASSICAL
+native.CELLS[paper_cell_entries] = native.CELL_PAPER
+native.CELLS[classical_cell_entries] = native.CELL_CLASSICAL
