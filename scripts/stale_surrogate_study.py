@@ -10,78 +10,38 @@ forward pass used. The authors' loop differs in two ways that their code does no
   without the factors following it, so one increment ΔA is missing from then on (until a full
   readout, which ``psi_implicit`` without ``rebuild_every`` never makes).
 
-This script trains the same configs three ways, paired by seed: ``fresh`` (astraora's order),
-``stale`` and ``stale+lost`` (both of the authors' quirks). The quirks are emulated around an
-unchanged HybridLayer (:class:`AuthorsOrder`, a Lightning callback that wraps each physical layer's
-``input_grad`` and ``after_optimizer_step``). Every variant also measures, at each backward, the
-relative error ‖Â_used − A(θ_t)‖/‖A(θ_t)‖ of the surrogate the backward used against the true matrix
-and the cosine of its input gradient G·Â_used to the true G·A(θ_t) (oracle diagnostics: no query).
-Printed: one table of test metrics (mean over seeds), paired differences against ``fresh`` ± their
-standard error, and the means over steps of that error and cosine.
+The same configs are trained three ways, paired by seed: ``fresh`` (astraora's order), ``stale`` and
+``stale+lost`` (both quirks), emulated around an unchanged HybridLayer (:class:`AuthorsOrder`, a
+Lightning callback that wraps each physical layer's ``input_grad`` and ``after_optimizer_step``).
+Every variant also measures, at each backward, the relative error ‖Â_used − A(θ_t)‖/‖A(θ_t)‖ of the
+surrogate the backward used and the cosine of its input gradient to the true G·A(θ_t) (oracle
+diagnostics: no query), written to ``stale.json`` beside the run's summary.json.
 
-    python scripts/stale_surrogate_study.py [--tasks digits synthetic_audio] [--devices mzi mrr]
-        [--settings tracked full_rank] [--seeds 0 1 2] [--jobs 2] [--out outputs/stale_surrogate]
-        [--set KEY=VALUE ...]
+    python scripts/stale_surrogate_study.py VARIANT -m experiment=study_stale,study_stale_synthetic_audio \
+        device=mzi,mrr seed=0,1,2          # per VARIANT in fresh, stale, stale+lost (conf/experiment/study_stale*.yaml)
+    python scripts/stale_surrogate_study.py --report outputs/stale_surrogate
 
-Every run is zo+sm with ``integrator=psi_implicit`` (:data:`SETTINGS`: the surrogate's two settings
-and why). Runs go to OUT/runs/<setting>/<task>/<device>/<variant>/seed<S>; a run whose ``stale.json``
-exists is not run again. docs/PARITY.md, "The authors' loop: a stale surrogate and a lost increment".
+The jobs run one after another in this process (the default launcher), which installs the callback;
+runs go to outputs/stale_surrogate/<variant>/<overrides>. The report: test metrics (mean over seeds),
+paired differences against ``fresh`` ± their standard error, and the means over steps of the error
+and the cosine, per setting (tracked, or full_rank: an orthogonal sketch), task and device.
 """
 
-from __future__ import annotations
-
-import argparse
 import json
 import math
 import statistics
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import lightning as L
 import torch
+from _study import train_wrapped
 from lightning.pytorch.trainer.states import TrainerFn
 
+from astraora.report.compare import COMPLETED, find_run_dirs, load_run
+
 VARIANTS = ("fresh", "stale", "stale+lost")
-# Every layer tracked by psi_implicit: integrator=auto reads these small layers out in full after every
-# step, where a stale surrogate is one exact readout old and a lost increment is repaired at once.
-COMMON = [
-    "mode=zo+sm",
-    "integrator=psi_implicit",
-    "logger=csv",
-    "callbacks=none",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-]
-# CPU-sized settings per task: several epochs, so that evaluation passes fall inside training.
-TASK_OVERRIDES: dict[str, list[str]] = {
-    # 30 epochs of 19 steps, physical layer 64 → 64
-    "digits": [],
-    # 5 epochs of 11 steps, 192 → 32; harder than the task's default, which every mode solves to 100 %
-    "synthetic_audio": [
-        "task.datamodule.noise=1.5",
-        "task.datamodule.num_classes=8",
-        "task.datamodule.clips_per_class=64",
-    ],
-    # 3 epochs of 64 steps, 128 → 128 (about 80 s a run here: not in the default grid)
-    "pydoc_text": ["task.max_epochs=3", "task.datamodule.samples_per_epoch=2048"],
-}
-# The surrogate's settings. ``tracked``: rank auto with the paper's Gaussian sketch of M_sm = 100 rows,
-# where the rank-r truncation and the sketch's own error dominate the surrogate's error. ``full_rank``: full
-# rank and an orthogonal sketch of M_sm = n rows (ZᵀZ/M_sm = I), where psi_implicit follows A(θ)
-# exactly (a rank-r matrix path is integrated exactly by projector splitting), so the one-step lag and
-# the lost increments are the surrogate's whole error: the setting where the quirks show the most.
-SETTINGS: dict[str, dict[str, list[str]]] = {
-    "tracked": {task: [] for task in TASK_OVERRIDES},
-    "full_rank": {
-        "digits": ["surrogate.rank=64", "integrator.sketch=orthogonal", "integrator.samples=64"],
-        "synthetic_audio": ["surrogate.rank=32", "integrator.sketch=orthogonal", "integrator.samples=192"],
-        "pydoc_text": ["surrogate.rank=128", "integrator.sketch=orthogonal", "integrator.samples=128"],
-    },
-}
-TEST_METRICS = ("test/acc", "test/loss")
+SETTINGS = ("tracked", "full_rank")
 
 
 class SurrogateOrder:
@@ -198,79 +158,6 @@ class AuthorsOrder(L.Callback):
         }
 
 
-def overrides(setting: str, task: str, device: str, seed: int, extra: list[str]) -> list[str]:
-    """What ``python train.py`` would be given for this run (the variant is not a config key)."""
-    return [
-        f"task={task}",
-        f"device={device}",
-        f"seed={seed}",
-        *COMMON,
-        *TASK_OVERRIDES[task],
-        *SETTINGS[setting][task],
-        *extra,
-    ]
-
-
-def run_dir(out: Path, setting: str, task: str, device: str, variant: str, seed: int) -> Path:
-    return out / "runs" / setting / task / device / variant / f"seed{seed}"
-
-
-def compose(overrides_: list[str], output_dir: Path):
-    """The config ``python train.py OVERRIDES`` would run, writing into ``output_dir``."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import open_dict
-
-    from astraora.train import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = hydra_compose("config", overrides=list(overrides_))
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
-
-
-def train_one(cfg, variant: str) -> dict:
-    """Train and test ``cfg`` in ``variant``'s order; the summary's test metrics and the order's stats."""
-    from astraora.train import run
-
-    order = AuthorsOrder(variant)
-    summary = run(cfg, callbacks=[order])
-    if summary["status"] != "completed":
-        raise RuntimeError(f"run in {cfg.paths.output_dir} ended {summary['status']}")
-    metric = next(k for k in TEST_METRICS if k in summary["metrics"])
-    return {
-        "metric": metric,
-        "value": summary["metrics"][metric],
-        "test_loss": summary["metrics"].get("test/loss"),
-        "steps": summary["steps"],
-        **order.stats(),
-    }
-
-
-def job(args: tuple) -> dict:
-    """One (task, device, variant, seed) run, or its stored result."""
-    out, setting, task, device, variant, seed, extra = args
-    directory = run_dir(Path(out), setting, task, device, variant, seed)
-    done = directory / "stale.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    started = time.time()
-    result = train_one(compose(overrides(setting, task, device, seed, extra), directory), variant)
-    result.update(setting=setting, task=task, device=device, seed=seed, seconds=round(time.time() - started, 1))
-    done.write_text(json.dumps(result, indent=1))
-    print(
-        f"{setting} {task} {device} {variant} seed {seed}: {result['metric']}={result['value']:.4f} "
-        f"error {result['rel_error_mean']:.4f} cosine {result['grad_cosine_mean']:.4f} "
-        f"dropped {result['dropped']} ({result['seconds']} s)",
-        flush=True,
-    )
-    return result
-
-
 def paired(
     results: list[dict], variant: str, scale: float, key: str = "value", relative: bool = False
 ) -> tuple[float, float, int]:
@@ -334,42 +221,39 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=["digits", "synthetic_audio"], choices=list(TASK_OVERRIDES))
-    parser.add_argument("--devices", nargs="+", default=["mzi", "mrr"])
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument(
-        "--set",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="extra",
-        help="extra overrides of every run (use a separate --out for them)",
-    )
-    parser.add_argument("--jobs", type=int, default=1, help="trainings run at once (separate processes)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/stale_surrogate"))
-    args = parser.parse_args(argv)
-    grid = [
-        (str(args.out), setting, task, device, variant, seed, list(args.extra))
-        for seed in args.seeds
-        for setting in args.settings
-        for task in args.tasks
-        for device in args.devices
-        for variant in args.variants
-    ]
-    started = time.time()
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            results = list(pool.map(job, grid))
-    else:
-        results = [job(g) for g in grid]
-    print(f"\n{len(results)} runs, {time.time() - started:.0f} s (stored runs are not run again)\n")
-    print(table(results))
-    return 0
+def collect(root: Path) -> list[dict]:
+    """One record per finished run under ``root``: its summary's test metric and its stale.json."""
+    results = []
+    for run in (load_run(path) for path in find_run_dirs([root])):
+        if run.status != COMPLETED or not (run.path / "stale.json").is_file():
+            continue
+        metric = next(m for m in ("test/acc", "test/loss") if run.summary_metric(m) is not None)
+        setting = "full_rank" if run.setting("integrator.sketch") == "orthogonal" else "tracked"
+        record = {"setting": setting, "task": run.task, "device": run.device, "seed": run.setting("seed")}
+        record |= {"metric": metric, "value": run.summary_metric(metric), "test_loss": run.summary_metric("test/loss")}
+        results.append(record | json.loads((run.path / "stale.json").read_text()))
+    return results
+
+
+def with_order(variant: str):
+    """Wrap :func:`astraora.train.run`: :class:`AuthorsOrder` (``variant``) on the run; its stats to stale.json."""
+
+    def wrap(true_run):
+        def run(cfg, callbacks=()):
+            order = AuthorsOrder(variant)
+            summary = true_run(cfg, [*callbacks, order])
+            (Path(cfg.paths.output_dir) / "stale.json").write_text(json.dumps(order.stats(), indent=1))
+            return summary
+
+        return run
+
+    return wrap
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1:2] == ["--report"]:
+        print(table(collect(Path(sys.argv[2]))))
+    elif sys.argv[1:2] and sys.argv[1] in VARIANTS:
+        train_wrapped(with_order(sys.argv[1]), f"outputs/stale_surrogate/{sys.argv[1]}", sys.argv[2:])
+    else:
+        sys.exit(__doc__)

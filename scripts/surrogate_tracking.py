@@ -17,30 +17,27 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from astraora.build import make_device
 from astraora.hybrid import HybridLayer
 from astraora.surrogate.auto import auto_rank, resolve_integrator
 from astraora.surrogate.lowrank import best_rank_error
 
-DEVICE_CONF = Path(__file__).resolve().parents[1] / "conf" / "device"
 FAMILIES = ("mzi", "mrr", "slm", "matvec")
 
 
-def device_entry(family: str):
-    """conf/device/<family>.yaml, as ``device=<family>`` builds it."""
-    return OmegaConf.load(DEVICE_CONF / f"{family}.yaml")
+def family_config(family: str):
+    """The run config of ``device=<family> zo.direction=gaussian``: its device entry, and θ's rate under
+    random-direction ZO as a run resolves it (``physical_optimizer.lr``)."""
+    from hydra import compose, initialize_config_dir
 
+    from astraora.paths import CONFIG_DIR
 
-def family_rate(entry) -> float:
-    """θ's rate under random-direction ZO, as a run resolves it (conf/config.yaml's
-    physical_optimizer.lr): the entry's ``theta_lr`` with zo.direction=gaussian, else 1e-2."""
-    run = OmegaConf.create({"device": entry, "zo": {"direction": "gaussian"}})
-    return float(OmegaConf.select(run, "device.theta_lr", default=1e-2))
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"device={family}", "zo.direction=gaussian"])
+    return cfg.device, float(cfg.physical_optimizer.lr)
 
 
 def track(
@@ -56,7 +53,7 @@ def track(
     seed: int,
     checkpoints: tuple[int, ...],
 ) -> dict:
-    dev = make_device(device_entry(device), d_in, d_out, seed, "physical")
+    dev = make_device(family_config(device)[0], d_in, d_out, seed, "physical")
     layer = HybridLayer(
         dev,
         mode="exact+sm",
@@ -112,7 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     rank = auto_rank(args.d_in, args.d_out) if args.rank == "auto" else int(args.rank)
-    lr = args.lr if args.lr is not None else family_rate(device_entry(args.device))
+    lr = args.lr if args.lr is not None else family_config(args.device)[1]
     checkpoints = tuple(s for s in (1, 10, 30, 100, 300, 1000) if s <= args.steps)
     print(
         f"{args.device} {args.d_in} → {args.d_out}, rank {rank}, θ rate {lr}, {args.steps} steps, batch {args.batch}, "

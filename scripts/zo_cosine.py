@@ -40,34 +40,23 @@ def zo_cosine(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--bits", type=int, default=8)
-    parser.add_argument("--size", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seeds", type=int, default=3)
+    for flag, default in (("samples", 1000), ("bits", 8), ("size", 16), ("batch", 8), ("seeds", 3)):
+        parser.add_argument(f"--{flag}", type=int, default=default)
     args = parser.parse_args()
-    resolution = 2 * math.pi / 2**args.bits
-    bits = {"phase_bits": args.bits}
-    cases = [
-        ("continuous", {}, 1e-4),
-        (f"{args.bits}-bit, queries=forward", {**bits, "queries": "forward"}, 1e-4),
-        (f"{args.bits}-bit, queries=all", {**bits, "queries": "all"}, 1e-4),
-        (f"{args.bits}-bit, queries=all, mu=2pi/2^{args.bits}", {**bits, "queries": "all"}, resolution),
-        ("8-bit inputs, B=64 (compressed), reuse", {"input_bits": 8}, 1e-4),
+    bits, resolution = {"phase_bits": args.bits}, 2 * math.pi / 2**args.bits
+    cases = [  # label, non-idealities, mu, batch
+        ("continuous", {}, 1e-4, args.batch),
+        (f"{args.bits}-bit, queries=forward", {**bits, "queries": "forward"}, 1e-4, args.batch),
+        (f"{args.bits}-bit, queries=all", {**bits, "queries": "all"}, 1e-4, args.batch),
+        (f"{args.bits}-bit, queries=all, mu=2pi/2^{args.bits}", {**bits, "queries": "all"}, resolution, args.batch),
+        ("8-bit inputs, B=64 (compressed), reuse", {"input_bits": 8}, 1e-4, 64),
     ]
     for name, cls in (("slm", SLM), ("mzi", MZIMesh)):
-        for label, nonideal, mu in cases:
-            batch = 64 if "B=64" in label else args.batch
-            runs = [
-                zo_cosine(cls, args.size, batch, args.samples, nonideal, reuse=True, mu=mu, seed=s)
-                for s in range(args.seeds)
-            ]
-            cos = sum(r[0] for r in runs) / len(runs)
-            ratio = sum(r[1] for r in runs) / len(runs)
-            print(
-                f"{name:4s} {label:44s} cosine {cos:+.3f}  norm ratio {ratio:6.2f}  "
-                f"(M={args.samples}, {args.seeds} seeds)"
-            )
+        for label, nonideal, mu, batch in cases:
+            runs = [zo_cosine(cls, args.size, batch, args.samples, nonideal, True, mu, s) for s in range(args.seeds)]
+            cos, ratio = (sum(r[i] for r in runs) / len(runs) for i in (0, 1))
+            print(f"{name:4s} {label:44s} cosine {cos:+.3f}  norm ratio {ratio:6.2f}  ", end="")
+            print(f"(M={args.samples}, {args.seeds} seeds)")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,30 @@
-"""The parity study's decomposition (astraora/report/parity.py) on fabricated run directories:
-paired per-seed gaps in points and in percent of loss, the digital twin shared by every device,
-failed runs left out, the report files, and the study's command lines and image set."""
+"""The parity study's report (scripts/parity_study.py) on fabricated sweep folders: paired per-seed
+gaps in points and in percent of loss, the digital twin shared by every device, failed runs left
+out, the report files; and the studies' generated image set (scripts/make_textures.py)."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from astraora.report import parity
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """A module of scripts/ imported by path (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+parity = load_script("parity_study")
+textures = load_script("make_textures")
 
 
 def fake_run(
@@ -24,8 +37,8 @@ def fake_run(
     metric: str = "test/acc",
     status: str = "completed",
 ) -> Path:
-    """A run directory with only the summary.json the report reads."""
-    directory = parity.run_dir(root, task, device, mode, seed)
+    """A run directory of a multirun with only the summary.json the report reads."""
+    directory = root / "runs" / f"task={task},device={device},mode={mode},seed={seed}"
     directory.mkdir(parents=True)
     summary = {
         "task": task,
@@ -71,10 +84,10 @@ def test_gap_units():
 
 
 def test_decomposition_paired_over_seeds(study: Path):
-    cells = {(c.task, c.device): c for c in parity.collect([study / "runs"])}
-    assert set(cells) == {("digits", "mzi"), ("digits", "slm"), ("pydoc_text", "mzi")}
+    cells = {(c["task"], c["device"]): c for c in parity.collect([study / "runs"])}
+    assert list(cells) == [("digits", "mzi"), ("digits", "slm"), ("pydoc_text", "mzi")]
     mzi = cells["digits", "mzi"]
-    assert mzi.metric == "test/acc" and mzi.unit == "pt"
+    assert mzi["metric"] == "test/acc" and mzi["unit"] == "pt"
     expected = {  # per seed: (0, 1), in points
         "device": (1.0, 0.0),
         "surrogate": (0.5, 0.5),
@@ -83,38 +96,39 @@ def test_decomposition_paired_over_seeds(study: Path):
         "total": (2.0, 2.0),
     }
     for name, per_seed in expected.items():
-        mean, std, n = mzi.gaps[name]
+        mean, std, n = mzi["gaps"][name]
         assert n == 2
         assert mean == pytest.approx(sum(per_seed) / 2)
         assert std == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2**0.5)
     # total = device + combined, seed by seed
-    assert mzi.gaps["total"][0] == pytest.approx(mzi.gaps["device"][0] + mzi.gaps["combined"][0])
-    assert mzi.meets_target is False  # combined 1.5 pt > 0.5 pt
-    assert mzi.mean("zo+sm") == (pytest.approx(0.955), pytest.approx(0.00707, abs=1e-4))
+    assert mzi["gaps"]["total"][0] == pytest.approx(mzi["gaps"]["device"][0] + mzi["gaps"]["combined"][0])
+    assert mzi["met"] is False  # combined 1.5 pt > 0.5 pt
+    zo_sm = parity.mean_std(list(mzi["values"]["zo+sm"].values()))
+    assert zo_sm == (pytest.approx(0.955), pytest.approx(0.00707, abs=1e-4))
 
 
 def test_shared_digital_twin_and_failed_runs(study: Path):
-    cells = {(c.task, c.device): c for c in parity.collect([study / "runs"])}
+    cells = {(c["task"], c["device"]): c for c in parity.collect([study / "runs"])}
     slm = cells["digits", "slm"]
-    assert slm.values[DIGITAL] == {0: 0.97, 1: 0.98}  # the task's digital twin, in every device's cell
-    assert "exact" not in slm.values  # the failed run is left out
-    assert slm.gaps["total"][:3] == (pytest.approx(7.0), None, 1)
-    assert slm.gaps["combined"] is None and slm.meets_target is None
+    assert slm["values"][DIGITAL] == {0: 0.97, 1: 0.98}  # the task's digital twin, in every device's cell
+    assert "exact" not in slm["values"]  # the failed run is left out
+    assert slm["gaps"]["total"][:3] == (pytest.approx(7.0), None, 1)
+    assert slm["gaps"]["combined"] is None and slm["met"] is None
 
 
 def test_language_model_gaps_in_percent(study: Path):
-    lm = next(c for c in parity.collect([study / "runs"]) if c.task == "pydoc_text")
-    assert lm.unit == "%" and lm.target == 1.0
-    assert lm.gaps["device"][0] == pytest.approx(5.0)
-    assert lm.gaps["surrogate"][0] == pytest.approx(0.0)
-    assert lm.gaps["zo"][0] == pytest.approx(1.0)
-    assert lm.gaps["combined"][0] == pytest.approx(2.0)
-    assert lm.meets_target is False
+    lm = next(c for c in parity.collect([study / "runs"]) if c["task"] == "pydoc_text")
+    assert lm["unit"] == "%" and parity.TARGETS[lm["unit"]] == 1.0
+    assert lm["gaps"]["device"][0] == pytest.approx(5.0)
+    assert lm["gaps"]["surrogate"][0] == pytest.approx(0.0)
+    assert lm["gaps"]["zo"][0] == pytest.approx(1.0)
+    assert lm["gaps"]["combined"][0] == pytest.approx(2.0)
+    assert lm["met"] is False
 
 
 def test_report_files(study: Path):
     out = study / "report"
-    assert parity.main(["--report-only", str(study / "runs"), "--out", str(out)]) == 0
+    assert parity.main([str(study / "runs"), "--out", str(out)]) == 0
     table = (out / "parity.md").read_text()
     assert "### digits (test/acc" in table and "### pydoc_text (test/loss" in table
     mzi_row = next(line for line in table.splitlines() if line.startswith("| mzi | 0, 1 |"))
@@ -130,29 +144,17 @@ def test_report_files(study: Path):
 
 
 def test_no_runs_exit_2(tmp_path: Path):
-    assert parity.main(["--report-only", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
-
-
-def test_grid_and_commands(tmp_path: Path):
-    grid = parity.jobs(["digits"], ["mzi", "slm"], [0, 1])
-    assert len(grid) == 2 * (1 + 2 * 4)  # one digital twin per task and seed
-    assert grid[0] == ("digits", DIGITAL, DIGITAL, 0) and grid[-1] == ("digits", "slm", "zo+sm", 1)
-    digital = parity.command(tmp_path, "digits", DIGITAL, DIGITAL, 0)
-    assert "device=digital" in digital and not any(arg.startswith("mode=") for arg in digital)
-    images = parity.command(tmp_path, "image_folder", "mrr", "zo+exact", 2)
-    assert "mode=zo+exact" in images and "seed=2" in images
-    assert f"task.root={tmp_path / 'data' / 'image_folder'}" in images
-    assert f"hydra.run.dir={tmp_path / 'runs' / 'image_folder' / 'mrr' / 'zo+exact' / 'seed2'}" in images
+    assert parity.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
 
 
 def test_image_folder_is_a_class_tree(tmp_path: Path):
-    root = parity.make_image_folder(tmp_path / "images", classes_per_image=3, size=16)
+    root = textures.make_textures(tmp_path / "images", per_class=3, size=16)
     folders = sorted(p.name for p in root.iterdir())
     assert folders == ["checker", "hstripes", "rings", "vstripes"]
     image = Image.open(root / "rings" / "0002.png")
     assert image.size == (16, 16) and image.mode == "RGB"
     before = (root / "rings" / "0002.png").stat().st_mtime_ns
-    parity.make_image_folder(tmp_path / "images", classes_per_image=3, size=16)  # kept, not rewritten
+    textures.make_textures(tmp_path / "images", per_class=3, size=16)  # kept, not rewritten
     assert (root / "rings" / "0002.png").stat().st_mtime_ns == before
 
 
@@ -189,11 +191,3 @@ def test_output_bias_option(make_cfg):
     digital_opt, physical_opt = module.configure_optimizers()[0]
     in_group = lambda opt: any(p is layer.bias for g in opt.param_groups for p in g["params"])  # noqa: E731
     assert in_group(digital_opt) and not in_group(physical_opt)
-
-
-def test_mode_subset_and_extra_overrides(tmp_path: Path):
-    grid = parity.jobs(["pydoc_text"], ["mzi"], [0], ["exact+sm", "zo+sm"])
-    assert grid == [("pydoc_text", "mzi", "exact+sm", 0), ("pydoc_text", "mzi", "zo+sm", 0)]
-    hybrid = parity.command(tmp_path, "pydoc_text", "mzi", "zo+sm", 0, ("surrogate.rank=32",))
-    digital = parity.command(tmp_path, "pydoc_text", DIGITAL, DIGITAL, 0, ("surrogate.rank=32",))
-    assert "surrogate.rank=32" in hybrid and "surrogate.rank=32" not in digital

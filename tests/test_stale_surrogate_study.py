@@ -1,7 +1,9 @@
 """scripts/stale_surrogate_study.py's emulation of the paper authors' loop on a tiny layer: the
 ``stale`` order's backward uses the factors of the update before last (fresh: those of the last
-update), and ``lost`` drops exactly the one update after an evaluation pass."""
+update), and ``lost`` drops exactly the one update after an evaluation pass; and its report on a
+fabricated sweep folder (paired differences against ``fresh``, settings told apart by the sketch)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -92,3 +94,35 @@ def test_lost_drops_only_the_update_after_an_evaluation_pass(study):
     assert not all(torch.equal(a, b) for a, b in zip(factors[2], factors[1], strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(factors[4], factors[3], strict=True))
     assert torch.equal(layer.surrogate.theta_ref, thetas[-1]) and layer.theta_updates == 5
+
+
+def fake_run(root, variant, seed, acc, loss, error, sketch="gaussian", status="completed"):
+    """A run folder of the study's sweep: summary.json (with the integrator's sketch) and stale.json."""
+    directory = root / variant / f"experiment=study_stale,sketch={sketch},seed={seed}"
+    directory.mkdir(parents=True)
+    metrics, config = {"test/acc": acc, "test/loss": loss}, {"integrator": {"sketch": sketch}}
+    summary = {"task": "digits", "device": "mzi", "seed": seed, "status": status, "metrics": metrics, "config": config}
+    (directory / "summary.json").write_text(json.dumps(summary))
+    stats = {"variant": variant, "rel_error_mean": error, "best_rank_error_mean": 0.1, "grad_cosine_mean": 1 - error}
+    stats |= {"backwards": 10, "step_move_mean": 0.05, "dropped": 2 if variant == "stale+lost" else 0}
+    (directory / "stale.json").write_text(json.dumps(stats))
+
+
+def test_report_pairs_variants_by_seed(study, tmp_path):
+    for seed, (fresh, stale) in enumerate([(0.90, 0.88), (0.92, 0.91)]):
+        fake_run(tmp_path, "fresh", seed, fresh, 1.0, 0.01)
+        fake_run(tmp_path, "stale", seed, stale, 1.1, 0.05)
+        fake_run(tmp_path, "stale+lost", seed, stale - 0.01, 1.2, 0.07)
+    fake_run(tmp_path, "stale", 2, 0.10, 9.0, 0.5)  # no fresh run of seed 2: not paired
+    fake_run(tmp_path, "fresh", 3, 0.10, 9.0, 0.5, status="failed")  # left out
+    fake_run(tmp_path, "fresh", 0, 0.95, 1.0, 0.0, sketch="orthogonal")
+    results = study.collect(tmp_path)
+    assert len(results) == 8 and {r["setting"] for r in results} == {"tracked", "full_rank"}
+    tracked = [r for r in results if r["setting"] == "tracked"]
+    mean, se, n = study.paired(tracked, "stale", 100.0)
+    assert n == 2 and mean == pytest.approx(-1.5) and se == pytest.approx(0.5)  # −2 and −1 pt
+    assert study.paired(tracked, "stale+lost", 1.0, "test_loss", relative=True)[:2] == (pytest.approx(20.0), 0.0)
+    rows = [line for line in study.table(results).splitlines() if line.startswith("| ")][1:]
+    first = "| tracked | digits | mzi | acc % | 0,1,2 | 91.00 | 63.00 | 88.50 | -1.50 ± 0.50 | -2.50 ± 0.50 |"
+    assert rows[0].startswith(first)
+    assert rows[0].endswith("| 2.0 |") and rows[1].startswith("| full_rank | digits | mzi | acc % | 0 | 95.00 | nan |")
