@@ -93,6 +93,35 @@ def _check_target(cfg, key: str) -> None:
         raise ConfigError(f"{key}={target!r} does not name an importable class.") from None
 
 
+def _check_device_keys(cfg) -> None:
+    """Every key of ``device`` is a parameter of its class (or one of the run's own keys): a misspelt or
+    retired key is named here, before any data loads, instead of failing in the constructor."""
+    import inspect
+
+    from astraora.build import RUN_KEYS
+
+    target = _get(cfg, "device._target_")
+    module, _, name = str(target).rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    given: set[str] = set()
+    for klass in cls.__mro__:  # a subclass passes **kwargs on to its base: collect along the chain
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(klass.__init__).parameters
+        given |= {key for key, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            break
+    else:
+        return  # every class in the chain takes any keyword
+    given -= {"self", "d_in", "d_out", "seed", "name"}
+    unknown = [key for key in _get(cfg, "device") if key not in (*RUN_KEYS, "_target_", *given)]
+    if unknown:
+        raise ConfigError(
+            f"device.{unknown[0]} is not a setting of {name} (device={_get(cfg, 'device.family')}); "
+            f"its settings are {', '.join(sorted(given))}."
+        )
+
+
 def _int(low: int, none: bool = False) -> Callable[[Any], bool]:
     return lambda v: (none and v is None) or (isinstance(v, Integral) and not isinstance(v, bool) and v >= low)
 
@@ -228,6 +257,8 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
     if _get(cfg, "device.family") == "digital":
         return
     check_target(cfg, "device._target_")
+    if import_targets:
+        _check_device_keys(cfg)
     _check_choice(cfg, "mode", MODES)
     if OmegaConf.select(cfg, "physical_scheduler") is not None:
         _check_choice(cfg, "physical_scheduler.name", SCHEDULERS)

@@ -59,6 +59,7 @@ PAIRS = sorted(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("device", "task"), PAIRS)
 def test_every_device_and_every_task(hydra_conf, device, task):
     cfg = composed(f"device={device}", f"task={task}")
@@ -66,11 +67,13 @@ def test_every_device_and_every_task(hydra_conf, device, task):
     assert (cfg.device.family, cfg.task.name) == (device, task)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
 def test_every_option_of_every_group(hydra_conf, group, option):
     check(composed(f"{group}={option}"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_on_a_family_with_its_own_settings(hydra_conf, experiment):
     """A preset's device gives way to the command line's, and the SLM's settings (conf/physical/) to
@@ -114,7 +117,17 @@ def test_validation_of_the_other_groups(hydra_conf):
         validate(composed("device._target_=astraora.devices.Nothing"), import_targets=True)
 
 
+@pytest.mark.parametrize("device", ["mzi", "mrr", "remote"])
+def test_a_key_the_device_does_not_take_is_named_before_the_run(hydra_conf, device):
+    """A misspelt or retired device key (θ's rate is no longer a device key: conf/physical) is refused
+    with the key and the device's settings, also where the class passes **kwargs on to its base."""
+    with pytest.raises(ConfigError, match=r"device\.theta_lr is not a setting of \w+ \(device=" + device):
+        validate(composed(f"device={device}", "+device.theta_lr=3e-2"), import_targets=True)
+    validate(composed(f"device={device}"), import_targets=True)
+
+
 # --------------------------------------------------------------------------- device files
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_device_entries_describe_devices(hydra_conf, device):
     """A device's entry is what the run composes, and holds its constructor's arguments and the run
