@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-# Long end-to-end checks (the README's default run to 95 %, SIGKILL and resume) are marked ``slow``:
+# End-to-end checks are marked ``slow``: training runs and command lines in a subprocess, the README's
+# default run to 95 %, SIGKILL and resume, data-parallel runs, every config composed and built.
 # `python -m pytest -q` deselects them (the marker expression "not slow" where none is given),
 # `python -m pytest -q -m slow` runs them (CI, .ci/run, runs both commands).
 SLOW = "slow"

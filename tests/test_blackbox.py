@@ -89,6 +89,7 @@ def combinations():
         yield pytest.param(device, zo, integrator, marks=() if quick else pytest.mark.slow)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device,zo,integrator", list(combinations()))
 def test_zo_sm_touches_the_device_only_through_its_queries(monkeypatch, device, zo, integrator):
     watch = Watch(monkeypatch)

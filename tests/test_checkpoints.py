@@ -41,6 +41,7 @@ def spoiled_checkpoint(finished_run: Path, tmp_path: Path, how: str) -> Path:
     return ckpt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "how, overrides, message",
     [

@@ -49,6 +49,7 @@ def imported_by(code: str) -> set[str]:
     return set(done.stdout.split())
 
 
+@pytest.mark.slow
 def test_the_command_line_starts_without_torch_and_the_run_without_the_command_line():
     """The command line's checks import no torch (a refused group option: no start-up at all), and the
     run driver does not import the command line back."""
@@ -115,6 +116,7 @@ def test_an_empty_sweep_folder_is_discarded(tmp_path):
     assert not empty.exists() and (used / "0" / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_refusals_leave_no_run_folder(tmp_path):
     """A key the config lacks, a one-class folder, a truncated checkpoint: one line, exit 2, no
     outputs/runs/<run> (bad config values: test_reliability.py)."""
@@ -140,6 +142,7 @@ def test_cli_multirun_refused_in_its_first_job_leaves_no_sweep_folder(tmp_path):
     assert not list((tmp_path / "outputs" / "multirun").glob("*"))
 
 
+@pytest.mark.slow
 def test_cli_resume_continues_in_its_run_and_train_log_holds_the_console(tmp_path):
     """A run (started in-process, as the command line would lay it out) resumed from the command line:
     no second folder, and the console's lines, the resume's among them, land in its train.log."""

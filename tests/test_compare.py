@@ -241,6 +241,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_writes_tables_csv_and_plots(runs_root, tmp_path):
     result = run_cli(str(runs_root), cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -381,6 +381,7 @@ def train_mlp(kind, steps=300):
         return float((net(xt).argmax(1) == yt).float().mean())
 
 
+@pytest.mark.slow
 def test_hybrid_mlp_trains_close_to_exact_and_digital():
     acc = {kind: train_mlp(kind) for kind in ("zo+sm", "exact", "digital")}
     assert acc["digital"] > 0.75

@@ -187,6 +187,7 @@ def test_synthetic_audio_is_seeded():
 # ------------------------------------------------------------------------------------- task YAMLs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["speechcommands", "urbansound8k", "audio_folder", "synthetic_audio"])
 def test_task_yaml_builds_datamodule_and_model(tmp_path, name):
     write_speech_commands(tmp_path)

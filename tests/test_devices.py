@@ -108,6 +108,7 @@ def test_yaml_instantiates(family):
     assert device.query(torch.randn(3, 6)).shape == (3, 4)
 
 
+@pytest.mark.slow
 def test_theta_learning_rate_defaults_to_the_device_family():
     """physical_optimizer.lr follows the family's `theta_lr` (mrr: 3e-2; slm: 3e-3 with its colored
     differences, 1e-2 with random directions), else 1e-2; an explicit value wins, and the paper
@@ -126,6 +127,7 @@ def test_theta_learning_rate_defaults_to_the_device_family():
     )
 
 
+@pytest.mark.slow
 def test_zo_estimator_defaults_to_the_device_family():
     """zo.direction follows the family's `zo_direction` (slm: colored), else gaussian; the paper
     presets and the query-efficiency preset keep random directions on every family."""

@@ -56,6 +56,7 @@ def test_rules_refuse_common_bad_values(override, needle):
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_rules_accept_every_preset():
     from hydra import compose, initialize_config_dir
 

@@ -124,6 +124,7 @@ def test_exact_mode_needs_a_simulator():
 # One command line per place a bad value is caught: a group option and a validated value before Hydra
 # starts (astraora.cli), a device option when the network is built (run(); the rank is checked there
 # too, in-process in test_train.py, as is every key's own check).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, key",
     [

@@ -114,6 +114,7 @@ def test_training_over_loopback_equals_in_process(tmp_path):
     assert "device/wait_seconds" in header and "surrogate/rel_error" not in header
 
 
+@pytest.mark.slow
 def test_a_served_entrywise_device_declares_its_structure_for_colored_differences(tmp_path):
     """The server's SLM or MRR bank declares its Jacobian's column offsets in `info`; zo=colored
     then trains over the wire exactly as in-process. A served mesh declares none and is refused."""
@@ -248,6 +249,7 @@ def test_unreachable_server_stops_the_build():
 
 
 # --------------------------------------------------------------------------- security
+@pytest.mark.slow
 def test_bad_clients_are_refused_and_the_good_one_is_served_unchanged():
     noisy = ["device=slm", "device.nonideal.output_noise=0.1", "server.max_message_mb=1"]
     reference = make_device(server_config(*noisy).device, 6, 4, 0, "layer")

@@ -382,6 +382,7 @@ def test_bad_message_logging_is_rate_limited(caplog):
 
 
 # --------------------------------------------------------------------------- liveness
+@pytest.mark.slow
 def test_a_dead_server_is_noticed_in_seconds():
     server = simulator_server("device=slm")
     stop = threading.Event()
@@ -421,6 +422,7 @@ class SlowOpenChip(LabDevice):
         return x @ self.theta.T
 
 
+@pytest.mark.slow
 def test_the_socket_loop_answers_while_a_big_open_runs():
     fast = SlowOpenChip()
 

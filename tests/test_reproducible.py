@@ -181,6 +181,7 @@ def _probe(**env: str) -> list[str]:
     return done.stdout.split()
 
 
+@pytest.mark.slow
 def test_importing_astraora_pins_torch_before_it_loads():
     """ASTRAORA_REPRODUCIBLE=1 and ``import astraora`` before torch (what train.py does) gives ATen's AVX2
     kernels, MKL's COMPATIBLE path and the same bits (matmul, GELU, softmax) as the variables set by

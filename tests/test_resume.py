@@ -78,6 +78,7 @@ def assert_mid_epoch_resume_is_exact(make_cfg, overrides: list[str]) -> None:
     assert (crashed / "metrics.csv").read_text() == (Path(reference["run_dir"]) / "metrics.csv").read_text()
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_with_dropout_equals_uninterrupted(make_cfg):
     """Dropout draws from torch's global generator: a resume from a mid-epoch checkpoint (step 6
     of 4-batch epochs) gives the next batch the masks the uninterrupted run drew."""
@@ -96,6 +97,7 @@ def test_mid_epoch_resume_with_dropout_equals_uninterrupted(make_cfg):
     assert_mid_epoch_resume_is_exact(make_cfg, tiny)
 
 
+@pytest.mark.slow
 def test_resume_from_epoch_checkpoint_file(make_cfg):
     reference = run(make_cfg(*RUN, out="reference"))
     crashed_cfg = make_cfg(*RUN, out="crashed")
@@ -143,6 +145,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     assert (run_dir / "metrics.csv").read_text() == (ref_dir / "metrics.csv").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["new_run", "same"])
 def test_a_resumed_run_continues_its_wandb_history_without_holes(make_cfg, monkeypatch, how):
     """W&B keeps a run's rows in the order they were logged, so steps replayed after a resume would
@@ -279,6 +282,7 @@ class FailMidStep(L.Callback):
         device.query = failing
 
 
+@pytest.mark.slow
 def test_device_failure_mid_step_then_resume_equals_uninterrupted(make_cfg):
     """A device that fails in the middle of step 7 (last checkpoint: step 6, noisy device): the run
     stops with a DeviceFailure and writes no checkpoint of the half-done step; resumed, it ends
@@ -298,6 +302,7 @@ def test_device_failure_mid_step_then_resume_equals_uninterrupted(make_cfg):
     assert (out / "metrics.csv").read_text() == (Path(reference["run_dir"]) / "metrics.csv").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_mid_epoch_resume_with_augmentation_equals_uninterrupted(make_cfg, workers):
     """Training items are augmented (SpecAugment masks) as the loader fetches them, a batch ahead of
@@ -342,6 +347,7 @@ class CrashInValidation(L.Callback):
             raise RuntimeError("simulated crash")
 
 
+@pytest.mark.slow
 def test_a_run_stopped_during_an_epochs_validation_resumes_exactly(make_cfg):
     """Steps 4 and 8 are the last batches of their epochs and multiples of every_n_train_steps: no step
     checkpoint is written there (the epoch's follows its validation), so a run stopped during that

@@ -37,6 +37,7 @@ SWEEP_DIRS = {"parity": "outputs/parity", "query": "outputs/query_study", "stale
 TASKS = ("image_folder", "synthetic_audio", "pydoc_text")  # study_<name>[_<setting>][_<task>]; digits without
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("study", STUDIES)
 def test_every_study_config_composes(study):
     cfg = composed(f"experiment={study}", "seed=2")

@@ -70,6 +70,7 @@ def test_auto_integrator_reads_out_where_the_estimate_takes_its_reading_from_the
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("zo", "integrator"),
     [

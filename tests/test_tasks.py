@@ -125,6 +125,7 @@ TASKS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["slm", "digital"])
 @pytest.mark.parametrize("task", TASKS)
 def test_one_training_step_per_task(task, device, make_cfg, tmp_path, monkeypatch):

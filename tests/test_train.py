@@ -50,6 +50,7 @@ MODEL_KWARGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("task", TASKS)
 def test_every_device_task_config_composes_and_builds(task, device):
@@ -81,6 +82,7 @@ def read_metrics(run_dir: Path) -> tuple[list[str], list[dict]]:
         return reader.fieldnames, list(reader)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["zo+sm", "exact+sm", "zo+exact", "exact"])
 def test_few_batch_training_per_mode(make_cfg, mode):
     cfg = make_cfg(*FAST, f"mode={mode}")
@@ -186,11 +188,13 @@ def test_bad_values_fail_in_validation(make_cfg):
         run(make_cfg(*FAST, "surrogate.rank=65"))
 
 
+@pytest.mark.slow
 def test_experiment_presets_compose_and_validate():
     for preset in sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")):
         validate(compose_config([f"experiment={preset}"]))
 
 
+@pytest.mark.slow
 def test_physical_scheduler_follows_scheduler_unless_set():
     """θ's schedule is the digital one by default (`physical_scheduler` interpolates `scheduler`);
     `physical_scheduler.name=constant` keeps θ's rate while the digital rate decays; a bad name is
