@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset, TensorDataset
 
 from astraora.build import hybrid_layers, instantiate
-from astraora.devices import SLM, Device, MatVec, Monarch, MRRBank, MZIClassical, MZIMesh
+from astraora.devices import BUILT_IN, Device, MZIClassical, MZIMesh
 from astraora.devices.base import dense_transfer
 from astraora.hybrid import HybridLayer
 from astraora.ledger import PURPOSES, QueryLedger
@@ -34,14 +34,7 @@ from astraora.rng import make_generator
 from astraora.surrogate import LowRankSurrogate, PsiImplicitIntegrator
 from astraora.zo import ZOEstimator
 
-FAMILIES: dict[str, type[Device]] = {
-    "matvec": MatVec,
-    "slm": SLM,
-    "mrr": MRRBank,
-    "mzi": MZIMesh,
-    "mzi_classical": MZIClassical,
-    "monarch": Monarch,
-}
+FAMILIES = BUILT_IN
 MESHES = {"mzi": MZIMesh, "mzi_classical": MZIClassical}
 THETA_STEP = 1e-3  # std of the random θ change before each timed psi_implicit update
 #: training examples per epoch when --train-size is not given (language models: samples_per_epoch)

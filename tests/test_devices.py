@@ -13,7 +13,7 @@ import torch
 
 from astraora.build import make_device
 from astraora.config import compose_entry
-from astraora.devices import SLM, Device, MatVec, Monarch, MRRBank, MZIClassical, MZIMesh
+from astraora.devices import BUILT_IN, SLM, Device, MatVec, Monarch, MRRBank, MZIClassical, MZIMesh
 from astraora.devices.base import wrap_phase
 from astraora.devices.dense import mrr_mean_weight, mrr_transmission
 from astraora.errors import ConfigError, DeviceFault
@@ -21,14 +21,7 @@ from astraora.errors import ConfigError, DeviceFault
 FAMILIES = [MatVec, SLM, MRRBank, MZIMesh, MZIClassical, Monarch]
 PHASE_FAMILIES = [SLM, MRRBank, MZIMesh, MZIClassical, Monarch]
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "device"
-CONF_FILES = {
-    "matvec": MatVec,
-    "slm": SLM,
-    "mrr": MRRBank,
-    "mzi": MZIMesh,
-    "mzi_classical": MZIClassical,
-    "monarch": Monarch,
-}
+CONF_FILES = BUILT_IN  # every built-in device has its conf/device entry
 
 
 def make(cls, n: int = 5, m: int = 3, **kwargs) -> Device:
