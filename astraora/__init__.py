@@ -7,8 +7,8 @@ __version__ = "0.1.0"
 
 def _if_colored(direction, colored, otherwise):
     """``${if_colored:${zo.direction},A,B}``: A when θ's gradient comes from colored finite
-    differences, else B. A device family's θ rate for its estimator (conf/device/slm.yaml): a
-    coherent gradient moves Adam's steps further than a noisy one (docs/PARITY.md, "Colored finite
+    differences, else B. A device family's θ rate for its estimator (conf/physical/slm.yaml): a
+    coherent gradient moves Adam's steps further than a noisy one (docs/archive/PARITY.md, "Colored finite
     differences"). Registered on import of any astraora module, before a config is composed."""
     return colored if direction == "colored" else otherwise
 

@@ -209,8 +209,8 @@ def warn_slow_on_cpu(cfg: DictConfig, module) -> None:
     for name, layer in hybrid_layers(module.model).items():
         if max(layer.d_in, layer.d_out) > CPU_WIDE_LAYER:
             log.warning(
-                "physical layer %s is %d -> %d (%s) on a CPU: expect minutes per step; README 'How long a "
-                "run takes on a CPU' lists CPU-sized settings, scripts/time_epoch.py estimates this one",
+                "physical layer %s is %d -> %d (%s) on a CPU: expect minutes per step; docs/guide/quickstart.md "
+                "lists CPU-sized settings, scripts/time_epoch.py estimates this one",
                 name,
                 layer.d_in,
                 layer.d_out,

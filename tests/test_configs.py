@@ -209,3 +209,12 @@ def test_every_training_file_names_a_device_and_an_estimator():
     zo_options = options("zo")
     for path in (CONF / "physical" / "zo").glob("*.yaml"):
         assert any(path.stem == f"{d}_{z}" for d in DEVICES for z in zo_options), path
+
+
+def test_a_device_file_overrides_the_shared_blocks():
+    """The shared nonideal/faults/driver blocks come first in a device file's defaults list and its own
+    keys after them (``_self_`` last), so a device that sets one of them keeps its own value."""
+    for path in sorted((Path(CONFIG_DIR) / "device").glob("*.yaml")):
+        defaults = OmegaConf.load(path).get("defaults", [])
+        if any("base/simulated" in str(entry) for entry in defaults):
+            assert defaults[-1] == "_self_", path.name

@@ -103,8 +103,8 @@ def test_yaml_instantiates(family):
 
 @pytest.mark.slow
 def test_theta_learning_rate_defaults_to_the_device_family():
-    """physical_optimizer.lr follows the family's `theta_lr` (mrr: 3e-2; slm: 3e-3 with its colored
-    differences, 1e-2 with random directions), else 1e-2; an explicit value wins, and the paper
+    """physical_optimizer.lr follows the family's training settings in conf/physical (mrr: 3e-2; slm:
+    3e-3 with its colored differences, 1e-2 with random directions), else 1e-2; an explicit value wins, and the paper
     presets keep the paper's 1e-2 on any device."""
     from conftest import compose_config
 
@@ -122,7 +122,7 @@ def test_theta_learning_rate_defaults_to_the_device_family():
 
 @pytest.mark.slow
 def test_zo_estimator_defaults_to_the_device_family():
-    """zo.direction follows the family's `zo_direction` (slm: colored), else gaussian; the paper
+    """zo.direction follows the family's training settings (conf/physical/zo: slm colored), else gaussian; the paper
     presets and the query-efficiency preset keep random directions on every family."""
     from conftest import compose_config
 

@@ -214,7 +214,7 @@ def test_physical_scheduler_follows_scheduler_unless_set():
     assert factors() == (pytest.approx(0.0), pytest.approx(0.0))
     assert factors("scheduler.name=constant") == (1.0, 1.0)
     assert factors("physical_scheduler.name=constant") == (pytest.approx(0.0), 1.0)
-    # a family's own default (slm: theta_schedule constant), and the paper presets' cosine for θ
+    # a family's own default (conf/physical/slm.yaml: a constant θ schedule), and the paper presets' cosine for θ
     assert factors("device=slm") == (pytest.approx(0.0), 1.0)
     assert factors("device=slm", "physical_scheduler.name=cosine") == (pytest.approx(0.0), pytest.approx(0.0))
     assert factors("device=slm", "experiment=ablation_modes", "surrogate.rank=4") == (
@@ -237,7 +237,6 @@ def test_wide_physical_layer_on_cpu_warns(make_cfg, caplog):
     )
     warnings = [r.getMessage() for r in caplog.records if "on a CPU: expect minutes per step" in r.getMessage()]
     assert warnings == [
-        "physical layer head.physical is 520 -> 520 (SLM) on a CPU: expect minutes per step; README "
-        "'How long a run takes on a CPU' lists CPU-sized settings, scripts/time_epoch.py estimates "
-        "this one"
+        "physical layer head.physical is 520 -> 520 (SLM) on a CPU: expect minutes per step; "
+        "docs/guide/quickstart.md lists CPU-sized settings, scripts/time_epoch.py estimates this one"
     ]

@@ -170,7 +170,7 @@ GROUPS = [
     ["zo=rademacher"],
     ["zo=sphere"],
     ["zo=colored", "device=slm"],
-    ["device=slm"],  # the slm's zo_direction: colored on top of the gaussian group's keys
+    ["device=slm"],  # the slm's colored default (conf/physical/zo) on top of the gaussian group's keys
     ["zo=gaussian", "zo.chunk_size=8", "zo.two_sided=true"],
     ["experiment=query_efficient", "task=synthetic_audio", "device=mrr"],
 ]
@@ -208,8 +208,12 @@ BAD = [
     ({"reuse_readout": True}, "zo.reuse_readout=True: only with zo.direction=colored", "'gaussian'"),
     ({"orthogonal": True}, "zo.orthogonal=True is not allowed; not a key of the zo group", "'between'"),
     ({"direction": "colored", "reuse_readout": "yes"}, "zo.reuse_readout='yes' is not allowed", "true or false"),
-    ({"direction": "colored", "every": 2}, "zo.every=2: not available with zo.direction=colored", "zo=gaussian"),
-    ({"direction": "colored", "blocks": 4}, "zo.blocks=4: not available with zo.direction=colored", "zo=gaussian"),
+    (
+        {"direction": "colored", "every": 2},
+        "zo.every=2: not available with zo.direction=colored",
+        "zo.direction=gaussian",
+    ),
+    ({"direction": "colored", "blocks": 4}, "zo.blocks=4 is not allowed; not a key of the zo group", "'reuse_readout'"),
 ]
 
 

@@ -82,7 +82,7 @@ class MRRBank(EntrywiseDevice):
             weights average 0.47 (a = 0.8, r = 0.9): a common mode (6.5× the next singular value
             of a 128 × 64 bank) that the digital layers around it cannot undo.
             ``init_high="auto"`` (the default) is the upper end at which the weights average zero
-            for this bank's a and r (0.25 rad for the paper's; docs/PARITY.md, "The MRR bank's
+            for this bank's a and r (0.25 rad for the paper's; docs/archive/PARITY.md, "The MRR bank's
             initial weights").
     """
 

@@ -9,7 +9,7 @@ keys that do not change what is trained: output paths, logger, resume, thread co
 the row then shows mean ± std over them. Rows that look alike but differ elsewhere in their config
 (e.g. ``trainer.max_epochs``) name the keys they differ in.
 
-The gap to digital is in the units of the README's tables: accuracy-like metrics in percentage
+The gap to digital is in the units of docs/results.md's tables: accuracy-like metrics in percentage
 points, loss-like ones (loss, perplexity, bits per character) in % of the digital run's value;
 positive = the hybrid is worse. It is taken against the digital run of the same task and seed with
 the same training budget (epoch, step and batch limits); where only a digital run of another budget
@@ -50,7 +50,7 @@ DIGITAL = "digital"
 COMPLETED = "completed"
 MAIN_METRICS = ("val/acc", "val/ppl", "val/loss")
 HIGHER_IS_BETTER = ("acc", "accuracy", "f1")
-# The gap's unit (as in the README's tables): accuracy-like metrics in percentage points, the rest
+# The gap's unit (as in docs/results.md's tables): accuracy-like metrics in percentage points, the rest
 # (loss, perplexity, bits per character) in % of the digital run's value.
 POINTS, PERCENT = "pt", "%"
 # What bounds how long a run trains (None = no limit): a gap is only taken between equal budgets.

@@ -1,6 +1,6 @@
 """A prepared W&B report: hybrid runs beside their digital baselines, grouped by setting.
 
-Runs logged with ``logger=wandb`` carry what this report needs (README, "Weights & Biases"): the
+Runs logged with ``logger=wandb`` carry what this report needs (docs/guide/tracking.md): the
 tags ``hybrid``/``digital``, ``task:<t>``, ``device:<d>``, ``mode:<m>``; the config ``setting`` =
 {task, device, mode, rank, M, integrator, hybrid, seed} (astraora.rundir.comparison_setting); every
 history row carries the cumulative ``queries/total``; the summary holds summary.json's numbers.

@@ -43,14 +43,17 @@ def colored_conflicts(zo: Mapping) -> str | None:
     finite differences cannot honour, or None."""
     allowed = {"direction", "mu", "two_sided", "reuse_readout", *RANDOM_DIRECTION_KEYS}
     unknown = sorted(set(zo) - allowed)
+    if unknown:  # a key no estimator has (a misspelling, or an option the estimator no longer has)
+        key = unknown[0]
+        return f"zo.{key}={zo[key]!r} is not allowed; not a key of the zo group; its keys are {list(ZO_KEYS)}."
     active = sorted(k for k, off in COLORED_OFF_VALUES.items() if k in zo and zo[k] != off)
-    if not (unknown or active):
+    if not active:
         return None
-    names = ", ".join(f"zo.{k}={zo[k]!r}" for k in unknown + active)
+    names = ", ".join(f"zo.{k}={zo[k]!r}" for k in active)
     return (
         f"{names}: not available with zo.direction=colored, which draws no random directions and measures "
         f"every step; its keys are direction, mu, two_sided and reuse_readout ({', '.join(RANDOM_DIRECTION_KEYS)} "
-        f"accepted and unused, zo.every=1), or use zo=gaussian."
+        f"accepted and unused, zo.every=1), or use zo.direction=gaussian."
     )
 
 
