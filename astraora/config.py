@@ -9,8 +9,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from astraora.choices import AUTO, INTEGRATOR_NAMES, MODES, READOUT_RANKS, SKETCHES
+from astraora.choices import MODES
 from astraora.errors import ConfigError
+from astraora.surrogate.validation import PSI_NAMES, validate_integrator, validate_surrogate
 from astraora.zo.validation import validate_zo, zo_step_problem
 
 TASK_KINDS = ("classification", "language_model")
@@ -266,15 +267,9 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
     _check_choice(cfg, "physical_optimizer.name", OPTIMIZERS)
     _check_real(cfg, "physical_optimizer.lr")
     _check_betas(cfg, "physical_optimizer.betas")
-    if _get(cfg, "surrogate.rank") != AUTO:
-        rank = _get(cfg, "surrogate.rank")
-        if isinstance(rank, bool) or not isinstance(rank, Integral) or rank < 1:
-            raise ConfigError(f"surrogate.rank={rank!r} is not allowed; choose 'auto' or an integer >= 1.")
-    _check_real(cfg, "surrogate.health_threshold", allow_none=True)
-    if OmegaConf.select(cfg, "surrogate.health_growth") is not None:
-        _check_real(cfg, "surrogate.health_growth")  # > 0
-    if OmegaConf.select(cfg, "surrogate.readout_rank") is not None:
-        _check_choice(cfg, "surrogate.readout_rank", READOUT_RANKS)
+    for key in ("surrogate.rank", "surrogate.health_threshold"):
+        _get(cfg, key)  # present (null where off)
+    validate_surrogate(OmegaConf.to_container(_get(cfg, "surrogate"), resolve=True))
     _check_int(cfg, "device.driver.max_retries", 0)
     _check_real(cfg, "device.driver.timeout_s", allow_none=True)
     if str(_get(cfg, "mode")).startswith("zo"):
@@ -286,13 +281,8 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
         )
         if problem:
             raise ConfigError(problem)
-    _check_choice(cfg, "integrator.name", [*INTEGRATOR_NAMES, AUTO])
-    _check_int(cfg, "integrator.every", 1)
-    _check_int(cfg, "integrator.rebuild_every", 0)
-    if _get(cfg, "integrator.name") in ("psi_implicit", AUTO):
-        _check_int(cfg, "integrator.samples", 1)
-        _check_choice(cfg, "integrator.sketch", SKETCHES)
-        if OmegaConf.select(cfg, "integrator.reuse_sketch", default=False) not in (True, False):
-            raise ConfigError(
-                f"integrator.reuse_sketch={_get(cfg, 'integrator.reuse_sketch')!r} must be true or false."
-            )
+    integrator = OmegaConf.to_container(_get(cfg, "integrator"), resolve=True)
+    psi_keys = ("samples", "sketch") if integrator.get("name") in PSI_NAMES else ()
+    for key in ("name", "every", "rebuild_every", *psi_keys):
+        _get(cfg, f"integrator.{key}")  # present
+    validate_integrator(integrator)

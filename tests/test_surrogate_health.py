@@ -246,7 +246,7 @@ def test_health_growth_falls_back_to_the_plain_residual_when_batches_stop_tellin
 def test_health_growth_is_checked_before_training(make_cfg):
     from astraora.config import validate
 
-    for bad, match in (("0", "must be > 0"), ("high", "must be a number")):
+    for bad, match in (("0", "give a number > 0"), ("high", "give a number > 0")):
         with pytest.raises(ConfigError, match=f"surrogate.health_growth.*{match}"):
             validate(make_cfg(f"surrogate.health_growth={bad}", out="x"))
     with pytest.raises(ConfigError, match="health_growth=-1"):

@@ -22,10 +22,8 @@ since the layers of one model differ in size).
 
 from __future__ import annotations
 
-from numbers import Integral
-
-from astraora.choices import AUTO, READOUT_RANKS
-from astraora.errors import ConfigError
+from astraora.choices import AUTO
+from astraora.surrogate.validation import validate_surrogate
 
 AUTO_RANK_FLOOR = 10
 AUTO_RANK_DIVISOR = 4
@@ -42,16 +40,14 @@ def resolve_rank(rank, d_in: int, d_out: int) -> int:
     """``rank`` as an integer for a d_in → d_out layer: ``auto`` by :func:`auto_rank`, an integer as is."""
     if rank == AUTO:
         return auto_rank(d_in, d_out)
-    if isinstance(rank, bool) or not isinstance(rank, Integral):
-        raise ConfigError(f"surrogate.rank={rank!r} is not allowed; choose 'auto' or an integer >= 1.")
+    validate_surrogate({"rank": rank})
     return int(rank)
 
 
 def readout_rank(setting: str, integrator: dict, d_in: int, d_out: int, rank: int) -> int:
     """The rank a layer's surrogate keeps: min(d_in, d_out) where ``surrogate.readout_rank`` is
     ``full`` and the layer's update is a full readout (``rebuild``), else ``rank``."""
-    if setting not in READOUT_RANKS:
-        raise ConfigError(f"surrogate.readout_rank={setting!r} is not allowed; choose one of {list(READOUT_RANKS)}.")
+    validate_surrogate({"readout_rank": setting})
     if setting == "full" and integrator.get("name") == "rebuild":
         return min(int(d_in), int(d_out))
     return int(rank)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from astraora.errors import ConfigError
+from astraora.surrogate.validation import validate_surrogate
 
 
 def cosine(a: Tensor, b: Tensor) -> float:
@@ -86,8 +86,7 @@ class SurrogateHealth:
     WINDOW = 3
 
     def __init__(self, threshold: float | None = None, growth: float | None = None):
-        if growth is not None and not growth > 0:
-            raise ConfigError(f"surrogate.health_growth={growth} must be > 0 (or null: off).")
+        validate_surrogate({"health_threshold": threshold, "health_growth": growth})
         self.threshold, self.growth = threshold, growth
         self.reference_residual: float | None = None  # the ratio of the first window after the last readout
         self.reference_kind: str | None = None  # "view": batch_view's ratio; "plain": ‖Y − X Âᵀ‖/‖Y‖

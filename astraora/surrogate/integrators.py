@@ -23,11 +23,11 @@ import math
 import torch
 from torch import Tensor
 
-from astraora.choices import SKETCHES
 from astraora.errors import ConfigError
 from astraora.ledger import QueryLedger
 from astraora.surrogate.auto import keeps_fixed_sketch, psi_queries
 from astraora.surrogate.lowrank import LowRankSurrogate, truncated_svd
+from astraora.surrogate.validation import validate_integrator
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,7 @@ class Integrator:
     name = "base"
 
     def __init__(self, every: int = 1, rebuild_every: int = 0):
-        if int(every) < 1:
-            raise ConfigError(f"integrator.every={every} must be >= 1.")
-        if int(rebuild_every) < 0:
-            raise ConfigError(f"integrator.rebuild_every={rebuild_every} must be >= 0 (0 = never).")
+        validate_integrator({"every": every, "rebuild_every": rebuild_every})
         self.every, self.rebuild_every = int(every), int(rebuild_every)
 
     def due(self, step: int) -> bool:
@@ -154,11 +151,17 @@ class PsiImplicitIntegrator(Integrator):
         every: int = 1,
         rebuild_every: int = 0,
     ):
+        validate_integrator(
+            {
+                "name": self.name,
+                "samples": samples,
+                "sketch": sketch,
+                "reuse_sketch": reuse_sketch,
+                "every": every,
+                "rebuild_every": rebuild_every,
+            }
+        )
         super().__init__(every, rebuild_every)
-        if int(samples) < 1:
-            raise ConfigError(f"integrator.samples={samples} must be >= 1.")
-        if sketch not in SKETCHES:
-            raise ConfigError(f"integrator.sketch={sketch!r} is not allowed; choose one of {SKETCHES}.")
         self.samples, self.sketch, self.generator = int(samples), sketch, generator
         self.reuse_sketch = bool(reuse_sketch)
         self._fixed_z: Tensor | None = None  # Z when reused
@@ -271,9 +274,16 @@ def make_integrator(
     sketch: str = "gaussian",
     reuse_sketch: bool = False,
 ) -> Integrator:
-    """Build an integrator from its config values; ``generator`` draws psi_implicit's sketches."""
-    if name not in INTEGRATORS:
-        raise ConfigError(f"integrator.name={name!r} is not allowed; choose one of {sorted(INTEGRATORS)}.")
+    """Build an integrator from its config values (checked by :func:`validate_integrator`; ``auto`` is
+    resolved per layer before, by :func:`~astraora.surrogate.auto.resolve_integrator`); ``generator``
+    draws psi_implicit's sketches."""
+    options = dict(every=every, rebuild_every=rebuild_every, samples=samples, sketch=sketch, reuse_sketch=reuse_sketch)
+    validate_integrator({"name": name, **options})
+    if name not in INTEGRATORS:  # auto: chosen per layer by its size, which this integrator does not know
+        raise ConfigError(
+            f"integrator.name={name!r} is not allowed here; resolve it per layer first "
+            f"(astraora.surrogate.auto.resolve_integrator), or choose one of {list(INTEGRATORS)}."
+        )
     if name == "psi_implicit":
         return PsiImplicitIntegrator(
             samples, sketch, reuse_sketch, generator=generator, every=every, rebuild_every=rebuild_every
