@@ -9,7 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from astraora.report.compare import compare, find_run_dirs, load_run, main, markdown_table, read_metrics_csv
+from astraora.report.compare import (
+    compare,
+    find_run_dirs,
+    load_run,
+    main,
+    markdown_table,
+    mean_and_se,
+    paired_by_seed,
+    parity_gap,
+    read_metrics_csv,
+    stale_paired,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -502,3 +513,23 @@ def test_default_output_folders_are_git_ignored(tmp_path):
         ["git", "check-ignore", "--no-index", "astraora/report/compare.py"], cwd=REPO, capture_output=True, text=True
     )
     assert kept.returncode == 1  # not ignored
+
+
+def test_study_helpers_pair_by_seed():
+    """The studies' paired differences: only seeds both sides have, in ``worse``'s order; mean ± s.e."""
+    worse, better = {2: 0.5, 0: 0.9, 1: 0.8}, {0: 1.0, 1: 0.6, 3: 0.0}
+    assert paired_by_seed(worse, better) == [pytest.approx(-0.1), pytest.approx(0.2)]
+    assert paired_by_seed(worse, better, lambda a, b: parity_gap("test/acc", a, b)) == [
+        pytest.approx(10.0),
+        pytest.approx(-20.0),
+    ]
+    assert mean_and_se([1.0, 3.0]) == (2.0, pytest.approx(1.0))
+    mean, se = mean_and_se([4.0])
+    assert mean == 4.0 and se != se  # one value: no standard error
+    assert all(v != v for v in mean_and_se([]))
+    records = [
+        {"variant": "fresh", "seed": 0, "value": 2.0},
+        {"variant": "stale", "seed": 0, "value": 3.0},
+        {"variant": "stale", "seed": 1, "value": 9.0},  # no fresh run of seed 1
+    ]
+    assert stale_paired(records, "stale", 1.0, relative=True)[::2] == (pytest.approx(50.0), 1)

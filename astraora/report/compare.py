@@ -17,6 +17,9 @@ exists the gap is flagged (column "budget vs digital" and a warning), or left ou
 ``--strict-budget``.
 
 Usage: ``python scripts/compare.py DIR... [--out OUTDIR] [--metric val/acc] [--strict-budget]``.
+
+The studies' reports (scripts/parity_study.py, query_study.py, stale_surrogate_study.py) use the functions at
+the end of this module: paired differences by seed, the parity decomposition, query ratios, their tables and plots.
 """
 
 from __future__ import annotations
@@ -1040,3 +1043,309 @@ def _place_legend(figure: Figure, handles: list, labels: list[str]) -> None:
     """The legend below the axes, where it hides no line (two columns when the labels are short)."""
     columns = 2 if max(map(len, labels), default=0) <= 40 else 1
     figure.legend(handles, labels, loc="outside lower center", ncols=columns, fontsize="small")
+
+
+# --- The studies' reports (scripts/parity_study.py, query_study.py, stale_surrogate_study.py) -----------------------
+
+PARITY_MODES = ("exact", "exact+sm", "zo+exact", "zo+sm")
+PARITY_COLUMNS = (DIGITAL, *PARITY_MODES)
+PARITY_GAPS = {  # gap name: (worse column, better column)
+    "device": ("exact", DIGITAL),
+    "surrogate": ("exact+sm", "exact"),
+    "zo": ("zo+exact", "exact"),
+    "combined": ("zo+sm", "exact"),
+    "total": ("zo+sm", DIGITAL),
+}
+PARITY_DEVICES = ("mzi", "mrr", "slm")  # table order; other devices after them
+PARITY_TARGETS = {POINTS: 0.5, PERCENT: 1.0}  # the combined gap's target, per unit
+PARITY_NOTE = (
+    "Columns digital … zo+sm: test metric, mean ± sample std over seeds (accuracy in %). Gaps are paired per seed: "
+    "device = exact vs digital, surrogate = exact+sm vs exact, ZO = zo+exact vs exact, combined = zo+sm vs exact, "
+    "total = zo+sm vs digital (= device + combined); accuracy gaps in points, loss gaps in % of the better run's loss. "
+    "— = not run."
+)
+QUERY_DEFAULTS = {"zo.samples": 100, "zo.every": 1, "integrator.reuse_sketch": False}
+QUERY_NAMES = {"M50+every2": "query_efficient", "": "paper"}
+STALE_VARIANTS = ("fresh", "stale", "stale+lost")
+STALE_SETTINGS = ("tracked", "full_rank")
+
+
+def study_metric(run: Run) -> str | None:
+    """The run's test metric for a study: ``test/acc``, else ``test/loss``; None when it has neither."""
+    return next((m for m in ("test/acc", "test/loss") if run.summary_metric(m) is not None), None)
+
+
+def paired_by_seed(worse: dict, better: dict, difference=lambda a, b: a - b) -> list[float]:
+    """``difference(worse[seed], better[seed])`` for each seed of ``worse`` that ``better`` also has."""
+    return [difference(worse[seed], better[seed]) for seed in worse if seed in better]
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (NaN for no value; the error NaN for a single one)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+
+
+def parity_gap(metric: str, worse: float, better: float) -> float:
+    """How much ``worse`` trails ``better``: accuracy in points, a loss in % of ``better``."""
+    return 100.0 * (better - worse) if metric.endswith("acc") else 100.0 * (worse - better) / better
+
+
+def parity_cells(runs: Iterable[Run]) -> list[dict]:
+    """The parity decomposition, one cell per (task, device): ``values`` {column: {seed: metric}} (the task's
+    digital twin in each device's cell, repeated runs averaged), ``gaps`` {gap: (mean, std, seeds)} (None where
+    no seed has both runs), ``seeds`` (the device's own), ``unit`` and ``met`` (combined gap within its target)."""
+    values, metrics = {}, {}
+    for run in runs:
+        metric = study_metric(run)
+        if run.status in (None, COMPLETED) and metric:
+            metrics.setdefault(run.task, metric)
+            key = (run.task, run.device, DIGITAL if run.is_digital else run.setting("mode"), run.setting("seed"))
+            values.setdefault(key, []).append(run.summary_metric(metric))
+    known = len(PARITY_DEVICES)
+    cells = []
+    for task, device in sorted(
+        {(t, d) for t, d, _, _ in values if d != DIGITAL},
+        key=lambda c: (c[0], PARITY_DEVICES.index(c[1]) if c[1] in PARITY_DEVICES else known, c[1]),
+    ):
+        metric, cols = metrics[task], {}
+        for (t, d, mode, seed), runs_ in values.items():
+            if t == task and d in (device, DIGITAL) and mode in PARITY_COLUMNS:
+                cols.setdefault(mode, {})[seed] = statistics.fmean(runs_)
+        gaps = {}
+        for name, (worse, better) in PARITY_GAPS.items():
+            diffs = paired_by_seed(
+                cols.get(worse, {}), cols.get(better, {}), lambda a, b, metric=metric: parity_gap(metric, a, b)
+            )
+            gaps[name] = (*_mean_std(diffs), len(diffs)) if diffs else None
+        own = sorted({s for c in PARITY_MODES for s in cols.get(c, {})} or set(cols.get(DIGITAL, {})), key=str)
+        unit = POINTS if metric.endswith("acc") else PERCENT
+        met = None if gaps["combined"] is None else gaps["combined"][0] <= PARITY_TARGETS[unit]
+        cells.append(dict(task=task, device=device, metric=metric, unit=unit, seeds=own, values=cols, gaps=gaps))
+        cells[-1]["met"] = met
+    return cells
+
+
+def _scaled(mean_std: tuple | None, scale: float) -> tuple | None:
+    return mean_std and (scale * mean_std[0], None if mean_std[1] is None else scale * mean_std[1])
+
+
+def parity_markdown(cells: list[dict]) -> str:
+    """One table per task: each column's test metric (mean ± std over seeds), the gaps and the target check."""
+    lines = []
+    for task in dict.fromkeys(c["task"] for c in cells):
+        rows = [c for c in cells if c["task"] == task]
+        unit, scale, spec = rows[0]["unit"], *((100, ".2f") if rows[0]["unit"] == POINTS else (1, ".4f"))
+        labels = ("device gap", "surrogate", "ZO", "combined", "total vs digital")
+        head = ["device", "seeds", *PARITY_COLUMNS, *labels, f"combined ≤ {PARITY_TARGETS[unit]:g} {unit}"]
+        lines += [f"### {task} ({rows[0]['metric']}; gaps in {unit}, positive = worse)", ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for c in rows:
+            stats = [_mean_std(list(c["values"].get(col, {}).values())) for col in PARITY_COLUMNS]
+            cols = [_format_number(_scaled(s, scale), spec) for s in stats]
+            gaps = [_format_number(c["gaps"][name] and c["gaps"][name][:2], "+.2f") for name in PARITY_GAPS]
+            met = MISSING if c["met"] is None else "yes" if c["met"] else "**no**"
+            lines.append("| " + " | ".join([c["device"], ", ".join(map(str, c["seeds"])), *cols, *gaps, met]) + " |")
+        lines.append("")
+    return "\n".join([*lines, PARITY_NOTE])
+
+
+def write_parity_csv(cells: list[dict], path: Path) -> None:
+    """One row per (task, device): column means and stds, gaps in their unit; empty = not run."""
+    stat_names = (*PARITY_COLUMNS, *(f"gap_{g}" for g in PARITY_GAPS))
+    fields = ["task", "device", "metric", "unit", "seeds", *(f"{c}{s}" for c in stat_names for s in ("", "_std"))]
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=[*fields, "target", "meets_target"], restval="")
+        writer.writeheader()
+        for c in cells:
+            row = {k: c[k] for k in ("task", "device", "metric", "unit")} | {"seeds": ";".join(map(str, c["seeds"]))}
+            row |= {"target": PARITY_TARGETS[c["unit"]], "meets_target": "" if c["met"] is None else c["met"]}
+            stats = [(col, _mean_std(list(c["values"].get(col, {}).values()))) for col in PARITY_COLUMNS]
+            for name, pair in stats + [(f"gap_{g}", c["gaps"][g] and c["gaps"][g][:2]) for g in PARITY_GAPS]:
+                mean, std = pair or (None, None)
+                row |= {name: "" if mean is None else mean, f"{name}_std": "" if std is None else std}
+            writer.writerow(row)
+
+
+def plot_parity(cells: list[dict], task: str) -> Figure:
+    """The gaps per device of one task, as grouped bars, with the combined gap's target."""
+    rows = [c for c in cells if c["task"] == task]
+    figure = Figure(figsize=(8, 4), layout="constrained")
+    axes = figure.subplots()
+    for i, name in enumerate(PARITY_GAPS):
+        heights = [c["gaps"][name][0] if c["gaps"][name] else float("nan") for c in rows]
+        axes.bar([x + (i - 2) * 0.16 for x in range(len(rows))], heights, 0.16, label=name)
+    axes.axhline(PARITY_TARGETS[rows[0]["unit"]], color="grey", linestyle="--", label="target (combined)")
+    axes.set(
+        title=f"{task}: gap to digital, split (positive = worse)",
+        ylabel=rows[0]["unit"],
+        xticks=range(len(rows)),
+        xticklabels=[c["device"] for c in rows],
+    )
+    axes.legend(fontsize="small")
+    return figure
+
+
+def query_variant(run: Run) -> str:
+    """The query study's name of the run's variant, from the settings that differ from the defaults:
+    ``paper`` (none), ``M<zo.samples>``, ``every<zo.every>``, ``reuse_sketch``; M50+every2 is ``query_efficient``."""
+    values = {key: run.setting(key) for key in QUERY_DEFAULTS}
+    parts = [f"M{values['zo.samples']}", f"every{values['zo.every']}", "reuse_sketch"]
+    label = "+".join(
+        part for part, key in zip(parts, QUERY_DEFAULTS, strict=True) if values[key] != QUERY_DEFAULTS[key]
+    )
+    return QUERY_NAMES.get(label, label)
+
+
+def query_rows(runs: Iterable[Run], seeds=None) -> list[dict]:
+    """One row per (task, variant) over its finished seeds (those in ``seeds``): the metric's mean and std, the
+    mean total queries, and against ``paper`` over the seeds both have: the query ratio (sum of queries / sum of
+    paper's) and the paired metric difference with its standard error."""
+    by_variant = {}
+    for run in runs:
+        metric, seed = study_metric(run), run.setting("seed")
+        if run.status in (None, COMPLETED) and metric and (seeds is None or seed in seeds):
+            entry = (metric, run.summary_metric(metric), run.queries_total)
+            by_variant.setdefault((run.task, query_variant(run)), {})[seed] = entry
+    rows = []
+    for (task, name), by_seed in sorted(by_variant.items(), key=lambda it: (it[0][0], it[0][1] != "paper", it[0][1])):
+        paper = by_variant.get((task, "paper"), {})
+        common = sorted(set(by_seed) & set(paper))
+        diffs = paired_by_seed({s: by_seed[s][1] for s in common}, {s: paper[s][1] for s in common})
+        values = [v for _, v, _ in by_seed.values()]
+        ratio = sum(by_seed[s][2] for s in common) / sum(paper[s][2] for s in common) if common else math.nan
+        rows.append(
+            {
+                "task": task,
+                "variant": name,
+                "metric": next(iter(by_seed.values()))[0],
+                "seeds": len(by_seed),
+                "value": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "queries": statistics.fmean(q for _, _, q in by_seed.values()),
+                "query_ratio": ratio,
+                "difference": mean_and_se(diffs)[0],
+                "difference_se": mean_and_se(diffs)[1],
+            }
+        )
+    return rows
+
+
+def query_markdown(rows: list[dict]) -> str:
+    """Per task: each variant's metric, queries, query ratio and paired difference to paper (accuracy in points)."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        metric = next(r["metric"] for r in rows if r["task"] == task)
+        scale, spec, unit = (100, ".2f", " pt") if metric.endswith("acc") else (1, ".4f", "")
+        lines += [
+            f"**{task}** (device=mzi)",
+            "",
+            f"| variant | seeds | {metric} | total queries | query ratio "
+            f"| Δ {metric}{unit} vs paper, same seeds (± s.e.) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in (r for r in rows if r["task"] == task):
+            diff = format(scale * r["difference"], "+" + spec)
+            diff += "" if math.isnan(r["difference_se"]) else f" ± {format(scale * r['difference_se'], spec)}"
+            value = f"{format(scale * r['value'], spec)} ± {format(scale * r['std'], spec)}"
+            cells = [r["variant"], str(r["seeds"]), value, f"{r['queries']:,.0f}", f"{r['query_ratio']:.3f}", diff]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_rows_csv(rows: list[dict], path: Path) -> None:
+    """``rows`` (dicts with the same keys) as a CSV with those keys as its header."""
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_queries(rows: list[dict]) -> Figure:
+    """Test metric against total queries, one panel per task (log scale), the variants labelled."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    figure = Figure(figsize=(5 * len(tasks), 4), layout="constrained")
+    for axes, task in zip(figure.subplots(1, len(tasks), squeeze=False)[0], tasks, strict=True):
+        for r in (r for r in rows if r["task"] == task):
+            style = {"paper": ("s", "black"), "query_efficient": ("*", "tab:red")}.get(r["variant"], ("o", "tab:blue"))
+            axes.scatter(r["queries"], r["value"], marker=style[0], color=style[1], zorder=3)
+            axes.annotate(
+                r["variant"], (r["queries"], r["value"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+        axes.set(xscale="log", xlabel="total hardware queries", ylabel=r["metric"], title=task)
+        axes.grid(alpha=0.3)
+    return figure
+
+
+def stale_records(root: Path) -> list[dict]:
+    """The stale-surrogate study's records, one per finished run under ``root`` with a ``stale.json``:
+    setting (``full_rank`` for an orthogonal sketch, else ``tracked``), task, device, seed, test metric
+    and test loss, merged with the run's stale.json."""
+    results = []
+    for run in (load_run(path) for path in find_run_dirs([root])):
+        if run.status != COMPLETED or not (run.path / "stale.json").is_file():
+            continue
+        metric = study_metric(run)
+        setting = "full_rank" if run.setting("integrator.sketch") == "orthogonal" else "tracked"
+        record = {"setting": setting, "task": run.task, "device": run.device, "seed": run.setting("seed")}
+        record |= {"metric": metric, "value": run.summary_metric(metric), "test_loss": run.summary_metric("test/loss")}
+        results.append(record | json.loads((run.path / "stale.json").read_text()))
+    return results
+
+
+def stale_paired(
+    results: list[dict], variant: str, scale: float, key: str = "value", relative: bool = False
+) -> tuple[float, float, int]:
+    """Mean and standard error of (variant − fresh) × scale (``relative``: in % of fresh) over the
+    seeds that have both, and their number."""
+    by = {(r["variant"], r["seed"]): r[key] for r in results if r.get(key) is not None}
+    fresh = {s: value for (v, s), value in by.items() if v == "fresh"}
+    mine = {s: by[(variant, s)] for s in fresh if (variant, s) in by}
+    diffs = paired_by_seed(mine, fresh, lambda a, b: (a - b) * (100.0 / b if relative else scale))
+    return (*mean_and_se(diffs), len(diffs))
+
+
+def stale_table(results: list[dict]) -> str:
+    """One markdown table: per setting, task and device, the test metric per variant (accuracy in %), the paired
+    differences against ``fresh`` (for classification also of the test loss, in % of fresh's: finer than the
+    accuracy of a small test set), and per variant the means over the backwards of the surrogate's relative error
+    and of the input gradient's cosine to the true one."""
+    lines = [
+        "| setting | task | device | metric | seeds | fresh | stale | stale+lost | stale − fresh "
+        "| stale+lost − fresh | test loss: stale − fresh, stale+lost − fresh (%) | Â error f / s / s+l "
+        "| best rank-r | grad cosine f / s / s+l | ‖ΔA‖ per step | lost per run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {name: i for i, name in enumerate(STALE_SETTINGS)}
+    cells = sorted({(r["setting"], r["task"], r["device"]) for r in results}, key=lambda c: (order[c[0]], c[1], c[2]))
+    for cell in cells:
+        rows = [r for r in results if (r["setting"], r["task"], r["device"]) == cell]
+        acc = rows[0]["metric"] == "test/acc"
+        scale, fmt, dfmt = (100.0, "{:.2f}", "{:+.2f} ± {:.2f}") if acc else (1.0, "{:.4f}", "{:+.4f} ± {:.4f}")
+
+        def mean(key: str, variant: str | None = None, scale_: float = 1.0, rows: list[dict] = rows) -> float:
+            values = [r[key] * scale_ for r in rows if variant is None or r["variant"] == variant]
+            return statistics.fmean(values) if values else math.nan
+
+        lost = [r["dropped"] for r in rows if r["variant"] == "stale+lost"]
+        seeds = ",".join(map(str, sorted({r["seed"] for r in rows})))
+        texts = [
+            *cell,
+            "acc %" if acc else "loss",
+            seeds,
+            *(fmt.format(mean("value", v, scale)) for v in STALE_VARIANTS),
+        ]
+        texts += [dfmt.format(*stale_paired(rows, v, scale)[:2]) for v in STALE_VARIANTS[1:]]
+        losses = [stale_paired(rows, v, 1.0, "test_loss", relative=True)[:2] for v in STALE_VARIANTS[1:]]
+        texts.append(", ".join("{:+.2f} ± {:.2f}".format(*pair) for pair in losses) if acc else "–")
+        texts += [
+            " / ".join(f"{mean('rel_error_mean', v):.4f}" for v in STALE_VARIANTS),
+            f"{mean('best_rank_error_mean'):.4f}",
+            " / ".join(f"{mean('grad_cosine_mean', v):.4f}" for v in STALE_VARIANTS),
+            f"{mean('step_move_mean'):.4f}",
+            f"{statistics.fmean(lost):.1f}" if lost else "–",
+        ]
+        lines.append("| " + " | ".join(texts) + " |")
+    return "\n".join(lines)
