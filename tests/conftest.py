@@ -25,6 +25,25 @@ os.environ.setdefault("WANDB_SILENT", "true")
 SLOW = "slow"
 
 
+# A short run that checkpoints mid-epoch (every 3 of its 4 steps per epoch) and is reproducible: what the
+# resume tests interrupt and compare against, in one process or two (test_resume, test_ddp).
+RESUMABLE = [
+    "trainer.max_epochs=3",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.deterministic=true",
+    "trainer.log_every_n_steps=1",
+    "callbacks.checkpoint.every_n_train_steps=3",
+    "zo.samples=8",
+    "integrator.samples=8",
+    "task.model.hidden=16",
+    "surrogate.rank=4",
+]
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", f"{SLOW}: long end-to-end check, run with -m {SLOW} (CI runs it)")
     if not config.option.markexpr:

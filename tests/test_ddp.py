@@ -18,7 +18,7 @@ from astraora.devices.dense import MatVec
 from astraora.ledger import QueryLedger
 from astraora.rng import make_generator
 from astraora.zo import ZOEstimator
-from tests.conftest import REPO, compose_config, run_cli
+from tests.conftest import REPO, RESUMABLE, compose_config, run_cli
 
 
 def _estimate_on_shards(x, g, shards: int, samples: int = 12, chunk=5):
@@ -295,22 +295,7 @@ def test_two_processes_match_one(tmp_path):
     assert (tmp_path / "ddp" / "metrics.csv").exists()
 
 
-RESUME = [
-    "trainer=ddp_cpu",
-    "trainer.max_epochs=3",
-    "trainer.limit_train_batches=4",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.deterministic=true",
-    "trainer.log_every_n_steps=1",
-    "callbacks.checkpoint.every_n_train_steps=3",
-    "zo.samples=8",
-    "integrator.samples=8",
-    "task.model.hidden=16",
-    "surrogate.rank=4",
-]
+RESUME = ["trainer=ddp_cpu", *RESUMABLE]
 
 
 def _train(args, cwd, **kwargs):

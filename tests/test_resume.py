@@ -13,27 +13,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, RESUMABLE
 
 from astraora.errors import AstraoraError, DeviceFailure, DeviceFault
 from astraora.train import run
 
-RUN = [
-    "trainer.max_epochs=3",
-    "trainer.limit_train_batches=4",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.deterministic=true",
-    "trainer.log_every_n_steps=1",
-    "callbacks.checkpoint.every_n_train_steps=3",
-    "callbacks.diagnostics.every_n_steps=2",
-    "zo.samples=8",
-    "integrator.samples=8",
-    "task.model.hidden=16",
-    "surrogate.rank=4",
-]
+RUN = [*RESUMABLE, "callbacks.diagnostics.every_n_steps=2"]
 
 
 class Crash(L.Callback):
