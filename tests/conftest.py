@@ -26,7 +26,7 @@ SLOW = "slow"
 
 
 # A short run that checkpoints mid-epoch (every 3 of its 4 steps per epoch) and is reproducible: what the
-# resume tests interrupt and compare against, in one process or two (test_resume, test_ddp).
+# resume tests interrupt and compare against, in one process or two (test_resume, test_ddp), on any task.
 RESUMABLE = [
     "trainer.max_epochs=3",
     "trainer.limit_train_batches=4",
@@ -39,9 +39,8 @@ RESUMABLE = [
     "callbacks.checkpoint.every_n_train_steps=3",
     "zo.samples=8",
     "integrator.samples=8",
-    "task.model.hidden=16",
-    "surrogate.rank=4",
 ]
+TINY_MODEL = ["task.model.hidden=16", "surrogate.rank=4"]  # for the tasks whose model has a hidden width
 
 
 def pytest_configure(config):

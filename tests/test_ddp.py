@@ -18,7 +18,7 @@ from astraora.devices.dense import MatVec
 from astraora.ledger import QueryLedger
 from astraora.rng import make_generator
 from astraora.zo import ZOEstimator
-from tests.conftest import REPO, RESUMABLE, compose_config, run_cli
+from tests.conftest import REPO, RESUMABLE, TINY_MODEL, compose_config, run_cli
 
 
 def _estimate_on_shards(x, g, shards: int, samples: int = 12, chunk=5):
@@ -295,7 +295,7 @@ def test_two_processes_match_one(tmp_path):
     assert (tmp_path / "ddp" / "metrics.csv").exists()
 
 
-RESUME = ["trainer=ddp_cpu", *RESUMABLE]
+RESUME = ["trainer=ddp_cpu", *RESUMABLE, *TINY_MODEL]
 
 
 def _train(args, cwd, **kwargs):

@@ -13,12 +13,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, RESUMABLE
+from conftest import REPO, RESUMABLE, TINY_MODEL
 
 from astraora.errors import AstraoraError, DeviceFailure, DeviceFault
 from astraora.train import run
 
-RUN = [*RESUMABLE, "callbacks.diagnostics.every_n_steps=2"]
+SHORT = [*RESUMABLE, "callbacks.diagnostics.every_n_steps=2"]  # any task
+RUN = [*SHORT, *TINY_MODEL]
 
 
 class Crash(L.Callback):
@@ -76,7 +77,7 @@ def test_mid_epoch_resume_with_dropout_equals_uninterrupted(make_cfg):
         "task.model.block_size=16",
         "task.datamodule.samples_per_epoch=256",
         "task.generate.max_new_tokens=5",
-        *RUN[:-2],
+        *SHORT,
         "surrogate.rank=4",
     ]
     assert_mid_epoch_resume_is_exact(make_cfg, tiny)
@@ -302,7 +303,7 @@ def test_mid_epoch_resume_with_augmentation_equals_uninterrupted(make_cfg, worke
         "task.model.channels=8",
         "task.model.embedding_dim=8",
         "task.model.attention_channels=8",
-        *RUN[:-2],
+        *SHORT,
         "surrogate.rank=4",
     ]
     assert_mid_epoch_resume_is_exact(make_cfg, tiny)
