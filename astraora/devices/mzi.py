@@ -13,7 +13,7 @@ from astraora.devices.base import Device, dense_transfer
 from astraora.devices.mesh_tiles import TiledMesh, complex_dtype
 from astraora.errors import ConfigError
 
-ENGINES = ("tiles", "columns")
+ENGINES = ("tiles", "columns", "fused")
 
 
 # The two cells' formulas, each written once. Every entry is computed straight into its plane of the
@@ -110,11 +110,14 @@ class MZIMesh(Device):
       and every simulation that needs no autograd.
     * ``columns``: one step per mesh column, vectorised over its cells; differentiable. The
       reference the tile engine is tested against, and the route autograd takes (oracle modes).
+    * ``fused``: all K settings in one Triton kernel launch, state and cells on chip
+      (:mod:`astraora.devices.fused`); needs CUDA and triton, float32. Autograd takes the
+      column route.
 
     Args:
         init_center, init_std: phases ~ N(init_center, init_std²) in radians; paper: π/2 and
             1/√N (``init_std=None``).
-        engine: ``tiles`` or ``columns`` (see above).
+        engine: ``tiles``, ``columns`` or ``fused`` (see above).
         tile: L, the tile size of the ``tiles`` engine, or None: 4 for meshes of up to 192 wires,
             8 above (the fastest we measured on CPUs: small blocks keep the per-tile build cheap
             where batches are small, larger ones make better GEMMs).
@@ -155,6 +158,8 @@ class MZIMesh(Device):
         self.init_center = float(init_center)
         self.init_std = 1.0 / math.sqrt(self.modes) if init_std is None else float(init_std)
         self.engine = engine
+        if engine == "fused":
+            self._check_fused()
         self.tile = tile if tile is not None else (4 if self.modes <= 192 else 8)
         self._tiles: dict[tuple[int, int], TiledMesh] = {}  # geometry per (inputs, outputs) wires
         super().__init__(d_in, d_out, **kwargs)
@@ -211,9 +216,33 @@ class MZIMesh(Device):
         differentiable = torch.is_grad_enabled() and (theta.requires_grad or z.requires_grad)
         if self.engine == "tiles" and not differentiable:
             return self.tiled(d_in, d_out).apply(*self._tile_cell(theta), z)
+        if self.engine == "fused" and not differentiable:
+            from astraora.devices import fused
+
+            self._check_fused(theta)
+            return fused.transfer(self._fused_cell(), theta, z, self.modes, d_out)
         cells = self.cell(theta[:, 0::2], theta[:, 1::2])
         z = F.pad(z, (0, self.modes - d_in)).to(cells.dtype).expand(theta.shape[0], z.shape[-2], self.modes)
         return self._propagate(cells, z).real[..., :d_out]
+
+    def _check_fused(self, like: Tensor | None = None) -> None:
+        """ConfigError unless the fused engine can run (triton importable and CUDA, or Triton's
+        interpreter; with ``like``: on tensors like it)."""
+        from astraora.devices import fused
+
+        problem = fused.problem(like)
+        if problem is None and self._fused_cell() is None:
+            problem = f"has no kernel for the cell of {type(self).__name__}"
+        if problem is not None:
+            raise ConfigError(f"device.engine='fused' {problem}; choose one of {ENGINES} (fused needs CUDA + triton).")
+
+    def _fused_cell(self) -> int | None:
+        """The fused kernel's code for this device's cell in its phase order, or None (a cell the
+        kernel does not compute)."""
+        from astraora.devices import fused
+
+        codes = {paper_cell_entries: fused.CELL_PAPER, MZIClassical.cell_entries: fused.CELL_CLASSICAL}
+        return codes.get(self.cell_entries)
 
     def _tile_cell(self, theta: Tensor) -> tuple[object, Tensor]:
         """The cell function and the settings (K, p) the tile engine gets for settings theta: this
