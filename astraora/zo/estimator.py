@@ -3,10 +3,15 @@
     one-sided (paper):  ĝ = (1/M) Σ_i [(φ(θ + μ u_i) − φ(θ)) / μ] u_i
     two-sided:          ĝ = (1/M) Σ_i [(φ(θ + μ u_i) − φ(θ − μ u_i)) / (2μ)] u_i
 
-The equations are the pure functions :func:`zo_probes`, :func:`zo_phi`, :func:`zo_coefficients` and
-:func:`zo_gradient`; :class:`ZOEstimator` draws the directions, measures φ through the ledger in
-chunks of ``chunk_size`` settings, schedules the estimates (``every``) and keeps the generator
-state for checkpoints and the data-parallel redraw.
+With a sketched batch (``batch_rank`` / ``batch_energy``; ALGORITHM.md §3, the sketched batch) φ is
+measured on r probe rows instead of the batch: G = Σ_b g_b x_bᵀ = U S Vᵀ truncated to rank r,
+φ_r(θ) = ⟨A(θ), G_r⟩ = Σ_j ⟨A(θ) v_j, σ_j u_j⟩, and ĝ estimates ∇_θ φ_r instead of ∇_θ φ (exact when
+r = rank G).
+
+The equations are the pure functions :func:`zo_probes`, :func:`zo_sketch`, :func:`zo_phi`,
+:func:`zo_coefficients` and :func:`zo_gradient`; :class:`ZOEstimator` draws the directions, measures
+φ through the ledger in chunks of ``chunk_size`` settings, schedules the estimates (``every``) and
+keeps the generator state for checkpoints and the data-parallel redraw.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from astraora.choices import BETWEEN, COLORED, DIRECTIONS
+from astraora.choices import BETWEEN, COLORED, DIRECTIONS, SUBSPACE
 from astraora.errors import ConfigError
 from astraora.ledger import QueryLedger
 from astraora.zo.validation import validate_zo
@@ -32,6 +37,9 @@ __all__ = [
     "zo_gradient",
     "zo_phi",
     "zo_probes",
+    "zo_sketch",
+    "subspace_basis",
+    "subspace_directions",
 ]
 
 AUTO_CHUNK_FLOATS = 2**22  # ≈ 16 MB of float32 work per batched call with chunk_size="auto" on a CPU
@@ -43,6 +51,61 @@ def zo_probes(x: Tensor, g: Tensor) -> Tensor:
     """The inputs each φ(θ') is measured with, q = min(B, m) rows: the batch X (B, n) itself when
     B ≤ m, else the m rows of the compressed batch C = Gᵀ X (m, n)."""
     return g.T @ x if g.shape[0] > g.shape[1] else x
+
+
+def zo_sketch(x: Tensor, g: Tensor, rank: int | None = None, energy: float | None = None) -> tuple[Tensor, Tensor]:
+    """The sketched batch: probe rows P (r, n) and weights W (r, m) with Σ_j ⟨A p_j, w_j⟩ = ⟨A, G_r⟩
+    for every matrix A, where G = gᵀ x = Σ_b g_b x_bᵀ (m × n, rank ≤ B) and G_r its best rank-r
+    approximation (truncated SVD, r ≤ rank G).
+
+    r is the numerical rank of G, capped at ``rank`` and, with ``energy`` = e, at the smallest r whose
+    singular values hold a fraction e of ‖G‖_F². The probes are G's top right singular vectors
+    scaled to the batch's RMS row norm (the rows a device sees keep the batch's range); the weights
+    are σ_j u_j over that scale. With B < min(m, n) the SVD is taken of a B × B core (thin QR of x
+    and g), never of the m × n matrix. Pass the weights as ``g`` to :func:`zo_phi`."""
+    batch, m = g.shape
+    n = x.shape[1]
+    if batch < min(m, n):
+        qx, rx = torch.linalg.qr(x.T)  # (n, B), (B, B)
+        qg, rg = torch.linalg.qr(g.T)  # (m, B), (B, B)
+        uc, s, vch = torch.linalg.svd(rg @ rx.T)
+        u, v = qg @ uc, qx @ vch.T
+    else:
+        u, s, vh = torch.linalg.svd(g.T @ x, full_matrices=False)
+        v = vh.T
+    tol = s[0] * max(m, n) * torch.finfo(s.dtype).eps if s.numel() else 0.0
+    r = int((s > tol).sum()) if s.numel() else 0
+    if energy is not None and r:
+        cumulative = torch.cumsum(s[:r].double() ** 2, 0)
+        r = min(r, int(torch.searchsorted(cumulative, energy * cumulative[-1] * (1 - 1e-12))) + 1)
+    if rank is not None:
+        r = min(r, int(rank))
+    scale = x.pow(2).sum(1).mean().sqrt().clamp_min(torch.finfo(x.dtype).tiny)
+    return scale * v[:, :r].T, (u[:, :r] * (s[:r] / scale)).T
+
+
+def subspace_basis(x: Tensor, g: Tensor, rank: int, theta_shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """G's top-k left and right singular vectors, rows of (k, m) and (k, n), k ≤ ``rank`` (fewer when
+    rank G is smaller): the basis of ``zo.direction=subspace``. Only for θ of the matrix's shape (m, n),
+    one control per entry (ALGORITHM.md §3, subspace directions)."""
+    shape = (g.shape[1], x.shape[1])
+    if tuple(theta_shape) != shape:
+        raise ConfigError(
+            f"zo.direction=subspace needs a device with one control per matrix entry (θ of shape {shape}); "
+            f"this one has θ of shape {tuple(theta_shape)}; choose zo.direction=gaussian."
+        )
+    probes, weights = zo_sketch(x, g, rank=rank)
+    return weights / weights.norm(dim=1, keepdim=True), probes / probes.norm(dim=1, keepdim=True)
+
+
+def subspace_directions(z: Tensor, left: Tensor, right: Tensor, out: Tensor | None = None) -> Tensor:
+    """Directions u_i = (√p / k) · vec(Lᵀ Z_i R) for coefficient rows z (K, k²) and the basis rows
+    L (k, m), R (k, n): E[u uᵀ] = (p / k²) · P with P the projection on span{l_a r_bᵀ}, and
+    E‖u‖² = p as for a Gaussian direction. Shape (K, m·n)."""
+    k, p = left.shape[0], left.shape[1] * right.shape[1]
+    u = torch.einsum("am,kab,bn->kmn", left, z.view(-1, k, k), right).reshape(z.shape[0], p)
+    u.mul_(math.sqrt(p) / k)
+    return u if out is None else out[: z.shape[0]].copy_(u)
 
 
 def zo_phi(outputs: Tensor, g: Tensor) -> Tensor:
@@ -97,6 +160,17 @@ class ZOEstimator:
         every: estimate on every k-th call only; in between no query is made and θ gets a zero
             gradient (``between="momentum"``: the optimizer's moments carry θ on) or the last
             estimate again (``"last"``).
+        batch_rank: measure φ on r ≤ ``batch_rank`` probe rows (the sketched batch,
+            :func:`zo_sketch`) instead of min(B, m) rows; None: the batch (the paper).
+        batch_energy: with a sketched batch, r is also at most the smallest rank whose singular
+            values hold this fraction of ‖G‖_F² (chosen per step); None: no such cap.
+        live_only: perturb only the entries of θ the device declares live
+            (:meth:`Device.live_parameters`: a mesh's phases outside the light cone of its inputs and
+            outputs have zero gradient at every θ); unbiased, and the same estimate as without it
+            where every entry is live.
+        subspace_rank: k of ``direction="subspace"``: directions in the span of u_a v_bᵀ over G's
+            top-k singular vectors (:func:`subspace_basis`), for devices with one control per matrix
+            entry; ĝ estimates the projection of the gradient on that span.
         generator: draws the directions, one row at a time, so that the stream does not depend on
             ``chunk_size`` and can be redrawn from a saved generator state.
 
@@ -122,6 +196,10 @@ class ZOEstimator:
         chunk_size: int | str = "auto",
         every: int = 1,
         between: str = "momentum",
+        batch_rank: int | None = None,
+        batch_energy: float | None = None,
+        live_only: bool = False,
+        subspace_rank: int = 4,
         *,
         generator: torch.Generator,
     ):
@@ -135,6 +213,10 @@ class ZOEstimator:
                 chunk_size=chunk_size,
                 every=every,
                 between=between,
+                batch_rank=batch_rank,
+                batch_energy=batch_energy,
+                live_only=live_only,
+                subspace_rank=subspace_rank,
             )
         )
         if direction == COLORED:
@@ -145,6 +227,12 @@ class ZOEstimator:
         self.samples, self.mu, self.direction = int(samples), float(mu), direction
         self.two_sided, self.reuse_forward, self.chunk_size = bool(two_sided), bool(reuse_forward), chunk_size
         self.every, self.between = int(every), between
+        self.batch_rank = None if batch_rank is None else int(batch_rank)
+        self.batch_energy = None if batch_energy is None else float(batch_energy)
+        self.last_rank: int | None = None  # probe rows per setting of the last measured estimate
+        self.live_only, self.subspace_rank = bool(live_only), int(subspace_rank)
+        self._live: Tensor | None = None  # this estimate's live entries (flat), None: all
+        self._basis: tuple[Tensor, Tensor] | None = None  # this estimate's subspace basis
         self.generator = generator
         self._device_generator: torch.Generator | None = None  # directions on a GPU (generator_for)
         self._pending_device_state: Tensor | None = None  # its checkpointed state, until first used
@@ -182,9 +270,17 @@ class ZOEstimator:
         self, k: int, p: int, dtype: torch.dtype, device: torch.device | str = "cpu", out: Tensor | None = None
     ) -> Tensor:
         """k i.i.d. directions u (k, p) with E[u uᵀ] = I, drawn one row at a time (into ``out`` when
-        given) so that the stream does not depend on how the M samples are chunked."""
+        given) so that the stream does not depend on how the M samples are chunked. With
+        ``live_only`` the entries the device declares dead are zero (E[u uᵀ] = diag(live)); for
+        ``subspace`` see :func:`subspace_directions`."""
         gen = self.generator_for(device)
         u = torch.empty(k, p, dtype=dtype, device=device) if out is None else out[:k]
+        if self.direction == SUBSPACE:
+            left, right = self._basis
+            z = torch.empty(k, left.shape[0] ** 2, dtype=dtype, device=device)
+            for row in z:
+                torch.randn(row.shape[0], generator=gen, dtype=dtype, device=device, out=row)
+            return subspace_directions(z, left, right, out=u)
         for row in u:
             if self.direction == "rademacher":
                 row.copy_(torch.randint(0, 2, (p,), generator=gen, device=device))
@@ -194,21 +290,42 @@ class ZOEstimator:
             u.mul_(2).sub_(1)
         elif self.direction == "sphere":
             u.mul_(math.sqrt(p) / u.norm(dim=1, keepdim=True))
+        if self._live is not None:
+            u.mul_(self._live)
         return u
+
+    def live_mask(self, device) -> Tensor | None:
+        """The flat live entries of θ as 0/1 (``live_only`` and a device that declares some dead),
+        else None (every entry perturbed, the same stream as without the option)."""
+        live = device.live_parameters() if self.live_only else None
+        if live is None or bool(live.all()):
+            return None
+        return live.reshape(-1).to(device.theta.dtype)
+
+    @property
+    def sketched(self) -> bool:
+        """Whether φ is measured on the sketched batch (:func:`zo_sketch`) instead of the batch."""
+        return self.batch_rank is not None or self.batch_energy is not None
 
     def phi0_from_forward(self, device, batch: int, d_out: int, forward_output: bool) -> bool:
         """Whether φ(θ) is taken from the forward output: one-sided, ``reuse_forward``, a forward
         output given, and that output exactly what the ZO queries at θ measure
-        (:meth:`Device.forward_output_gives_phi`; ``device`` None: an ideal device)."""
+        (:meth:`Device.forward_output_gives_phi`; ``device`` None: an ideal device). The sketched
+        batch's rows, like the compressed batch's, are combinations of the batch rows."""
         if self.two_sided or not self.reuse_forward or not forward_output:
             return False
-        return device is None or device.forward_output_gives_phi(batch > d_out)
+        return device is None or device.forward_output_gives_phi(batch > d_out or self.sketched)
 
-    def queries_per_step(self, batch: int, d_out: int, device=None, forward_output: bool = True) -> int:
+    def queries_per_step(
+        self, batch: int, d_out: int, device=None, forward_output: bool = True, d_in: int | None = None
+    ) -> int:
         """ZO queries for one measured estimate, as in ALGORITHM.md §5 (``forward_output``: whether
         the forward output y is passed to :meth:`estimate`; an estimate skipped by ``every`` makes
-        none)."""
+        none). With a sketched batch this is the most it can cost: r ≤ ``batch_rank`` (and ≤ n =
+        ``d_in`` when given) rows per setting; ``batch_energy`` may choose fewer."""
         q = min(batch, d_out)
+        if self.sketched:
+            q = min(q, self.batch_rank or q, d_in or q)
         settings = 2 * self.samples if self.two_sided else self.samples
         requery = not self.two_sided and not self.phi0_from_forward(device, batch, d_out, forward_output)
         return q * (settings + int(requery))
@@ -252,12 +369,23 @@ class ZOEstimator:
     def _estimate(self, ledger: QueryLedger, x: Tensor, g: Tensor, y: Tensor | None, check: bool) -> Tensor:
         theta = ledger.device.theta.detach()
         batch, d_out = g.shape
-        probes = zo_probes(x, g)  # (q, n)
+        self._live = self.live_mask(ledger.device)
+        if self.direction == SUBSPACE:
+            self._basis = subspace_basis(x, g, self.subspace_rank, theta.shape)
+        forward_g = g  # what the forward output's rows are weighted with for φ(θ)
+        if self.sketched:
+            probes, g = zo_sketch(x, g, self.batch_rank, self.batch_energy)  # (r, n), weights (r, m)
+            unit = g / g.norm(dim=1, keepdim=True)  # G's top left singular vectors u_j (r, m)
+            forward_g = (forward_g @ unit.T) @ unit  # the rows projected on them: φ_r(θ) = Σ_b ⟨y_b, P g_b⟩
+        else:
+            probes = zo_probes(x, g)  # (q, n)
+        self.last_rank = probes.shape[0]
         flat = theta.reshape(-1)
         p = flat.numel()
-        if not self.two_sided:  # φ(θ)
+        empty = not probes.shape[0]  # G = 0: every coefficient is 0 without a query (directions still drawn)
+        if not self.two_sided and not empty:  # φ(θ)
             if self.phi0_from_forward(ledger.device, batch, d_out, y is not None):
-                phi0 = (y * g).sum()
+                phi0 = (y * forward_g).sum()
             else:
                 phi0 = zo_phi(ledger.query(probes, "zo", theta=theta).unsqueeze(0), g)[0]
         chunk = self.chunk_for(p, probes.shape[0], x.shape[1], d_out, flat.device)
@@ -270,6 +398,8 @@ class ZOEstimator:
             return zo_phi(ledger.query_settings(probes, perturbed, "zo", check=check), g)
 
         def coefficients(u: Tensor) -> Tensor:
+            if empty:
+                return torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
             plus = phi_at(u, self.mu)
             base = phi_at(u, -self.mu) if self.two_sided else phi0
             return zo_coefficients(plus, base, self.mu, self.two_sided)
@@ -278,8 +408,11 @@ class ZOEstimator:
             for start in range(0, self.samples, chunk):
                 yield start, self.directions(min(chunk, self.samples - start), p, flat.dtype, flat.device, u_buffer)
 
+        scale = self._basis[0].shape[0] ** 2 / p if self.direction == SUBSPACE else 1.0  # E[u uᵀ] = (p / k²)·P
         if self.reducer is None:
-            return zo_gradient(((coefficients(u), u) for _, u in drawn()), self.samples).view_as(theta)
+            return zo_gradient(((coefficients(u), u) for _, u in drawn()), self.samples).mul_(scale).view_as(theta)
+        if self.direction == SUBSPACE:  # each shard's G would give its own basis, so the directions would differ
+            raise ConfigError("zo.direction=subspace is not available with data-parallel training; use zo=gaussian.")
         # data parallel: one collective for the M coefficients; a non-finite reading anywhere makes every
         # process's ĝ non-finite, so all of them agree on retrying or skipping the estimate
         gen = self.generator_for(flat.device)
@@ -289,9 +422,8 @@ class ZOEstimator:
             coefs[start : start + u.shape[0]] = coefficients(u)
         coefs = self.reducer(coefs)
         gen.set_state(saved)  # the same directions again
-        return zo_gradient(((coefs[start : start + u.shape[0]], u) for start, u in drawn()), self.samples).view_as(
-            theta
-        )
+        pairs = ((coefs[start : start + u.shape[0]], u) for start, u in drawn())
+        return zo_gradient(pairs, self.samples).mul_(scale).view_as(theta)
 
     def state_dict(self) -> dict:
         device_state = (

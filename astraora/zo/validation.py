@@ -24,10 +24,20 @@ __all__ = [
 ]
 
 # the random-direction estimator's keys; reuse_readout may be present as null (it is colored's)
-RANDOM_DIRECTION_KEYS = ("samples", "chunk_size", "reuse_forward", "every", "between")
+RANDOM_DIRECTION_KEYS = (
+    "samples",
+    "chunk_size",
+    "reuse_forward",
+    "every",
+    "between",
+    "batch_rank",
+    "batch_energy",
+    "live_only",
+    "subspace_rank",
+)
 ZO_KEYS = ("direction", "mu", "two_sided", *RANDOM_DIRECTION_KEYS, "reuse_readout")
 # colored: the random-direction keys are accepted and unused, except these, which must keep their off values
-COLORED_OFF_VALUES = {"every": 1}
+COLORED_OFF_VALUES = {"every": 1, "batch_rank": None, "batch_energy": None, "live_only": False}
 
 
 def _refuse(key: str, value, allowed: str) -> None:
@@ -53,7 +63,8 @@ def colored_conflicts(zo: Mapping) -> str | None:
     return (
         f"{names}: not available with zo.direction=colored, which draws no random directions and measures "
         f"every step; its keys are direction, mu, two_sided and reuse_readout ({', '.join(RANDOM_DIRECTION_KEYS)} "
-        f"accepted and unused, zo.every=1), or use zo.direction=gaussian."
+        f"accepted and unused, zo.every=1, zo.batch_rank and zo.batch_energy null, zo.live_only false), "
+        f"or use zo.direction=gaussian."
     )
 
 
@@ -98,6 +109,16 @@ def validate_zo(options: Mapping) -> None:
         _refuse("every", options["every"], "give an integer >= 1 (1: every step)")
     if options.get("between", BETWEEN[0]) not in BETWEEN:
         _refuse("between", options["between"], f"choose one of {list(BETWEEN)}")
+    batch_rank = options.get("batch_rank")
+    if batch_rank is not None and not _is_int(batch_rank, 1):
+        _refuse("batch_rank", batch_rank, "give null (the whole batch) or an integer >= 1")
+    energy = options.get("batch_energy")
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, Real) or not 0 < energy <= 1):
+        _refuse("batch_energy", energy, "give null (no cap) or a fraction in (0, 1]")
+    if not isinstance(options.get("live_only", False), bool):
+        _refuse("live_only", options["live_only"], "choose true or false")
+    if not _is_int(options.get("subspace_rank", 4), 1):
+        _refuse("subspace_rank", options["subspace_rank"], "give an integer >= 1")
 
 
 def phase_resolution(bits: int) -> float:
