@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 from conftest import compose_config
-from test_remote import TOKEN, client, peer, raw_request, request_header, server_config, serving, token_env  # noqa: F401
+from test_remote import OPEN_S, TOKEN, client, peer, raw_request, request_header, server_config, serving, token_env  # noqa: F401
 from torch import Tensor
 
 from astraora.build import make_device
@@ -44,7 +44,7 @@ def test_a_wrong_token_is_refused_at_the_handshake_with_one_line_in_seconds():
         start = time.monotonic()
         with pytest.raises(ConfigError) as info:
             client(server, secret="another-token-123")
-        assert time.monotonic() - start < 2  # not open_timeout_s (5 s here)
+        assert time.monotonic() - start < 2  # not open_timeout_s (OPEN_S)
         message = str(info.value)
         assert message == (
             f"device server {server.endpoint} refused this client's key at the handshake (wrong ASTRAORA_DEVICE_TOKEN?)"
@@ -202,7 +202,7 @@ def test_a_retried_query_whose_reply_was_lost_runs_once():
     opener, _ = device_opener(server_config(*NOISY).device, max_width=64)
     server = DroppingServer(opener, TOKEN, address="tcp://127.0.0.1:*")
     with serving(server=server):
-        remote = RemoteDevice(6, 4, address=server.endpoint, seed=0, name="layer", timeout_s=0.5, open_timeout_s=5)
+        remote = RemoteDevice(6, 4, address=server.endpoint, seed=0, name="layer", timeout_s=0.5, open_timeout_s=OPEN_S)
         ref = reference(*NOISY)
         ledger = QueryLedger(remote, max_retries=2)
         x = torch.randn(3, 6)
@@ -236,7 +236,7 @@ def test_a_split_call_retried_after_a_lost_part_asks_only_for_what_is_missing():
     opener, _ = device_opener(server_config(*NOISY).device, max_width=64)
     server = FailingSecondPartServer(opener, TOKEN, address="tcp://127.0.0.1:*")
     with serving(server=server):
-        remote = RemoteDevice(6, 4, address=server.endpoint, seed=0, name="layer", timeout_s=0.5, open_timeout_s=5)
+        remote = RemoteDevice(6, 4, address=server.endpoint, seed=0, name="layer", timeout_s=0.5, open_timeout_s=OPEN_S)
         ref = reference(*NOISY)
         remote.connection.max_message_bytes = 64 * 1024 + 3 * 4 * ref.theta.numel() + 200  # a few settings per call
         ledger = QueryLedger(remote, max_retries=2)
@@ -304,7 +304,7 @@ def test_set_state_changes_nothing_when_refused():
     chip = CountingChip()
     server = DeviceServer(lambda *args: chip, TOKEN, address="tcp://127.0.0.1:*")
     with serving(server=server):
-        remote = RemoteDevice(2, 2, address=server.endpoint, open_timeout_s=5, timeout_s=5)
+        remote = RemoteDevice(2, 2, address=server.endpoint, open_timeout_s=OPEN_S, timeout_s=5)
         remote.query(torch.ones(1, 2), torch.eye(2))
         with pytest.raises(DeviceFault, match="never negative"):
             remote.connection.request("set_state", {"handle": remote.handle}, {"counter": torch.tensor([-5])})
@@ -389,7 +389,7 @@ def test_a_dead_server_is_noticed_in_seconds():
     server.bind()
     thread = threading.Thread(target=server.serve, args=(stop,), kwargs={"poll_ms": 20}, daemon=True)
     thread.start()
-    remote = RemoteDevice(6, 4, address=server.endpoint, timeout_s=30, open_timeout_s=5, connect_timeout_s=0.5)
+    remote = RemoteDevice(6, 4, address=server.endpoint, timeout_s=30, open_timeout_s=OPEN_S, connect_timeout_s=0.5)
     ledger = QueryLedger(remote, max_retries=3)
     x = torch.randn(2, 6)
     ledger.query(x, "forward")
@@ -434,7 +434,7 @@ def test_the_socket_loop_answers_while_a_big_open_runs():
 
     server = DeviceServer(opener, TOKEN, address="tcp://127.0.0.1:*")
     with serving(server=server):
-        served = RemoteDevice(2, 2, address=server.endpoint, open_timeout_s=5, timeout_s=5, name="small")
+        served = RemoteDevice(2, 2, address=server.endpoint, open_timeout_s=OPEN_S, timeout_s=5, name="small")
         big = threading.Thread(
             target=lambda: RemoteDevice(
                 2, 2, address=server.endpoint, session="ef" * 16, name="big", open_timeout_s=10
