@@ -12,7 +12,8 @@ modes and diagnostics; they are not hardware queries and never enter ``total``.
 
 A *reprogram* is counted whenever a query needs the hardware at a setting other than the one it
 holds: the ledger remembers the last programmed θ and compares. A batch of K perturbed settings
-costs K reprograms. Queries that raise or return non-finite values are retried up to
+costs K reprograms, whether the settings are sent (``query_settings``) or drawn on the device from
+a seed (``query_drawn``, ``device.engine=fused``). Queries that raise or return non-finite values are retried up to
 ``max_retries`` times (counted in ``retries``); when they keep failing :class:`DeviceFailure`
 is raised so the run can checkpoint and stop.
 
@@ -25,12 +26,13 @@ logs of two otherwise identical runs differ.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from astraora.devices.base import Device
-from astraora.errors import DeviceFailure, DeviceFault
+from astraora.errors import ConfigError, DeviceFailure, DeviceFault
 
 PURPOSES = ("forward", "zo", "surrogate", "readout")
 
@@ -121,6 +123,61 @@ class QueryLedger:
         self._programmed = thetas[-1].detach().clone()
         return y
 
+    def drawn_queries(self, purpose: str) -> bool:
+        """Whether the device answers drawn queries for ``purpose`` exactly as the explicit settings
+        (:meth:`Device.supports_drawn_queries <astraora.devices.base.Device.supports_drawn_queries>`;
+        a device that does not say: no)."""
+        says = getattr(self.device, "supports_drawn_queries", None)
+        return bool(says(purpose)) if says is not None else False
+
+    def query_drawn(
+        self,
+        probes: Tensor,
+        weights: Tensor,
+        seed: int,
+        first_index: int,
+        count: int,
+        step: float,
+        purpose: str,
+        *,
+        check: bool = True,
+    ) -> Tensor:
+        """The inner products Σ_b ⟨y_b, w_b⟩ (count,) of the rows ``probes`` (B, n) read at the settings
+        θ + step·u_d (θ the live parameter) for the drawn directions d = first_index, …,
+        first_index + count − 1 of ``seed``, generated on the device (no K × p settings tensor), with
+        ``weights`` (B, m). Counted as :meth:`query_settings` counts those settings: ``count``
+        reprograms and count·B queries, and the hardware holds the last setting afterwards;
+        retried and (``check``) checked for non-finite values the same way. Only where
+        :meth:`drawn_queries` (else ConfigError: send explicit settings)."""
+        self._check_purpose(purpose)
+        if not self.drawn_queries(purpose):
+            raise ConfigError(
+                f"device {self.device.name!r} does not answer drawn {purpose} queries exactly "
+                "(engine, non-idealities in view); use query_settings."
+            )
+        theta = self.device.theta.detach()
+        phi = self._attempt(
+            lambda: self.device.query_drawn(
+                probes,
+                theta,
+                seed=seed,
+                first=first_index,
+                count=count,
+                step=step,
+                weights=weights,
+                purpose=purpose,
+            ),
+            purpose,
+            check,
+        )
+        self.reprograms[purpose] += count
+        self.queries[purpose] += count * probes.shape[-2]
+        if count:  # the last setting, as query_settings would have sent it
+            last = torch.arange(first_index + count - 1, first_index + count, device=theta.device)  # no copy from host
+            direction = self.device.drawn_directions(seed, last)[0].to(theta.dtype)
+            self._programmed = torch.add(theta.reshape(-1), direction, alpha=step).view_as(theta)
+        return phi
+
     def read_matrix(self, purpose: str = "readout") -> Tensor:
         """Read A(θ) (m, n) out at the live θ with n queries (the identity's rows). With
         ``keep_readings`` the reading is kept (and checkpointed): :meth:`reading_at` hands it to a
@@ -165,13 +222,18 @@ class QueryLedger:
         return saved.get("drift_steps") == self.drift_steps and torch.equal(saved["theta"], theta.detach())
 
     def _send(self, x: Tensor, theta: Tensor, purpose: str, check: bool = True) -> Tensor:
+        return self._attempt(lambda: self.device.query(x, theta, purpose=purpose), purpose, check)
+
+    def _attempt(self, ask: Callable[[], Tensor], purpose: str, check: bool) -> Tensor:
+        """``ask()`` (one query to the device), retried while it raises, is slow or (``check``)
+        returns non-finite values; DeviceFailure after ``max_retries`` retries."""
         last_error: Exception | None = None
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self.retries += 1
             start = time.monotonic()
             try:
-                y = self.device.query(x, theta, purpose=purpose)
+                y = ask()
             except DeviceFault as err:
                 last_error = err
                 continue

@@ -9,6 +9,10 @@ the variable set (``python tests/test_fused.py`` prints one JSON record of measu
 and the tests here check the records. The refusals (no triton, no CUDA) run in this process, and so
 does the ahead-of-time compilation for an H100 (sm_90a, no GPU needed), which checks what the
 interpreter cannot: that Triton's GPU compiler accepts the kernel and ptxas keeps it in registers.
+
+The ZO estimator's drawn route (``device.engine=fused``: directions generated on chip from a seed,
+φ read as inner products, ĝ formed by ``fused.combine``) is checked in the same subprocess against
+the standard estimator on ``engine=columns`` fed the same directions (``SameDirections``).
 """
 
 from __future__ import annotations
@@ -149,8 +153,10 @@ def case_device(cell: str) -> dict:
     }
     g = _rows((4, 3), 10)
     y = columns.query(x)
-    grads = [
-        ZOEstimator(samples=8, generator=torch.Generator().manual_seed(0)).estimate(QueryLedger(d), x, g, y)
+    grads = [  # rademacher directions: the explicit settings route on both engines
+        ZOEstimator(samples=8, direction="rademacher", generator=torch.Generator().manual_seed(0)).estimate(
+            QueryLedger(d), x, g, y
+        )
         for d in (fused_dev, columns)
     ]
     out["zo_relative"] = float((grads[0] - grads[1]).norm() / grads[1].norm())
@@ -160,6 +166,161 @@ def case_device(cell: str) -> dict:
     except ConfigError as err:
         out["float64"] = str(err)
     return out
+
+
+class SameDirections:
+    """A ZOEstimator on the explicit route whose directions are the drawn mode's u_0, u_1, … of
+    ``seed`` (fused.directions), handed out in order: the standard estimator's formula applied to the
+    directions the drawn route generates on chip."""
+
+    def __new__(cls, seed: int, **options):
+        from astraora.devices import fused
+        from astraora.zo.estimator import ZOEstimator
+
+        class Estimator(ZOEstimator):
+            issued = 0
+
+            def directions(self, k, p, dtype, device="cpu", out=None):
+                u = fused.directions(seed, torch.arange(self.issued, self.issued + k), p).to(dtype)
+                self.issued += k
+                return u if out is None else out[:k].copy_(u)
+
+        return Estimator(generator=torch.Generator().manual_seed(0), **options)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def case_estimator(cell: str, n: int, m: int, modes: int | None, batch: int, options: dict, nonideal: dict) -> dict:
+    """One ZO estimate on ``device.engine=fused`` (drawn directions when the device offers them)
+    against the standard estimator on ``engine=columns`` with the same directions, the same
+    non-idealities and the same options: the estimates, the ledgers' counters and the setting the
+    hardware holds afterwards. The devices' generators (noise, drift) are seeded alike."""
+    from astraora.ledger import QueryLedger
+    from astraora.zo.estimator import ZOEstimator
+
+    devices = [
+        DEVICES[cell](n, m, seed=7, name="fused.zo", engine=engine, modes=modes, nonideal=nonideal)
+        for engine in ("fused", "columns")
+    ]
+    for device in devices:
+        for _ in range(2 if nonideal.get("drift_std") else 0):
+            device.step_drift()
+    ledgers = [QueryLedger(device) for device in devices]
+    x, g = _rows((batch, n), 11), _rows((batch, m), 12)
+    ys = [ledger.query(x, "forward") for ledger in ledgers]
+    drawn = ZOEstimator(generator=torch.Generator().manual_seed(0), **options)
+    ghat = drawn.estimate(ledgers[0], x, g, ys[0])
+    seed = drawn.last_seed
+    if seed is None:  # the explicit route: the same generator stream on both devices
+        reference = ZOEstimator(generator=torch.Generator().manual_seed(0), **options)
+    else:
+        reference = SameDirections(seed, **options)
+    expected = reference.estimate(ledgers[1], x, g, ys[1])
+    states = [ledger.state_dict() for ledger in ledgers]
+    out = {
+        "drawn": seed is not None,
+        "relative": _relative(ghat, expected),
+        "counts": ledgers[0].counts() == ledgers[1].counts(),
+        "zo_queries": ledgers[0].queries["zo"],
+        "programmed": float((states[0]["programmed"] - states[1]["programmed"]).abs().max()),
+        "moved": float((states[0]["programmed"] - devices[0].theta.detach()).abs().max()),
+    }
+    if seed is not None:  # the data-parallel route: coefficients reduced, then ĝ from the same seed
+        calls = []
+
+        def reducer(coefs: torch.Tensor) -> torch.Tensor:
+            calls.append(tuple(coefs.shape))
+            return 2 * coefs
+
+        again = ZOEstimator(generator=torch.Generator().manual_seed(0), **options)
+        again.reducer = reducer
+        doubled = again.estimate(QueryLedger(devices[0]), x, g, ys[0])
+        out["reducer"] = bool(torch.equal(doubled, 2 * ghat)) and calls == [(drawn.samples,)]
+    return out
+
+
+def case_deferred_retry(cell: str) -> dict:
+    """The deferred check (as on a GPU, where the explicit route draws from a generator on the GPU and
+    the seed comes from the CPU one): a device that returns non-finite readings makes the first
+    pass's ĝ non-finite; the estimate is taken again from the same seed with checks per call, and
+    equals the one of a device without faults."""
+    from astraora.ledger import QueryLedger
+    from astraora.zo.estimator import ZOEstimator
+
+    x, g = _rows((4, 3), 13), _rows((4, 5), 14)
+    out = {}
+    for faults in (None, {"nonfinite_prob": 0.6}):
+        device = DEVICES[cell](3, 5, seed=7, name="fused.retry", engine="fused", faults=faults)
+        ledger = QueryLedger(device, max_retries=20)
+        estimator = ZOEstimator(samples=6, chunk_size=1, generator=torch.Generator().manual_seed(3))
+        estimator.defer_checks = lambda _device: True
+        side = torch.Generator().manual_seed(5)  # as on a GPU: the explicit route's generator is another one
+        estimator.generator_for = lambda _device, side=side: side
+        out["faulty" if faults else "clean"] = (estimator.estimate(ledger, x, g), estimator.last_seed, ledger.retries)
+    (clean, clean_seed, _), (faulty, faulty_seed, retries) = out["clean"], out["faulty"]
+    return {
+        "equal": bool(torch.equal(clean, faulty)) and clean_seed == faulty_seed is not None,
+        "retries": retries,
+    }
+
+
+def case_drawn_refused() -> dict:
+    """Which devices offer drawn queries (the estimator falls back to explicit settings where not)."""
+    offers = {}
+    for name, nonideal in {
+        "ideal": {},
+        "drift": {"drift_std": 0.1},
+        "noise": {"output_noise": 0.01},
+        "input_bits": {"input_bits": 6},
+        "phase_bits": {"phase_bits": 8},
+        "crosstalk": {"crosstalk": 0.1},
+        "forward-only": {"output_noise": 0.01, "phase_bits": 8, "crosstalk": 0.1, "queries": "forward"},
+    }.items():
+        offers[name] = MZIMesh(3, 5, engine="fused", nonideal=nonideal).supports_drawn_queries("zo")
+    offers["forward-only-readout"] = MZIMesh(
+        3, 5, engine="fused", nonideal={"phase_bits": 8, "queries": "forward"}
+    ).supports_drawn_queries("readout")
+    offers["columns"] = MZIMesh(3, 5).supports_drawn_queries("zo")
+    offers["float64"] = MZIMesh(3, 5, engine="fused").double().supports_drawn_queries("zo")
+    return offers
+
+
+ESTIMATES = {  # name: (cell, n, m, modes, batch, options, nonideal)
+    **{
+        f"estimate-{cell}-{n}x{m}-{'two' if two else 'one'}": (
+            cell,
+            n,
+            m,
+            modes,
+            batch,
+            {"samples": 7, "mu": 0.05, "two_sided": two, "chunk_size": 3},
+            {},
+        )
+        for cell in DEVICES
+        for n, m, modes, batch in [(3, 5, None, 4), (6, 2, None, 5)]  # the batch, the compressed batch
+        for two in (False, True)
+    },
+    "estimate-paper-wide-sketched": ("paper", 3, 3, 8, 6, {"samples": 5, "mu": 0.05, "batch_rank": 2}, {}),
+    "estimate-classical-requery": ("classical", 3, 5, None, 4, {"samples": 5, "mu": 0.05, "reuse_forward": False}, {}),
+    "estimate-paper-small-mu": ("paper", 3, 5, None, 4, {"samples": 6}, {}),
+    "estimate-paper-drift": ("paper", 3, 5, None, 4, {"samples": 5, "mu": 0.05}, {"drift_std": 0.1}),
+    "estimate-paper-forward-only": (
+        "paper",
+        6,
+        2,
+        None,
+        5,
+        {"samples": 5, "mu": 0.05, "two_sided": True},
+        {"output_noise": 0.05, "phase_bits": 6, "crosstalk": 0.1, "queries": "forward"},
+    ),
+    "estimate-paper-noise": ("paper", 3, 5, None, 4, {"samples": 5, "mu": 0.05}, {"output_noise": 0.01}),
+    "estimate-classical-phase-bits": ("classical", 3, 5, None, 4, {"samples": 5, "mu": 0.05}, {"phase_bits": 8}),
+    "estimate-paper-rademacher": ("paper", 3, 5, None, 4, {"samples": 5, "mu": 0.05, "direction": "rademacher"}, {}),
+    "estimate-paper-live-only": ("paper", 1, 1, 6, 3, {"samples": 5, "mu": 0.05, "live_only": True}, {}),
+}
+FALLS_BACK = {"noise", "phase-bits", "rademacher", "live-only"}  # estimates that must take the explicit route
 
 
 CASES = {
@@ -181,6 +342,9 @@ CASES = {
     },
     "directions-moments": (case_directions_moments, ()),
     **{f"device-{cell}": (case_device, (cell,)) for cell in DEVICES},
+    **{name: (case_estimator, args) for name, args in ESTIMATES.items()},
+    **{f"retry-{cell}": (case_deferred_retry, (cell,)) for cell in DEVICES},
+    "offers-drawn": (case_drawn_refused, ()),
 }
 SLOW_CASES = {
     **{
@@ -253,6 +417,55 @@ def test_device_engine_fused_matches_the_column_route(results, cell):
     assert max(record["forward"], record["settings"], record["basis"]) < FLOAT32, record
     assert record["zo_relative"] < 1e-2, record  # finite differences at μ = 1e-4 in float32
     assert "device.engine" in record["float64"] and "float32" in record["float64"]
+
+
+@pytest.mark.parametrize("name", list(ESTIMATES))
+def test_the_drawn_estimate_is_the_standard_formula_on_the_same_directions(results, name):
+    """engine=fused: ĝ with directions drawn on chip equals the explicit route's ĝ (engine=columns) on
+    the directions fused.directions rebuilds, to float32 round-off (μ = 0.05, so a φ difference of
+    round-off size moves a coefficient by ≈ 1e-6 relative; at μ = 1e-4 by ≈ 1e-3), with the same
+    queries and reprograms and the same setting held afterwards; where the device or the options
+    do not allow drawn directions, the explicit route with the same generator stream."""
+    record = results[name]
+    falls_back = any(name.endswith(tail) for tail in FALLS_BACK)
+    assert record["drawn"] is not falls_back, record
+    assert record["counts"] and record["zo_queries"] > 0, record
+    assert record["moved"] > 0 and record["programmed"] < 1e-6, record
+    tolerance = 1e-2 if name.endswith("small-mu") or falls_back else 2e-5
+    assert record["relative"] < tolerance, record
+    if record["drawn"]:
+        assert record["reducer"], record
+
+
+@pytest.mark.parametrize("cell", list(DEVICES))
+def test_a_non_finite_reading_retakes_the_drawn_estimate_from_the_same_seed(results, cell):
+    record = results[f"retry-{cell}"]
+    assert record["equal"] and record["retries"] > 0, record
+
+
+def test_drawn_queries_only_where_they_are_exactly_the_explicit_ones(results):
+    assert results["offers-drawn"] == {
+        "ideal": True,
+        "drift": True,  # an offset of θ
+        "noise": False,
+        "input_bits": False,
+        "phase_bits": False,
+        "crosstalk": False,
+        "forward-only": True,  # ZO queries see the forward's θ moved by the perturbation, no noise
+        "forward-only-readout": False,  # a readout sees the quantized setting
+        "columns": False,
+        "float64": False,
+    }
+
+
+def test_the_ledger_refuses_drawn_queries_a_device_does_not_offer():
+    from astraora.ledger import QueryLedger
+
+    ledger = QueryLedger(MZIMesh(3, 5))
+    assert not ledger.drawn_queries("zo")
+    with pytest.raises(ConfigError, match="does not answer drawn zo queries"):
+        ledger.query_drawn(torch.ones(2, 3), torch.ones(2, 5), 1, 0, 4, 0.1, "zo")
+    assert ledger.total == 0 and ledger.total_reprograms == 0
 
 
 @pytest.mark.slow
@@ -332,6 +545,31 @@ def compile_for_h100(modes: int, batch: int, drawn: bool, products: bool, cell: 
     return done.stderr + done.stdout
 
 
+def compile_combine_for_h100() -> str:
+    """fused._combine_kernel (ĝ = Σ c_i u_i from the seed) compiled ahead of time for sm_90a: ptxas's report."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from astraora.devices import fused
+
+    signature = {"c_ptr": "*fp32", "out_ptr": "*fp32", "seed": "i64", "first": "i32", "count": "i32", "p": "i32"}
+    names = fused._combine_kernel.arg_names
+    source = ASTSource(
+        fused._combine_kernel, {name: signature.get(name, "constexpr") for name in names}, constexprs={"BLOCK": 1024}
+    )
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "combine.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        done = subprocess.run(
+            [triton.knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", str(ptx), "-o", str(ptx.with_suffix(".cubin"))],
+            capture_output=True,
+            text=True,
+        )
+    assert done.returncode == 0, done.stderr
+    return done.stderr + done.stdout
+
+
 def _spills(report: str) -> int:
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
 
@@ -352,6 +590,13 @@ def test_the_kernel_compiles_for_an_h100_without_spills(drawn, products):
     if not _compiles_here():
         pytest.skip("no ptxas in this triton build, or TRITON_INTERPRET is set")
     report = compile_for_h100(8, 5, drawn, products, cell=1)
+    assert "registers" in report and _spills(report) == 0, report
+
+
+def test_the_combine_kernel_compiles_for_an_h100_without_spills():
+    if not _compiles_here():
+        pytest.skip("no ptxas in this triton build, or TRITON_INTERPRET is set")
+    report = compile_combine_for_h100()
     assert "registers" in report and _spills(report) == 0, report
 
 

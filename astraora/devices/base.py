@@ -246,6 +246,15 @@ class Device(nn.Module):
         """Whether a query made for ``purpose`` (a ledger purpose) sees the non-idealities."""
         return self.nonideal.queries == "all" or purpose == "forward"
 
+    def supports_drawn_queries(self, purpose: str = "zo") -> bool:
+        """Whether the device answers *drawn* queries for ``purpose``: the K settings θ + step·u_d with
+        Gaussian directions u_d generated on the device from a seed (no K × p settings tensor sent),
+        read as K inner products with given weights (``query_drawn``, ``drawn_directions`` and
+        ``combine_drawn``; :meth:`~astraora.ledger.QueryLedger.query_drawn`), and answered exactly as
+        :meth:`query` would answer those settings, non-idealities included. False (the default):
+        callers send explicit settings."""
+        return False
+
     def forward_output_gives_phi(self, compressed: bool) -> bool:
         """Whether φ(θ) = Σ_b ⟨y_b, g_b⟩ from the forward output is exactly what the ZO queries
         at θ would measure, so that re-querying it can be skipped.

@@ -33,7 +33,9 @@ first read and the last write nothing goes through memory:
   read, and the Gaussian direction u_i is generated on chip by Philox, ``tl.randn(seed, i·p + j)``
   for phase j of direction i, so θ_k = θ + step·u_{d_k} for the direction indices d (K,): no
   K × p tensor exists, the stream does not depend on how directions are chunked, and
-  :func:`directions` redraws the same u (K, p) for the estimate Σ c_i u_i.
+  :func:`directions` redraws the same u (K, p); :func:`combine` forms the estimate Σ c_i u_i from
+  the seed without storing any u (what the ZO estimator does on ``device.engine=fused``:
+  :meth:`~astraora.ledger.QueryLedger.query_drawn`).
 * **output**: the real part of wires [0, m) (readings, (K, B, m)), or per program one partial
   Σ_rows Σ_wires y·w, summed over the row blocks by PyTorch (a fixed order: φ_k does not depend
   on how many settings share a launch, nor on the launch order).
@@ -310,6 +312,18 @@ def _directions_kernel(dir_ptr, out_ptr, seed, p, BLOCK: tl.constexpr):
     tl.store(out_ptr + k.to(tl.int64) * p + index, u, mask=index < p)
 
 
+@jit(do_not_specialize=["seed", "first"])
+def _combine_kernel(c_ptr, out_ptr, seed, first, count, p, BLOCK: tl.constexpr):
+    """out[j] = Σ_i c_i · u_{first + i, j} over i < count for phases j of one block: the directions of
+    the drawn mode regenerated in registers (the same ``tl.randn(seed, d·p + j)``), never stored."""
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(count):
+        stream = (first + i).to(tl.int64) * p
+        total += tl.load(c_ptr + i) * tl.randn(seed, stream + index)
+    tl.store(out_ptr + index, total, mask=index < p)
+
+
 def kernels() -> SimpleNamespace:
     """The kernels, compiled, or run by Triton's interpreter when ``TRITON_INTERPRET=1`` was set
     before triton and this module were imported."""
@@ -319,7 +333,9 @@ def kernels() -> SimpleNamespace:
         raise RuntimeError(
             "TRITON_INTERPRET changed after the fused kernels were defined: set it before triton is imported"
         )
-    return SimpleNamespace(cells=_cells_kernel, mesh=_mesh_kernel, directions=_directions_kernel)
+    return SimpleNamespace(
+        cells=_cells_kernel, mesh=_mesh_kernel, directions=_directions_kernel, combine=_combine_kernel
+    )
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -345,6 +361,21 @@ def directions(seed: int, indices: Tensor, p: int) -> Tensor:
     if out.numel():
         block = min(1024, _next_pow2(p))
         kernels().directions[(triton.cdiv(p, block), indices.numel())](indices, out, int(seed), p, BLOCK=block)
+    return out
+
+
+def combine(seed: int, coefficients: Tensor, p: int, first: int = 0) -> Tensor:
+    """Σ_i c_i u_{first + i} (p,) float32 for coefficients c (K,) (on the kernel's device) and the
+    directions of the drawn mode (:func:`directions` gives the same u): one launch, the directions
+    regenerated block by block in registers, so no K × p tensor exists. The sum over i runs in
+    index order for every phase."""
+    coefficients = coefficients.detach().to(torch.float32).reshape(-1).contiguous()
+    out = torch.empty(p, dtype=torch.float32, device=coefficients.device)
+    if p:
+        block = min(1024, _next_pow2(p))
+        kernels().combine[(triton.cdiv(p, block),)](
+            coefficients, out, int(seed), int(first), coefficients.numel(), p, BLOCK=block
+        )
     return out
 
 

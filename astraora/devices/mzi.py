@@ -112,7 +112,9 @@ class MZIMesh(Device):
       reference the tile engine is tested against, and the route autograd takes (oracle modes).
     * ``fused``: all K settings in one Triton kernel launch, state and cells on chip
       (:mod:`astraora.devices.fused`); needs CUDA and triton, float32. Autograd takes the
-      column route.
+      column route. Also answers *drawn* queries (:meth:`query_drawn`: directions generated on
+      chip from a seed, read as inner products), which the ZO estimator uses where
+      :meth:`supports_drawn_queries` says they are exact.
 
     Args:
         init_center, init_std: phases ~ N(init_center, init_std²) in radians; paper: π/2 and
@@ -249,6 +251,85 @@ class MZIMesh(Device):
 
         codes = {paper_cell_entries: fused.CELL_PAPER, MZIClassical.cell_entries: fused.CELL_CLASSICAL}
         return codes.get(self.cell_entries)
+
+    def supports_drawn_queries(self, purpose: str = "zo") -> bool:
+        """Drawn queries (:meth:`query_drawn`) on ``engine=fused`` where they are exactly the queries of
+        the explicit settings: the setting a query is answered at is the commanded one moved by a fixed
+        offset (drift, and with ``nonideal.queries=forward`` a ZO query's drift, crosstalk and
+        quantization of the live θ: :meth:`settings_for`), and the read adds nothing (no output noise
+        or input quantization in view). Crosstalk or phase quantization in view of the query (they
+        move θ + step·u other than by an offset), output noise or input quantization: False, and the
+        caller sends explicit settings."""
+        if self.engine != "fused" or self._fused_cell() is None:
+            return False
+        from astraora.devices import fused
+
+        if fused.problem(self.theta) is not None:
+            return False  # the explicit route then says why in one line
+        nonideal, sees = self.nonideal, self.sees_nonidealities(purpose)
+        offset = (not sees and purpose == "zo") or not (nonideal.crosstalk or nonideal.phase_bits)
+        clean_read = not sees or not (nonideal.output_noise or nonideal.input_bits)
+        return offset and clean_read
+
+    @torch.no_grad()
+    def query_drawn(
+        self,
+        x: Tensor,
+        theta: Tensor,
+        *,
+        seed: int,
+        first: int,
+        count: int,
+        step: float,
+        weights: Tensor,
+        purpose: str = "zo",
+    ) -> Tensor:
+        """The hardware at the ``count`` settings θ + step·u_d, d = first, …, first + count − 1, with u_d
+        the drawn Gaussian directions of ``seed`` (:meth:`drawn_directions`): rows x (B, n) sent at
+        each, read as the inner products Σ_b ⟨y_b, w_b⟩ with ``weights`` (B, m) → (count,). One
+        fused launch per :data:`~astraora.devices.fused.MAX_SETTINGS` settings; the settings exist
+        only on chip. Non-idealities as :meth:`query` (only where :meth:`supports_drawn_queries`),
+        faults too. Go through the ledger (:meth:`~astraora.ledger.QueryLedger.query_drawn`)."""
+        from astraora.devices import fused
+
+        if not self.supports_drawn_queries(purpose):
+            raise ConfigError(f"device {self.name!r} does not answer drawn {purpose} queries; send explicit settings.")
+        if self.faults.active:
+            self._inject_delay_or_raise()
+        base = self.settings_for(theta.detach().reshape(1, -1), purpose)[0]  # the offset the query sees
+        indices = torch.arange(first, first + count, device=base.device)
+        pieces = [
+            fused.transfer_drawn(
+                self._fused_cell(),
+                base,
+                x,
+                self.modes,
+                self.d_out,
+                seed=seed,
+                indices=indices[start : start + fused.MAX_SETTINGS],
+                step=step,
+                weights=weights,
+            )
+            for start in range(0, count, fused.MAX_SETTINGS)
+        ]
+        phi = torch.cat(pieces) if pieces else torch.zeros(0, dtype=base.dtype, device=base.device)
+        if self.faults.nonfinite_prob and self._draw() < self.faults.nonfinite_prob and count:
+            phi[0] = float("nan")
+        return phi
+
+    def drawn_directions(self, seed: int, indices: Tensor) -> Tensor:
+        """The directions u_d (K, p) of :meth:`query_drawn` for direction indices (K,) (a copy of what
+        the chip generates; K × p, so only for few)."""
+        from astraora.devices import fused
+
+        return fused.directions(seed, indices.to(self.theta.device), self.theta.numel())
+
+    def combine_drawn(self, seed: int, coefficients: Tensor) -> Tensor:
+        """Σ_i c_i u_i (p,) over the drawn directions i = 0, …, K − 1 of ``seed`` for coefficients c (K,),
+        without storing any u (:func:`~astraora.devices.fused.combine`)."""
+        from astraora.devices import fused
+
+        return fused.combine(seed, coefficients, self.theta.numel()).to(self.theta.dtype)
 
     def _tile_cell(self, theta: Tensor) -> tuple[object, Tensor]:
         """The cell function and the settings (K, p) the tile engine gets for settings theta: this

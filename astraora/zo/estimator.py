@@ -12,6 +12,18 @@ The equations are the pure functions :func:`zo_probes`, :func:`zo_sketch`, :func
 :func:`zo_coefficients` and :func:`zo_gradient`; :class:`ZOEstimator` draws the directions, measures
 φ through the ledger in chunks of ``chunk_size`` settings, schedules the estimates (``every``) and
 keeps the generator state for checkpoints and the data-parallel redraw.
+
+Drawn directions (``device.engine=fused``). Where the ledger's device answers drawn queries
+(:meth:`~astraora.ledger.QueryLedger.drawn_queries`: the fused engine with no non-ideality in view
+that the drawn settings would not see exactly) and the directions are ``gaussian`` without a
+``live_only`` mask, the estimator draws one seed per estimate from its generator and the device
+generates u_i on chip (``tl.randn(seed, i·p + j)``, i = 0, …, M − 1): each chunk of settings is one
+:meth:`~astraora.ledger.QueryLedger.query_drawn` returning its φ's, and ĝ = Σ c_i u_i / M is formed
+by regenerating the directions from the seed (:func:`~astraora.devices.fused.combine`). Nothing of
+size K × p exists and no chunk waits for the host. The directions then are another stream than
+PyTorch's generator gives (a run on ``engine=fused`` does not reproduce a ``tiles`` run's
+directions), the same for every chunk size, and resumable (the seed comes from the checkpointed
+generator). Other devices and options take the explicit route above, unchanged.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ __all__ = [
     "zo_phi",
     "zo_probes",
     "zo_sketch",
+    "zo_weights",
     "subspace_basis",
     "subspace_directions",
 ]
@@ -116,6 +129,15 @@ def zo_phi(outputs: Tensor, g: Tensor) -> Tensor:
     return (outputs * g).sum((-2, -1))
 
 
+def zo_weights(g: Tensor) -> Tensor:
+    """The weights W (q, m) with :func:`zo_phi`'s φ = Σ_b ⟨y_b, w_b⟩ = Σ y·W for the outputs y (q, m) of
+    :func:`zo_probes`' rows: g itself for the batch (or the sketched batch's weights), the identity
+    I_m for the compressed batch (B > m: φ = tr(C A(θ')ᵀ))."""
+    if g.shape[0] > g.shape[1]:
+        return torch.eye(g.shape[1], dtype=g.dtype, device=g.device)
+    return g
+
+
 def zo_coefficients(phi_plus: Tensor, phi_base: Tensor, mu: float, two_sided: bool) -> Tensor:
     """The finite differences c_i along each direction u_i: (φ(θ + μ u_i) − φ(θ)) / μ one-sided
     (``phi_base`` = φ(θ)), (φ(θ + μ u_i) − φ(θ − μ u_i)) / (2μ) two-sided (``phi_base`` = the
@@ -172,7 +194,8 @@ class ZOEstimator:
             top-k singular vectors (:func:`subspace_basis`), for devices with one control per matrix
             entry; ĝ estimates the projection of the gradient on that span.
         generator: draws the directions, one row at a time, so that the stream does not depend on
-            ``chunk_size`` and can be redrawn from a saved generator state.
+            ``chunk_size`` and can be redrawn from a saved generator state; with drawn directions
+            (module docstring) one seed per estimate.
 
     The values are checked by :func:`~astraora.zo.validate_zo`.
 
@@ -183,7 +206,9 @@ class ZOEstimator:
     reducer the M coefficients are measured first, reduced in one collective (2M settings
     two-sided still give M coefficients), and the same directions are then redrawn from the saved
     generator state to form ĝ, so every process ends with the same ĝ (MeZO's shared seed: no
-    p-sized vector is exchanged). Without one (a single process) nothing changes.
+    p-sized vector is exchanged). Without one (a single process) nothing changes. With drawn
+    directions (module docstring) the same holds: the M coefficients are reduced, then ĝ is formed
+    from the seed, which every process draws alike.
     """
 
     def __init__(
@@ -237,6 +262,7 @@ class ZOEstimator:
         self._device_generator: torch.Generator | None = None  # directions on a GPU (generator_for)
         self._pending_device_state: Tensor | None = None  # its checkpointed state, until first used
         self.reducer: Callable[[Tensor], Tensor] | None = None  # mean over data-parallel processes
+        self.last_seed: int | None = None  # the seed of the last estimate with drawn directions, None: explicit
         self.calls = 0  # estimate() calls, for ``every``
         self._last: Tensor | None = None  # the last estimate, for between="last"
 
@@ -357,10 +383,12 @@ class ZOEstimator:
         if not self.defer_checks(device):
             ghat = self._estimate(ledger, x, g, y, check=True)
         else:
-            state = self.generator_for(device).get_state()
+            generators = (self.generator_for(device), self.generator)  # the device's directions, a drawn seed
+            states = [gen.get_state() for gen in generators]
             ghat = self._estimate(ledger, x, g, y, check=False)
             if not bool(torch.isfinite(ghat).all()):
-                self.generator_for(device).set_state(state)
+                for gen, state in zip(generators, states, strict=True):
+                    gen.set_state(state)
                 ghat = self._estimate(ledger, x, g, y, check=True)
         if self.every > 1 and self.between == "last" and bool(torch.isfinite(ghat).all()):
             self._last = ghat.detach().clone()
@@ -388,6 +416,9 @@ class ZOEstimator:
                 phi0 = (y * forward_g).sum()
             else:
                 phi0 = zo_phi(ledger.query(probes, "zo", theta=theta).unsqueeze(0), g)[0]
+        if self.direction == "gaussian" and self._live is None and ledger.drawn_queries("zo"):
+            return self._estimate_drawn(ledger, probes, g, None if empty or self.two_sided else phi0, empty, check)
+        self.last_seed = None
         chunk = self.chunk_for(p, probes.shape[0], x.shape[1], d_out, flat.device)
         u_buffer = torch.empty(chunk, p, dtype=flat.dtype, device=flat.device)
         settings = torch.empty(chunk, p, dtype=flat.dtype, device=flat.device)
@@ -424,6 +455,35 @@ class ZOEstimator:
         gen.set_state(saved)  # the same directions again
         pairs = ((coefs[start : start + u.shape[0]], u) for start, u in drawn())
         return zo_gradient(pairs, self.samples).mul_(scale).view_as(theta)
+
+    def _estimate_drawn(
+        self, ledger: QueryLedger, probes: Tensor, g: Tensor, phi0: Tensor | None, empty: bool, check: bool
+    ) -> Tensor:
+        """ĝ with the directions drawn on the device (module docstring): one seed from the generator,
+        direction i = 0, …, M − 1 of it; the M coefficients measured chunk by chunk as inner
+        products (``chunk_size``, or all M in one call for ``auto``: nothing per setting is stored
+        but its φ), reduced over data-parallel processes when a reducer is set, then Σ c_i u_i formed
+        from the seed on the device."""
+        theta = ledger.device.theta.detach()
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator))  # one draw per estimate
+        self.last_seed = seed
+        coefs = torch.zeros(self.samples, dtype=theta.dtype, device=theta.device)
+        if not empty:  # G = 0: every coefficient is 0 without a query
+            weights = zo_weights(g)
+            chunk = self.samples if self.chunk_size == "auto" else int(self.chunk_size)
+            for start in range(0, self.samples, chunk):
+                k = min(chunk, self.samples - start)
+                plus = ledger.query_drawn(probes, weights, seed, start, k, self.mu, "zo", check=check)
+                if self.two_sided:
+                    base = ledger.query_drawn(probes, weights, seed, start, k, -self.mu, "zo", check=check)
+                else:
+                    base = phi0
+                coefs[start : start + k] = zo_coefficients(plus, base, self.mu, self.two_sided)
+        if self.reducer is not None:  # one collective for the M coefficients, the directions from the seed
+            coefs = self.reducer(coefs)
+        elif empty:
+            return torch.zeros_like(theta)
+        return ledger.device.combine_drawn(seed, coefs).div_(self.samples).view_as(theta)
 
     def state_dict(self) -> dict:
         device_state = (
