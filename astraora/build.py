@@ -11,7 +11,6 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from astraora.choices import SUBSPACE
 from astraora.config import OPTIMIZERS
 from astraora.errors import AstraoraError, ConfigError
 from astraora.hybrid import HybridLayer
@@ -77,12 +76,6 @@ def make_layer_factory(cfg: DictConfig) -> LayerFactory:
             if cfg.mode.startswith("zo")
             else None
         )
-        if getattr(zo, "direction", None) == SUBSPACE and tuple(device.theta_shape()) != (d_out, d_in):
-            raise ConfigError(
-                f"zo.direction=subspace needs a device with one control per matrix entry (θ of shape "
-                f"{(d_out, d_in)}); device {cfg.device.family!r} has θ of shape {tuple(device.theta_shape())} "
-                f"(layer {name}); choose zo=gaussian."
-            )
         rank = resolve_rank(cfg.surrogate.rank, d_in, d_out)  # `auto`: by this layer's size
         integrator = resolve_integrator(integrator_cfg, d_in, rank, estimate_reuses_readout=reuses_readout(zo))
         rank = readout_rank(cfg.surrogate.get("readout_rank", "same"), integrator, d_in, d_out, rank)

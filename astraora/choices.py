@@ -8,9 +8,7 @@ from __future__ import annotations
 MODES = ("zo+sm", "exact+sm", "zo+exact", "exact")
 
 # Random directions of the zeroth-order estimator; colored finite differences draw none.
-# subspace: the span of u_j v_kᵀ over G's top singular vectors, for devices with one control per matrix entry.
-DIRECTIONS = ("gaussian", "rademacher", "sphere", "subspace")
-SUBSPACE = "subspace"
+DIRECTIONS = ("gaussian", "rademacher", "sphere")
 COLORED = "colored"
 ESTIMATOR_DIRECTIONS = (*DIRECTIONS, COLORED)
 # What θ gets on the steps zo.every skips (zo.between): the optimizer's moments carry it on, or the last estimate.

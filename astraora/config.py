@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from astraora.choices import MODES, SUBSPACE
+from astraora.choices import MODES
 from astraora.errors import ConfigError
 from astraora.surrogate.validation import PSI_NAMES, validate_integrator, validate_surrogate
 from astraora.zo.validation import validate_zo, zo_step_problem
@@ -274,11 +274,6 @@ def validate(cfg: DictConfig, import_targets: bool = True) -> None:
     _check_real(cfg, "device.driver.timeout_s", allow_none=True)
     if str(_get(cfg, "mode")).startswith("zo"):
         validate_zo(OmegaConf.to_container(_get(cfg, "zo"), resolve=True))
-        if _get(cfg, "zo.direction") == SUBSPACE and "ddp" in str(OmegaConf.select(cfg, "trainer.strategy") or ""):
-            raise ConfigError(
-                "zo.direction=subspace is not available with data-parallel training (each process's batch "
-                "would give its own subspace); choose zo=gaussian or a single-process trainer."
-            )
         problem = zo_step_problem(
             OmegaConf.select(cfg, "device.nonideal.phase_bits", default=0),
             OmegaConf.select(cfg, "device.nonideal.queries", default="all"),

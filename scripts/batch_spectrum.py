@@ -7,8 +7,9 @@ Each run is ``python train.py OVERRIDES`` unchanged, with every physical layer's
 observed: on every 5th call, the singular values of G = Σ_b g_b x_bᵀ (the ZO estimator's target
 ⟨A(θ), G⟩) and, for each rank r below rank G, the cosine between the exact VJPs ∇_θ⟨A, G_r⟩ (what
 ``zo.batch_rank=r`` estimates) and ∇_θ⟨A, G⟩ (autograd through the simulator; no query counted). The
-records go to spectrum.jsonl in the run folder. The report: per task, device and layer, the median over
-the recorded steps of rank G, the ranks holding 90 / 99 / 99.9 % of ‖G‖_F², and the cosine per r.
+records go to spectrum.jsonl in the run folder. The report (batch_spectrum.md): per task, device and
+layer, the median over the recorded steps of rank G, the ranks holding 90 / 99 / 99.9 % of ‖G‖_F² and
+the cosine per r; batch_spectrum.png: the mean normalised spectrum σ_j / σ_1.
 """
 
 import json
@@ -79,7 +80,23 @@ def with_observer(wrap_records: list):
     return wrap
 
 
-def report(root: Path) -> str:
+def plot(groups: dict) -> "Figure":  # noqa: F821
+    """Mean normalised singular values σ_j / σ_1 of G per task and device (log scale), one line each."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.subplots()
+    for (task, device, _layer), recs in sorted(groups.items()):
+        length = min(len(r["sigma"]) for r in recs)
+        mean = [statistics.fmean(r["sigma"][j] for r in recs) for j in range(length)]
+        axes.plot(range(1, length + 1), mean, label=f"{task} / {device}", marker=".", markersize=3)
+    axes.set(yscale="log", xscale="log", xlabel="j", ylabel="σ_j / σ_1 (mean over steps)", title="G = Σ_b g_b x_bᵀ")
+    axes.legend(fontsize="x-small")
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def collect(root: Path) -> dict:
     groups = {}
     for path in sorted(root.rglob("spectrum.jsonl")):
         summary = json.loads((path.parent / "summary.json").read_text(encoding="utf-8"))
@@ -87,6 +104,10 @@ def report(root: Path) -> str:
         for line in path.read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
             groups.setdefault((task, device, rec["layer"]), []).append(rec)
+    return groups
+
+
+def report(groups: dict) -> str:
     head = "| task | device | layer | B | n → m | rank G | r(90 %) | r(99 %) | r(99.9 %) | " + " | ".join(
         f"cos r={r}" for r in RANKS
     )
@@ -108,8 +129,11 @@ def report(root: Path) -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--report"]:
-        table = report(Path(sys.argv[2]))
-        (Path(sys.argv[2]) / "batch_spectrum.md").write_text(table + "\n", encoding="utf-8")
+        root = Path(sys.argv[2])
+        groups = collect(root)
+        table = report(groups)
+        (root / "batch_spectrum.md").write_text(table + "\n", encoding="utf-8")
+        plot(groups).savefig(root / "batch_spectrum.png", dpi=120)
         print(table)
     elif sys.argv[1:]:
         train_wrapped(with_observer([]), "outputs/batch_spectrum", sys.argv[1:])

@@ -3,10 +3,11 @@
     python scripts/query_study.py SWEEP_DIR... [--out OUT] [--seeds 0 1 2]    # default OUT: the first SWEEP_DIR
 
 The runs come from the multiruns of conf/experiment/study_query*.yaml. A run's variant is named
-from its settings: paper (the defaults), M<zo.samples>, every<zo.every>, reuse_sketch, and
-query_efficient for M50 + every2 (conf/experiment/query_efficient.yaml). Per task, each variant's
-test metric (mean ± std over seeds), mean total queries, and against paper over the same seeds:
-the query ratio (sum of queries / sum of paper's) and the paired metric difference (± s.e.).
+from its settings: paper (the defaults), M<zo.samples>, every<zo.every>, reuse_sketch, r<zo.batch_rank>,
+e<zo.batch_energy>, another direction law, and query_efficient for r2 (conf/experiment/query_efficient.yaml). Per
+task and device, each variant's test metric (mean ± std over seeds), mean total queries, and against paper
+on the same device over the same seeds: the query ratio (sum of queries / sum of paper's) and the paired
+metric difference (± s.e.); the plot has the Pareto front of each panel.
 Writes OUT/query_study.md, OUT/query_study.csv and OUT/query_study.png; exit code 2 when no run finished.
 The maths and the tables live in astraora.report.compare (query_rows, query_markdown, ...).
 """

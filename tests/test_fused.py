@@ -318,9 +318,8 @@ ESTIMATES = {  # name: (cell, n, m, modes, batch, options, nonideal)
     "estimate-paper-noise": ("paper", 3, 5, None, 4, {"samples": 5, "mu": 0.05}, {"output_noise": 0.01}),
     "estimate-classical-phase-bits": ("classical", 3, 5, None, 4, {"samples": 5, "mu": 0.05}, {"phase_bits": 8}),
     "estimate-paper-rademacher": ("paper", 3, 5, None, 4, {"samples": 5, "mu": 0.05, "direction": "rademacher"}, {}),
-    "estimate-paper-live-only": ("paper", 1, 1, 6, 3, {"samples": 5, "mu": 0.05, "live_only": True}, {}),
 }
-FALLS_BACK = {"noise", "phase-bits", "rademacher", "live-only"}  # estimates that must take the explicit route
+FALLS_BACK = {"noise", "phase-bits", "rademacher"}  # estimates that must take the explicit route
 
 
 CASES = {

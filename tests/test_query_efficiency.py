@@ -214,8 +214,8 @@ def test_query_efficient_preset_sets_only_method_keys():
     assert cfg.task.name == "synthetic_audio" and cfg.device.family == "mrr"
     validate(cfg, import_targets=False)
     plain = compose_config(["task=synthetic_audio", "device=mrr"])
-    assert (cfg.zo.samples, cfg.zo.every, cfg.zo.between) == (50, 2, "momentum")
+    assert (cfg.zo.samples, cfg.zo.every, cfg.zo.batch_rank) == (100, 1, 2)
     assert cfg.task == plain.task and cfg.device == plain.device and cfg.integrator == plain.integrator
-    assert {k: v for k, v in cfg.zo.items() if k not in ("samples", "every", "between")} == {
-        k: v for k, v in plain.zo.items() if k not in ("samples", "every", "between")
+    assert {k: v for k, v in cfg.zo.items() if k != "batch_rank"} == {
+        k: v for k, v in plain.zo.items() if k != "batch_rank"
     }

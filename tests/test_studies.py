@@ -69,14 +69,24 @@ def test_study_task_settings():
 
 
 def fake(
-    root: Path, task: str, seed: int, acc: float, total: float, samples=100, every=1, reuse=False, status="completed"
+    root: Path,
+    task: str,
+    seed: int,
+    acc: float,
+    total: float,
+    samples=100,
+    every=1,
+    reuse=False,
+    status="completed",
+    rank=None,
+    device="mzi",
 ):
-    directory = root / f"task={task},zo.samples={samples},zo.every={every},reuse={reuse},seed={seed}"
+    directory = root / f"task={task},device={device},M={samples},every={every},reuse={reuse},r={rank},seed={seed}"
     directory.mkdir(parents=True)
-    config = {"zo": {"samples": samples, "every": every}, "integrator": {"reuse_sketch": reuse}}
+    config = {"zo": {"samples": samples, "every": every, "batch_rank": rank}, "integrator": {"reuse_sketch": reuse}}
     summary = {
         "task": task,
-        "device": "mzi",
+        "device": device,
         "mode": "zo+sm",
         "seed": seed,
         "status": status,
@@ -97,14 +107,29 @@ def test_query_report_ratios_and_paired_differences(tmp_path):
     fake(tmp_path, "digits", 0, 0.80, 500, samples=50)
     fake(tmp_path, "digits", 1, 0.10, 500, samples=50, status="failed")  # left out
     fake(tmp_path, "digits", 0, 0.91, 600, every=4, reuse=True)
+    fake(tmp_path, "digits", 0, 0.93, 90, rank=2)  # the preset (the sketched batch)
+    fake(tmp_path, "digits", 0, 0.95, 1000, device="mrr")  # another device: its own paper
+    fake(tmp_path, "digits", 0, 0.96, 100, device="mrr", rank=4)
     assert query.main([str(tmp_path), "--seeds", "0", "1"]) == 0
-    rows = {r["variant"]: r for r in query.collect([tmp_path], [0, 1])}
-    assert list(rows) == ["paper", "M50", "every4+reuse_sketch", "query_efficient"]
+    every_row = query.collect([tmp_path], [0, 1])
+    rows = {r["variant"]: r for r in every_row if r["device"] == "mzi"}
+    assert list(rows) == [
+        "paper",
+        "M50",
+        "M50+every2",
+        "every4+reuse_sketch",
+        "query_efficient",
+    ]
+    assert rows["query_efficient"]["query_ratio"] == pytest.approx(0.09)
+    assert rows["query_efficient"]["difference"] == pytest.approx(0.03)
+    mrr = {r["variant"]: r for r in every_row if r["device"] == "mrr"}
+    assert list(mrr) == ["paper", "r4"] and mrr["r4"]["difference"] == pytest.approx(0.01)
     assert rows["M50"]["seeds"] == 1 and rows["M50"]["query_ratio"] == pytest.approx(0.5)
     assert rows["M50"]["difference"] == pytest.approx(-0.10)
     assert rows["every4+reuse_sketch"]["query_ratio"] == pytest.approx(0.6)
     table = (tmp_path / "query_study.md").read_text()
-    assert "| query_efficient | 2 | 91.00 ± 0.71 | 250 | 0.250 | +0.00 ± 0.50 |" in table  # paired +0.5, −0.5 pt
+    assert "| M50+every2 | 2 | 91.00 ± 0.71 | 250 | 0.250 | +0.00 ± 0.50 |" in table  # paired +0.5, −0.5 pt
+    assert "**digits** (device=mrr)" in table
     assert "| paper | 2 | 91.00 ± 1.41 | 1,000 | 1.000 | +0.00 ± 0.00 |" in table
     assert (tmp_path / "query_study.png").stat().st_size > 0 and (tmp_path / "query_study.csv").is_file()
     assert query.main([str(tmp_path / "empty")]) == 2
@@ -144,3 +169,12 @@ def test_query_multirun_and_report(tmp_path):
     assert load_script("query_study").main([str(out)]) == 0
     table = (out / "query_study.md").read_text()
     assert "| paper | 1 |" in table and "| M50 | 1 |" in table
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    from astraora.report.compare import pareto_front
+
+    points = [(100, 0.9), (50, 0.85), (200, 0.88), (10, 0.5), (50, 0.80), (300, 0.95)]
+    assert pareto_front(points, higher_is_better=True) == [(10, 0.5), (50, 0.85), (100, 0.9), (300, 0.95)]
+    losses = [(100, 2.0), (50, 2.5), (200, 2.1), (400, 1.9)]
+    assert pareto_front(losses, higher_is_better=False) == [(50, 2.5), (100, 2.0), (400, 1.9)]

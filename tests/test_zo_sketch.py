@@ -130,3 +130,17 @@ def test_colored_differences_refuse_a_sketch():
     with pytest.raises(ConfigError, match=r"zo\.batch_rank=4.*not available with zo\.direction=colored"):
         validate_zo({"direction": "colored", "batch_rank": 4})
     validate_zo({"direction": "colored", "batch_rank": None, "batch_energy": None})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"live_only": True}, r"zo\.live_only=True is not allowed; not a key of the zo group"),
+        ({"subspace_rank": 2}, r"zo\.subspace_rank=2 is not allowed; not a key of the zo group"),
+        ({"direction": "subspace"}, r"zo\.direction='subspace' is not allowed; choose one of"),
+    ],
+)
+def test_the_measured_and_dropped_direction_options_are_refused_by_name(options, message):
+    """Light-cone masks and subspace directions were measured (docs/results.md) and not kept."""
+    with pytest.raises(ConfigError, match=message):
+        validate_zo(options)

@@ -191,12 +191,6 @@ class Device(nn.Module):
         default): a dense or unknown Jacobian, as in a mesh, where every phase moves many entries."""
         return None
 
-    def live_parameters(self) -> Tensor | None:
-        """Which entries of θ (a bool tensor of θ's shape) can move the layer's matrix at all, from the
-        device's structure alone (a dead entry's gradient is zero at every θ): what ``zo.live_only``
-        restricts the random directions to. None (the default): every entry may matter."""
-        return None
-
     def neighbour_sum(self, theta: Tensor) -> Tensor:
         """Sum of the physically neighbouring phase shifters of each entry of θ (K, *theta_shape).
 

@@ -51,31 +51,6 @@ def complex_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype == torch.float64 else torch.complex64
 
 
-def live_phases(modes: int, columns: list[tuple[int, int]], d_in: int, d_out: int) -> np.ndarray:
-    """Which of a mesh's phases can move the block Re(U)[:d_out, :d_in] at all: a cell's two phases are
-    live when light from an input wire [0, d_in) can reach the cell and light leaving it can still
-    reach an output wire [0, d_out). Structural (the mesh's wiring alone, no phase values): a dead
-    phase's gradient is exactly zero at every θ. ``columns``: per mesh column, (first wire, cells),
-    the cells on wire pairs (first + 2j, first + 2j + 1). Returns a bool array in θ's flat layout
-    (column by column, each cell's pair (θ, φ))."""
-    lit = np.zeros(modes, dtype=bool)
-    lit[:d_in] = True
-    forward = []
-    for start, count in columns:
-        pairs = lit[start : start + 2 * count].reshape(count, 2).any(1)
-        lit[start : start + 2 * count] |= np.repeat(pairs, 2)
-        forward.append(pairs)
-    needed = np.zeros(modes, dtype=bool)
-    needed[:d_out] = True
-    backward = [None] * len(columns)
-    for c in range(len(columns) - 1, -1, -1):
-        start, count = columns[c]
-        pairs = needed[start : start + 2 * count].reshape(count, 2).any(1)
-        needed[start : start + 2 * count] |= np.repeat(pairs, 2)
-        backward[c] = pairs
-    return np.repeat(np.concatenate([f & b for f, b in zip(forward, backward, strict=True)]), 2)
-
-
 @dataclass
 class _Factor:
     """One block-diagonal factor as applied: ``tiles`` tiles covering the wire rows

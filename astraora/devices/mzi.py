@@ -10,7 +10,7 @@ from torch import Tensor
 
 from astraora.devices import native
 from astraora.devices.base import Device, dense_transfer
-from astraora.devices.mesh_tiles import TiledMesh, complex_dtype, live_phases
+from astraora.devices.mesh_tiles import TiledMesh, complex_dtype
 from astraora.errors import ConfigError
 
 ENGINES = ("tiles", "columns", "fused")
@@ -172,12 +172,6 @@ class MZIMesh(Device):
 
     def theta_shape(self) -> tuple[int, ...]:
         return (self.modes * (self.modes - 1),)
-
-    def live_parameters(self) -> Tensor:
-        """The phases inside the light cone of the input wires [0, n) and the output wires [0, m)
-        (:func:`~astraora.devices.mesh_tiles.live_phases`); the others cannot move the layer."""
-        live = live_phases(self.modes, self.columns, self.d_in, self.d_out)
-        return torch.from_numpy(live).to(self.theta.device)
 
     def init_theta(self, generator: torch.Generator) -> Tensor:
         return self.init_center + self.init_std * torch.randn(self.theta_shape(), generator=generator)

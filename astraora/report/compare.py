@@ -1064,8 +1064,15 @@ PARITY_NOTE = (
     "total = zo+sm vs digital (= device + combined); accuracy gaps in points, loss gaps in % of the better run's loss. "
     "— = not run."
 )
-QUERY_DEFAULTS = {"zo.samples": 100, "zo.every": 1, "integrator.reuse_sketch": False}
-QUERY_NAMES = {"M50+every2": "query_efficient", "": "paper"}
+QUERY_DEFAULTS = {
+    "zo.samples": 100,
+    "zo.every": 1,
+    "integrator.reuse_sketch": False,
+    "zo.batch_rank": None,
+    "zo.batch_energy": None,
+    "zo.direction": "gaussian",
+}
+QUERY_NAMES = {"r2": "query_efficient", "": "paper"}
 STALE_VARIANTS = ("fresh", "stale", "stale+lost")
 STALE_SETTINGS = ("tracked", "full_rank")
 
@@ -1189,9 +1196,14 @@ def plot_parity(cells: list[dict], task: str) -> Figure:
 
 def query_variant(run: Run) -> str:
     """The query study's name of the run's variant, from the settings that differ from the defaults:
-    ``paper`` (none), ``M<zo.samples>``, ``every<zo.every>``, ``reuse_sketch``; M50+every2 is ``query_efficient``."""
+    ``paper`` (none), ``M<zo.samples>``, ``every<zo.every>``, ``reuse_sketch``, ``r<zo.batch_rank>``,
+    ``e<zo.batch_energy>`` (the sketched batch), or another direction law; r2
+    (conf/experiment/query_efficient.yaml) is ``query_efficient``."""
     values = {key: run.setting(key) for key in QUERY_DEFAULTS}
+    values = {key: default if values[key] is None else values[key] for key, default in QUERY_DEFAULTS.items()}
     parts = [f"M{values['zo.samples']}", f"every{values['zo.every']}", "reuse_sketch"]
+    parts += [f"r{values['zo.batch_rank']}", f"e{values['zo.batch_energy']}"]
+    parts.append(str(values["zo.direction"]))
     label = "+".join(
         part for part, key in zip(parts, QUERY_DEFAULTS, strict=True) if values[key] != QUERY_DEFAULTS[key]
     )
@@ -1199,18 +1211,19 @@ def query_variant(run: Run) -> str:
 
 
 def query_rows(runs: Iterable[Run], seeds=None) -> list[dict]:
-    """One row per (task, variant) over its finished seeds (those in ``seeds``): the metric's mean and std, the
-    mean total queries, and against ``paper`` over the seeds both have: the query ratio (sum of queries / sum of
-    paper's) and the paired metric difference with its standard error."""
+    """One row per (task, device, variant) over its finished seeds (those in ``seeds``): the metric's mean and
+    std, the mean total queries, and against ``paper`` on the same task and device over the seeds both have: the
+    query ratio (sum of queries / sum of paper's) and the paired metric difference with its standard error."""
     by_variant = {}
     for run in runs:
         metric, seed = study_metric(run), run.setting("seed")
         if run.status in (None, COMPLETED) and metric and (seeds is None or seed in seeds):
             entry = (metric, run.summary_metric(metric), run.queries_total)
-            by_variant.setdefault((run.task, query_variant(run)), {})[seed] = entry
+            by_variant.setdefault((run.task, run.device, query_variant(run)), {})[seed] = entry
     rows = []
-    for (task, name), by_seed in sorted(by_variant.items(), key=lambda it: (it[0][0], it[0][1] != "paper", it[0][1])):
-        paper = by_variant.get((task, "paper"), {})
+    order = lambda it: (it[0][0], it[0][1], it[0][2] != "paper", it[0][2])  # noqa: E731
+    for (task, device, name), by_seed in sorted(by_variant.items(), key=order):
+        paper = by_variant.get((task, device, "paper"), {})
         common = sorted(set(by_seed) & set(paper))
         diffs = paired_by_seed({s: by_seed[s][1] for s in common}, {s: paper[s][1] for s in common})
         values = [v for _, v, _ in by_seed.values()]
@@ -1218,6 +1231,7 @@ def query_rows(runs: Iterable[Run], seeds=None) -> list[dict]:
         rows.append(
             {
                 "task": task,
+                "device": device,
                 "variant": name,
                 "metric": next(iter(by_seed.values()))[0],
                 "seeds": len(by_seed),
@@ -1233,19 +1247,21 @@ def query_rows(runs: Iterable[Run], seeds=None) -> list[dict]:
 
 
 def query_markdown(rows: list[dict]) -> str:
-    """Per task: each variant's metric, queries, query ratio and paired difference to paper (accuracy in points)."""
+    """Per task and device: each variant's metric, queries, query ratio and paired difference to paper (accuracy
+    in points)."""
     lines = []
-    for task in dict.fromkeys(r["task"] for r in rows):
-        metric = next(r["metric"] for r in rows if r["task"] == task)
+    for task, device in dict.fromkeys((r["task"], r["device"]) for r in rows):
+        mine = [r for r in rows if (r["task"], r["device"]) == (task, device)]
+        metric = mine[0]["metric"]
         scale, spec, unit = (100, ".2f", " pt") if metric.endswith("acc") else (1, ".4f", "")
         lines += [
-            f"**{task}** (device=mzi)",
+            f"**{task}** (device={device})",
             "",
             f"| variant | seeds | {metric} | total queries | query ratio "
             f"| Δ {metric}{unit} vs paper, same seeds (± s.e.) |",
             "|---|---|---|---|---|---|",
         ]
-        for r in (r for r in rows if r["task"] == task):
+        for r in mine:
             diff = format(scale * r["difference"], "+" + spec)
             diff += "" if math.isnan(r["difference_se"]) else f" ± {format(scale * r['difference_se'], spec)}"
             value = f"{format(scale * r['value'], spec)} ± {format(scale * r['std'], spec)}"
@@ -1253,6 +1269,18 @@ def query_markdown(rows: list[dict]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def pareto_front(points: Iterable[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
+    """The (queries, metric) points no other point beats on both (fewer or as many queries and a better or
+    equal metric, one of them strictly), sorted by queries."""
+    sign = 1 if higher_is_better else -1
+    front, best = [], -math.inf
+    for queries, value in sorted(points, key=lambda p: (p[0], -sign * p[1])):
+        if sign * value > best:
+            front.append((queries, value))
+            best = sign * value
+    return front
 
 
 def write_rows_csv(rows: list[dict], path: Path) -> None:
@@ -1264,17 +1292,22 @@ def write_rows_csv(rows: list[dict], path: Path) -> None:
 
 
 def plot_queries(rows: list[dict]) -> Figure:
-    """Test metric against total queries, one panel per task (log scale), the variants labelled."""
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    figure = Figure(figsize=(5 * len(tasks), 4), layout="constrained")
-    for axes, task in zip(figure.subplots(1, len(tasks), squeeze=False)[0], tasks, strict=True):
-        for r in (r for r in rows if r["task"] == task):
+    """Test metric against total queries (log scale), one panel per task and device, the variants labelled and
+    their Pareto front drawn (accuracy: higher is better; a loss or perplexity: lower)."""
+    panels = list(dict.fromkeys((r["task"], r["device"]) for r in rows))
+    figure = Figure(figsize=(5 * len(panels), 4), layout="constrained")
+    for axes, (task, device) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        mine = [r for r in rows if (r["task"], r["device"]) == (task, device)]
+        for r in mine:
             style = {"paper": ("s", "black"), "query_efficient": ("*", "tab:red")}.get(r["variant"], ("o", "tab:blue"))
             axes.scatter(r["queries"], r["value"], marker=style[0], color=style[1], zorder=3)
             axes.annotate(
                 r["variant"], (r["queries"], r["value"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
             )
-        axes.set(xscale="log", xlabel="total hardware queries", ylabel=r["metric"], title=task)
+        front = pareto_front(((r["queries"], r["value"]) for r in mine), mine[0]["metric"].endswith("acc"))
+        axes.step(*zip(*front, strict=True), where="post", color="tab:green", alpha=0.6, label="Pareto front")
+        axes.set(xscale="log", xlabel="total hardware queries", ylabel=mine[0]["metric"], title=f"{task} ({device})")
+        axes.legend(fontsize="small")
         axes.grid(alpha=0.3)
     return figure
 

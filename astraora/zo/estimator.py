@@ -15,9 +15,9 @@ keeps the generator state for checkpoints and the data-parallel redraw.
 
 Drawn directions (``device.engine=fused``). Where the ledger's device answers drawn queries
 (:meth:`~astraora.ledger.QueryLedger.drawn_queries`: the fused engine with no non-ideality in view
-that the drawn settings would not see exactly) and the directions are ``gaussian`` without a
-``live_only`` mask, the estimator draws one seed per estimate from its generator and the device
-generates u_i on chip (``tl.randn(seed, i·p + j)``, i = 0, …, M − 1): each chunk of settings is one
+that the drawn settings would not see exactly) and the directions are ``gaussian``, the estimator
+draws one seed per estimate from its generator and the device generates u_i on chip
+(``tl.randn(seed, i·p + j)``, i = 0, …, M − 1): each chunk of settings is one
 :meth:`~astraora.ledger.QueryLedger.query_drawn` returning its φ's, and ĝ = Σ c_i u_i / M is formed
 by regenerating the directions from the seed (:func:`~astraora.devices.fused.combine`). Nothing of
 size K × p exists and no chunk waits for the host. The directions then are another stream than
@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from astraora.choices import BETWEEN, COLORED, DIRECTIONS, SUBSPACE
+from astraora.choices import BETWEEN, COLORED, DIRECTIONS
 from astraora.errors import ConfigError
 from astraora.ledger import QueryLedger
 from astraora.zo.validation import validate_zo
@@ -51,8 +51,6 @@ __all__ = [
     "zo_probes",
     "zo_sketch",
     "zo_weights",
-    "subspace_basis",
-    "subspace_directions",
 ]
 
 AUTO_CHUNK_FLOATS = 2**22  # ≈ 16 MB of float32 work per batched call with chunk_size="auto" on a CPU
@@ -95,30 +93,6 @@ def zo_sketch(x: Tensor, g: Tensor, rank: int | None = None, energy: float | Non
         r = min(r, int(rank))
     scale = x.pow(2).sum(1).mean().sqrt().clamp_min(torch.finfo(x.dtype).tiny)
     return scale * v[:, :r].T, (u[:, :r] * (s[:r] / scale)).T
-
-
-def subspace_basis(x: Tensor, g: Tensor, rank: int, theta_shape: torch.Size) -> tuple[Tensor, Tensor]:
-    """G's top-k left and right singular vectors, rows of (k, m) and (k, n), k ≤ ``rank`` (fewer when
-    rank G is smaller): the basis of ``zo.direction=subspace``. Only for θ of the matrix's shape (m, n),
-    one control per entry (ALGORITHM.md §3, subspace directions)."""
-    shape = (g.shape[1], x.shape[1])
-    if tuple(theta_shape) != shape:
-        raise ConfigError(
-            f"zo.direction=subspace needs a device with one control per matrix entry (θ of shape {shape}); "
-            f"this one has θ of shape {tuple(theta_shape)}; choose zo.direction=gaussian."
-        )
-    probes, weights = zo_sketch(x, g, rank=rank)
-    return weights / weights.norm(dim=1, keepdim=True), probes / probes.norm(dim=1, keepdim=True)
-
-
-def subspace_directions(z: Tensor, left: Tensor, right: Tensor, out: Tensor | None = None) -> Tensor:
-    """Directions u_i = (√p / k) · vec(Lᵀ Z_i R) for coefficient rows z (K, k²) and the basis rows
-    L (k, m), R (k, n): E[u uᵀ] = (p / k²) · P with P the projection on span{l_a r_bᵀ}, and
-    E‖u‖² = p as for a Gaussian direction. Shape (K, m·n)."""
-    k, p = left.shape[0], left.shape[1] * right.shape[1]
-    u = torch.einsum("am,kab,bn->kmn", left, z.view(-1, k, k), right).reshape(z.shape[0], p)
-    u.mul_(math.sqrt(p) / k)
-    return u if out is None else out[: z.shape[0]].copy_(u)
 
 
 def zo_phi(outputs: Tensor, g: Tensor) -> Tensor:
@@ -186,13 +160,6 @@ class ZOEstimator:
             :func:`zo_sketch`) instead of min(B, m) rows; None: the batch (the paper).
         batch_energy: with a sketched batch, r is also at most the smallest rank whose singular
             values hold this fraction of ‖G‖_F² (chosen per step); None: no such cap.
-        live_only: perturb only the entries of θ the device declares live
-            (:meth:`Device.live_parameters`: a mesh's phases outside the light cone of its inputs and
-            outputs have zero gradient at every θ); unbiased, and the same estimate as without it
-            where every entry is live.
-        subspace_rank: k of ``direction="subspace"``: directions in the span of u_a v_bᵀ over G's
-            top-k singular vectors (:func:`subspace_basis`), for devices with one control per matrix
-            entry; ĝ estimates the projection of the gradient on that span.
         generator: draws the directions, one row at a time, so that the stream does not depend on
             ``chunk_size`` and can be redrawn from a saved generator state; with drawn directions
             (module docstring) one seed per estimate.
@@ -223,8 +190,6 @@ class ZOEstimator:
         between: str = "momentum",
         batch_rank: int | None = None,
         batch_energy: float | None = None,
-        live_only: bool = False,
-        subspace_rank: int = 4,
         *,
         generator: torch.Generator,
     ):
@@ -240,8 +205,6 @@ class ZOEstimator:
                 between=between,
                 batch_rank=batch_rank,
                 batch_energy=batch_energy,
-                live_only=live_only,
-                subspace_rank=subspace_rank,
             )
         )
         if direction == COLORED:
@@ -255,9 +218,6 @@ class ZOEstimator:
         self.batch_rank = None if batch_rank is None else int(batch_rank)
         self.batch_energy = None if batch_energy is None else float(batch_energy)
         self.last_rank: int | None = None  # probe rows per setting of the last measured estimate
-        self.live_only, self.subspace_rank = bool(live_only), int(subspace_rank)
-        self._live: Tensor | None = None  # this estimate's live entries (flat), None: all
-        self._basis: tuple[Tensor, Tensor] | None = None  # this estimate's subspace basis
         self.generator = generator
         self._device_generator: torch.Generator | None = None  # directions on a GPU (generator_for)
         self._pending_device_state: Tensor | None = None  # its checkpointed state, until first used
@@ -296,17 +256,9 @@ class ZOEstimator:
         self, k: int, p: int, dtype: torch.dtype, device: torch.device | str = "cpu", out: Tensor | None = None
     ) -> Tensor:
         """k i.i.d. directions u (k, p) with E[u uᵀ] = I, drawn one row at a time (into ``out`` when
-        given) so that the stream does not depend on how the M samples are chunked. With
-        ``live_only`` the entries the device declares dead are zero (E[u uᵀ] = diag(live)); for
-        ``subspace`` see :func:`subspace_directions`."""
+        given) so that the stream does not depend on how the M samples are chunked."""
         gen = self.generator_for(device)
         u = torch.empty(k, p, dtype=dtype, device=device) if out is None else out[:k]
-        if self.direction == SUBSPACE:
-            left, right = self._basis
-            z = torch.empty(k, left.shape[0] ** 2, dtype=dtype, device=device)
-            for row in z:
-                torch.randn(row.shape[0], generator=gen, dtype=dtype, device=device, out=row)
-            return subspace_directions(z, left, right, out=u)
         for row in u:
             if self.direction == "rademacher":
                 row.copy_(torch.randint(0, 2, (p,), generator=gen, device=device))
@@ -316,17 +268,7 @@ class ZOEstimator:
             u.mul_(2).sub_(1)
         elif self.direction == "sphere":
             u.mul_(math.sqrt(p) / u.norm(dim=1, keepdim=True))
-        if self._live is not None:
-            u.mul_(self._live)
         return u
-
-    def live_mask(self, device) -> Tensor | None:
-        """The flat live entries of θ as 0/1 (``live_only`` and a device that declares some dead),
-        else None (every entry perturbed, the same stream as without the option)."""
-        live = device.live_parameters() if self.live_only else None
-        if live is None or bool(live.all()):
-            return None
-        return live.reshape(-1).to(device.theta.dtype)
 
     @property
     def sketched(self) -> bool:
@@ -397,9 +339,6 @@ class ZOEstimator:
     def _estimate(self, ledger: QueryLedger, x: Tensor, g: Tensor, y: Tensor | None, check: bool) -> Tensor:
         theta = ledger.device.theta.detach()
         batch, d_out = g.shape
-        self._live = self.live_mask(ledger.device)
-        if self.direction == SUBSPACE:
-            self._basis = subspace_basis(x, g, self.subspace_rank, theta.shape)
         forward_g = g  # what the forward output's rows are weighted with for φ(θ)
         if self.sketched:
             probes, g = zo_sketch(x, g, self.batch_rank, self.batch_energy)  # (r, n), weights (r, m)
@@ -416,7 +355,7 @@ class ZOEstimator:
                 phi0 = (y * forward_g).sum()
             else:
                 phi0 = zo_phi(ledger.query(probes, "zo", theta=theta).unsqueeze(0), g)[0]
-        if self.direction == "gaussian" and self._live is None and ledger.drawn_queries("zo"):
+        if self.direction == "gaussian" and ledger.drawn_queries("zo"):
             return self._estimate_drawn(ledger, probes, g, None if empty or self.two_sided else phi0, empty, check)
         self.last_seed = None
         chunk = self.chunk_for(p, probes.shape[0], x.shape[1], d_out, flat.device)
@@ -439,11 +378,8 @@ class ZOEstimator:
             for start in range(0, self.samples, chunk):
                 yield start, self.directions(min(chunk, self.samples - start), p, flat.dtype, flat.device, u_buffer)
 
-        scale = self._basis[0].shape[0] ** 2 / p if self.direction == SUBSPACE else 1.0  # E[u uᵀ] = (p / k²)·P
         if self.reducer is None:
-            return zo_gradient(((coefficients(u), u) for _, u in drawn()), self.samples).mul_(scale).view_as(theta)
-        if self.direction == SUBSPACE:  # each shard's G would give its own basis, so the directions would differ
-            raise ConfigError("zo.direction=subspace is not available with data-parallel training; use zo=gaussian.")
+            return zo_gradient(((coefficients(u), u) for _, u in drawn()), self.samples).view_as(theta)
         # data parallel: one collective for the M coefficients; a non-finite reading anywhere makes every
         # process's ĝ non-finite, so all of them agree on retrying or skipping the estimate
         gen = self.generator_for(flat.device)
@@ -454,7 +390,7 @@ class ZOEstimator:
         coefs = self.reducer(coefs)
         gen.set_state(saved)  # the same directions again
         pairs = ((coefs[start : start + u.shape[0]], u) for start, u in drawn())
-        return zo_gradient(pairs, self.samples).mul_(scale).view_as(theta)
+        return zo_gradient(pairs, self.samples).view_as(theta)
 
     def _estimate_drawn(
         self, ledger: QueryLedger, probes: Tensor, g: Tensor, phi0: Tensor | None, empty: bool, check: bool

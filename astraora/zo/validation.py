@@ -32,12 +32,10 @@ RANDOM_DIRECTION_KEYS = (
     "between",
     "batch_rank",
     "batch_energy",
-    "live_only",
-    "subspace_rank",
 )
 ZO_KEYS = ("direction", "mu", "two_sided", *RANDOM_DIRECTION_KEYS, "reuse_readout")
 # colored: the random-direction keys are accepted and unused, except these, which must keep their off values
-COLORED_OFF_VALUES = {"every": 1, "batch_rank": None, "batch_energy": None, "live_only": False}
+COLORED_OFF_VALUES = {"every": 1, "batch_rank": None, "batch_energy": None}
 
 
 def _refuse(key: str, value, allowed: str) -> None:
@@ -63,7 +61,7 @@ def colored_conflicts(zo: Mapping) -> str | None:
     return (
         f"{names}: not available with zo.direction=colored, which draws no random directions and measures "
         f"every step; its keys are direction, mu, two_sided and reuse_readout ({', '.join(RANDOM_DIRECTION_KEYS)} "
-        f"accepted and unused, zo.every=1, zo.batch_rank and zo.batch_energy null, zo.live_only false), "
+        f"accepted and unused, zo.every=1, zo.batch_rank and zo.batch_energy null), "
         f"or use zo.direction=gaussian."
     )
 
@@ -115,10 +113,6 @@ def validate_zo(options: Mapping) -> None:
     energy = options.get("batch_energy")
     if energy is not None and (isinstance(energy, bool) or not isinstance(energy, Real) or not 0 < energy <= 1):
         _refuse("batch_energy", energy, "give null (no cap) or a fraction in (0, 1]")
-    if not isinstance(options.get("live_only", False), bool):
-        _refuse("live_only", options["live_only"], "choose true or false")
-    if not _is_int(options.get("subspace_rank", 4), 1):
-        _refuse("subspace_rank", options["subspace_rank"], "give an integer >= 1")
 
 
 def phase_resolution(bits: int) -> float:
