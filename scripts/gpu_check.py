@@ -93,10 +93,21 @@ def zo_cell(engine: str, modes: int, repeats: int, budget: float, device: torch.
         readings = mesh.query(x, thetas)
     y = ledger.query(x, "forward")
 
+    last = {}
+
     def estimate() -> torch.Tensor:  # the same directions for every engine: a fresh generator each time
-        return ZOEstimator(samples=SAMPLES, generator=make_generator(0, "gpu_check", "zo")).estimate(ledger, x, g, y)
+        last["zo"] = ZOEstimator(samples=SAMPLES, generator=make_generator(0, "gpu_check", "zo"))
+        return last["zo"].estimate(ledger, x, g, y)
 
     ghat = estimate()  # warm-up: compiles
+    reference = None
+    if engine == "fused" and ledger.drawn_queries("zo"):  # its directions are drawn on chip: compare on those
+        from astraora.devices import fused
+
+        columns = MZIMesh(modes, modes, seed=0, name="gpu_check.mzi", engine="columns").to(device)
+        columns.load_state_dict(mesh.state_dict())
+        same = fused.explicit_estimator(last["zo"].last_seed, samples=SAMPLES)
+        reference = same.estimate(QueryLedger(columns), x, g, y).cpu()
     synchronize(device)
     reset_peak(device)
     times: list[float] = []
@@ -111,6 +122,7 @@ def zo_cell(engine: str, modes: int, repeats: int, budget: float, device: torch.
         "timed": len(times),
         "peak_mib": peak_mib(device),
         "ghat": ghat.float().cpu(),
+        "ghat_reference": None if reference is None else reference.float(),  # the column route, same directions
         "readings": readings.float().cpu(),
     }
 
@@ -238,6 +250,13 @@ def attempt(what: str, call, *args) -> dict:
         return {"error": line}
 
 
+def reference_ghat(cells: dict) -> torch.Tensor:
+    """The column route's ĝ on the fused estimate's directions (drawn on chip: its own reference), or
+    the columns cell's ĝ (the same generator's directions)."""
+    reference = cells["fused"].get("ghat_reference")
+    return cells["columns"]["ghat"] if reference is None else reference
+
+
 def ms(cell: dict) -> str:
     return "failed" if "error" in cell else f"{cell['seconds'] * 1e3:.2f} ms"
 
@@ -255,7 +274,7 @@ def zo_row(modes: int, cells: dict) -> str:
         diff = "; ".join(f"{e}: {cells[e]['error']}" for e in ENGINES if "error" in cells[e])
     else:
         diff = (
-            f"ĝ {relative(cells['fused']['ghat'], cells['columns']['ghat']):.1e}, "
+            f"ĝ {relative(cells['fused']['ghat'], reference_ghat(cells)):.1e}, "
             f"readings {relative(cells['fused']['readings'], cells['columns']['readings']):.1e}"
         )
     return (

@@ -168,24 +168,11 @@ def case_device(cell: str) -> dict:
     return out
 
 
-class SameDirections:
-    """A ZOEstimator on the explicit route whose directions are the drawn mode's u_0, u_1, … of
-    ``seed`` (fused.directions), handed out in order: the standard estimator's formula applied to the
-    directions the drawn route generates on chip."""
+def SameDirections(seed: int, **options):  # noqa: N802 (reads as the class it returns)
+    """The standard estimator on the explicit route fed the drawn directions of ``seed``."""
+    from astraora.devices import fused
 
-    def __new__(cls, seed: int, **options):
-        from astraora.devices import fused
-        from astraora.zo.estimator import ZOEstimator
-
-        class Estimator(ZOEstimator):
-            issued = 0
-
-            def directions(self, k, p, dtype, device="cpu", out=None):
-                u = fused.directions(seed, torch.arange(self.issued, self.issued + k), p).to(dtype)
-                self.issued += k
-                return u if out is None else out[:k].copy_(u)
-
-        return Estimator(generator=torch.Generator().manual_seed(0), **options)
+    return fused.explicit_estimator(seed, **options)
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -469,3 +469,22 @@ def transfer_drawn(
         raise ValueError(f"base must hold {modes * (modes - 1)} phases, not {base.numel()}")
     indices = indices.to(device=base.device, dtype=torch.int64).contiguous()
     return _launch(cell, base, 0, indices.numel(), x, modes, d_out, True, indices, seed, step, weights)
+
+
+def explicit_estimator(seed: int, **options):
+    """A :class:`~astraora.zo.ZOEstimator` on the explicit route whose directions are the drawn mode's
+    u_0, u_1, … of ``seed`` (:func:`directions`), handed out in order: the standard estimator's formula
+    applied to the directions the drawn route generates on chip, for comparing the two routes
+    (tests, scripts/gpu_check.py). ``options``: the estimator's keyword arguments."""
+    from astraora.zo.estimator import ZOEstimator
+
+    class SameDirections(ZOEstimator):
+        issued = 0
+
+        def directions(self, k, p, dtype, device="cpu", out=None):
+            index = torch.arange(self.issued, self.issued + k, device=device)
+            u = directions(seed, index, p).to(dtype)
+            self.issued += k
+            return u if out is None else out[:k].copy_(u)
+
+    return SameDirections(generator=torch.Generator().manual_seed(0), **options)
