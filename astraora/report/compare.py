@@ -44,6 +44,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter
 from omegaconf import DictConfig, OmegaConf
 
 SUMMARY = "summary.json"
@@ -1295,8 +1296,13 @@ def plot_queries(rows: list[dict]) -> Figure:
     """Test metric against total queries (log scale), one panel per task and device, the variants labelled and
     their Pareto front drawn (accuracy: higher is better; a loss or perplexity: lower)."""
     panels = list(dict.fromkeys((r["task"], r["device"]) for r in rows))
-    figure = Figure(figsize=(5 * len(panels), 4), layout="constrained")
-    for axes, (task, device) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+    columns = min(len(panels), 4)
+    grid_rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(4.5 * columns, 3.6 * grid_rows), layout="constrained")
+    grid = figure.subplots(grid_rows, columns, squeeze=False).flatten()
+    for axes in grid[len(panels) :]:
+        axes.set_visible(False)
+    for axes, (task, device) in zip(grid, panels, strict=False):
         mine = [r for r in rows if (r["task"], r["device"]) == (task, device)]
         for r in mine:
             style = {"paper": ("s", "black"), "query_efficient": ("*", "tab:red")}.get(r["variant"], ("o", "tab:blue"))
@@ -1307,6 +1313,7 @@ def plot_queries(rows: list[dict]) -> Figure:
         front = pareto_front(((r["queries"], r["value"]) for r in mine), mine[0]["metric"].endswith("acc"))
         axes.step(*zip(*front, strict=True), where="post", color="tab:green", alpha=0.6, label="Pareto front")
         axes.set(xscale="log", xlabel="total hardware queries", ylabel=mine[0]["metric"], title=f"{task} ({device})")
+        axes.xaxis.set_minor_formatter(NullFormatter())  # the decades only: minor labels overlap
         axes.legend(fontsize="small")
         axes.grid(alpha=0.3)
     return figure
