@@ -144,3 +144,43 @@ def test_the_measured_and_dropped_direction_options_are_refused_by_name(options,
     """Light-cone masks and subspace directions were measured (docs/results.md) and not kept."""
     with pytest.raises(ConfigError, match=message):
         validate_zo(options)
+
+
+def test_a_non_finite_batch_gives_a_non_finite_estimate_without_a_query():
+    """As the unsketched estimate of such a batch: the layer then skips the step and counts it."""
+    device = MZIMesh(6, 5, seed=0, name="sketch").double()
+    x, g = random_batch(4, 6, 5)
+    g[1, 2] = float("nan")
+    ghat, queries, zo = estimate(device, x, g, batch_rank=2)
+    assert queries == 0 and torch.isnan(ghat).all() and zo.last_rank == 0
+    _, _, paper = estimate(device, x, g)
+    assert torch.equal(zo.generator.get_state(), paper.generator.get_state())
+
+
+@pytest.mark.parametrize("cls", [MZIMesh, SLM])
+def test_two_sided_and_data_parallel_sketches_match_the_papers_at_full_rank(cls):
+    device = cls(7, 6, seed=3, name="sketch").double()
+    x, g = random_batch(5, 7, 6)
+    paper, paper_queries, _ = estimate(device, x, g, two_sided=True)
+    sketched, queries, _ = estimate(device, x, g, two_sided=True, batch_rank=64)
+    torch.testing.assert_close(sketched, paper, rtol=1e-6, atol=1e-9)
+    assert queries == paper_queries == 2 * 40 * 5
+    ledger = QueryLedger(device)
+    zo = ZOEstimator(samples=40, generator=make_generator(0, "zo"), batch_rank=2)
+    zo.reducer = lambda c: c.clone()  # one process: the mean is the value itself
+    reduced = zo.estimate(ledger, x, g, ledger.query(x, "forward"))
+    torch.testing.assert_close(reduced, estimate(device, x, g, batch_rank=2)[0], rtol=1e-9, atol=1e-12)
+
+
+def test_a_float32_sketch_at_full_rank_is_the_float32_papers_estimate():
+    """The SVD's float32 round-off, divided by μ, must not spoil the coefficients (φ(θ) from the forward
+    output, the probes' φ from the device)."""
+    x, g = random_batch(8, 10, 6)
+    device = MZIMesh(10, 6, seed=4, name="sketch").float()
+    xs, gs = x.float(), g.float()
+    results = []
+    for options in ({}, {"batch_rank": 64}):
+        ledger = QueryLedger(device)
+        zo = ZOEstimator(samples=200, mu=1e-3, generator=make_generator(0, "zo"), **options)
+        results.append(zo.estimate(ledger, xs, gs, ledger.query(xs, "forward")).double())
+    assert torch.nn.functional.cosine_similarity(*results, dim=0) > 0.9999

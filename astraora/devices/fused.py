@@ -475,11 +475,19 @@ def explicit_estimator(seed: int, **options):
     """A :class:`~astraora.zo.ZOEstimator` on the explicit route whose directions are the drawn mode's
     u_0, u_1, … of ``seed`` (:func:`directions`), handed out in order: the standard estimator's formula
     applied to the directions the drawn route generates on chip, for comparing the two routes
-    (tests, scripts/gpu_check.py). ``options``: the estimator's keyword arguments."""
+    (tests, scripts/gpu_check.py). ``options``: the estimator's keyword arguments. Every attempt of an
+    estimate (a deferred-check retry included) starts again at u_0; single process only (no reducer),
+    and never on a ledger that answers drawn queries (it would take the drawn route)."""
     from astraora.zo.estimator import ZOEstimator
 
     class SameDirections(ZOEstimator):
         issued = 0
+
+        def _estimate(self, ledger, x, g, y, check):
+            if self.reducer is not None or ledger.drawn_queries("zo"):
+                raise ValueError("explicit_estimator: a single process on the explicit route only")
+            self.issued = 0
+            return super()._estimate(ledger, x, g, y, check)
 
         def directions(self, k, p, dtype, device="cpu", out=None):
             index = torch.arange(self.issued, self.issued + k, device=device)

@@ -1311,7 +1311,8 @@ def plot_queries(rows: list[dict]) -> Figure:
                 r["variant"], (r["queries"], r["value"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
             )
         front = pareto_front(((r["queries"], r["value"]) for r in mine), mine[0]["metric"].endswith("acc"))
-        axes.step(*zip(*front, strict=True), where="post", color="tab:green", alpha=0.6, label="Pareto front")
+        if front:  # none where every value is NaN (a diverged run)
+            axes.step(*zip(*front, strict=True), where="post", color="tab:green", alpha=0.6, label="Pareto front")
         axes.set(xscale="log", xlabel="total hardware queries", ylabel=mine[0]["metric"], title=f"{task} ({device})")
         axes.xaxis.set_minor_formatter(NullFormatter())  # the decades only: minor labels overlap
         axes.legend(fontsize="small")

@@ -340,7 +340,12 @@ class ZOEstimator:
         theta = ledger.device.theta.detach()
         batch, d_out = g.shape
         forward_g = g  # what the forward output's rows are weighted with for φ(θ)
-        if self.sketched:
+        blank = 0.0  # every coefficient when there is nothing to measure
+        if self.sketched and not bool(torch.isfinite(x).all() and torch.isfinite(g).all()):
+            # no SVD of a non-finite batch: no query, and a non-finite ĝ, which the layer skips and counts
+            # (as the unsketched estimate of such a batch comes out)
+            probes, g, blank = x[:0], g[:0], math.nan
+        elif self.sketched:
             probes, g = zo_sketch(x, g, self.batch_rank, self.batch_energy)  # (r, n), weights (r, m)
             unit = g / g.norm(dim=1, keepdim=True)  # G's top left singular vectors u_j (r, m)
             forward_g = (forward_g @ unit.T) @ unit  # the rows projected on them: φ_r(θ) = Σ_b ⟨y_b, P g_b⟩
@@ -349,14 +354,15 @@ class ZOEstimator:
         self.last_rank = probes.shape[0]
         flat = theta.reshape(-1)
         p = flat.numel()
-        empty = not probes.shape[0]  # G = 0: every coefficient is 0 without a query (directions still drawn)
+        empty = not probes.shape[0]  # G = 0: every coefficient is `blank` without a query (directions still drawn)
         if not self.two_sided and not empty:  # φ(θ)
             if self.phi0_from_forward(ledger.device, batch, d_out, y is not None):
                 phi0 = (y * forward_g).sum()
             else:
                 phi0 = zo_phi(ledger.query(probes, "zo", theta=theta).unsqueeze(0), g)[0]
         if self.direction == "gaussian" and ledger.drawn_queries("zo"):
-            return self._estimate_drawn(ledger, probes, g, None if empty or self.two_sided else phi0, empty, check)
+            phi0 = None if empty or self.two_sided else phi0
+            return self._estimate_drawn(ledger, probes, g, phi0, blank if empty else None, check)
         self.last_seed = None
         chunk = self.chunk_for(p, probes.shape[0], x.shape[1], d_out, flat.device)
         u_buffer = torch.empty(chunk, p, dtype=flat.dtype, device=flat.device)
@@ -369,7 +375,7 @@ class ZOEstimator:
 
         def coefficients(u: Tensor) -> Tensor:
             if empty:
-                return torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
+                return torch.full((u.shape[0],), blank, dtype=u.dtype, device=u.device)
             plus = phi_at(u, self.mu)
             base = phi_at(u, -self.mu) if self.two_sided else phi0
             return zo_coefficients(plus, base, self.mu, self.two_sided)
@@ -393,18 +399,18 @@ class ZOEstimator:
         return zo_gradient(pairs, self.samples).view_as(theta)
 
     def _estimate_drawn(
-        self, ledger: QueryLedger, probes: Tensor, g: Tensor, phi0: Tensor | None, empty: bool, check: bool
+        self, ledger: QueryLedger, probes: Tensor, g: Tensor, phi0: Tensor | None, blank: float | None, check: bool
     ) -> Tensor:
         """ĝ with the directions drawn on the device (module docstring): one seed from the generator,
         direction i = 0, …, M − 1 of it; the M coefficients measured chunk by chunk as inner
         products (``chunk_size``, or all M in one call for ``auto``: nothing per setting is stored
         but its φ), reduced over data-parallel processes when a reducer is set, then Σ c_i u_i formed
-        from the seed on the device."""
+        from the seed on the device. ``blank``: nothing to measure, every coefficient is this value."""
         theta = ledger.device.theta.detach()
         seed = int(torch.randint(0, 2**62, (), generator=self.generator))  # one draw per estimate
         self.last_seed = seed
-        coefs = torch.zeros(self.samples, dtype=theta.dtype, device=theta.device)
-        if not empty:  # G = 0: every coefficient is 0 without a query
+        coefs = torch.full((self.samples,), 0.0 if blank is None else blank, dtype=theta.dtype, device=theta.device)
+        if blank is None:  # else G = 0 (or a non-finite batch): no query
             weights = zo_weights(g)
             chunk = self.samples if self.chunk_size == "auto" else int(self.chunk_size)
             for start in range(0, self.samples, chunk):
@@ -417,8 +423,8 @@ class ZOEstimator:
                 coefs[start : start + k] = zo_coefficients(plus, base, self.mu, self.two_sided)
         if self.reducer is not None:  # one collective for the M coefficients, the directions from the seed
             coefs = self.reducer(coefs)
-        elif empty:
-            return torch.zeros_like(theta)
+        elif blank is not None:
+            return torch.full_like(theta, blank)
         return ledger.device.combine_drawn(seed, coefs).div_(self.samples).view_as(theta)
 
     def state_dict(self) -> dict:
