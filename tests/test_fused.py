@@ -362,20 +362,58 @@ def _in_interpreter(names: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# The quick tier's cases (about 20 s in the interpreter): each kind at least once, both cells; the other
+# cases of CASES run in the slow tier, in a subprocess of their own.
+QUICK = {
+    "cells-paper",
+    "cells-classical",
+    "explicit-paper-3x5-None-shared",
+    "explicit-classical-6x2-None-per",
+    "explicit-blocks-paper",
+    "drawn-paper-3x5-None",
+    "drawn-classical-6x2-None",
+    "directions-moments",
+    "device-paper",
+    "device-classical",
+    "estimate-paper-3x5-one",
+    "estimate-classical-6x2-two",
+    "estimate-paper-wide-sketched",
+    "estimate-paper-noise",
+    "retry-paper",
+    "offers-drawn",
+}
+
+
 @pytest.fixture(scope="module")
 def results() -> dict:
-    return _in_interpreter(list(CASES))
+    return _in_interpreter(sorted(QUICK))
+
+
+@pytest.fixture(scope="module")
+def slow_results() -> dict:
+    return _in_interpreter([name for name in CASES if name not in QUICK])
+
+
+@pytest.fixture
+def record(request) -> dict:
+    """The interpreter's record of the case named by the test's ``name`` parameter, from the tier it runs in."""
+    name = request.node.callspec.params["name"]
+    return request.getfixturevalue("results" if name in QUICK else "slow_results")[name]
+
+
+def tiered(names) -> list:
+    """``names`` as parameters, those outside QUICK marked slow."""
+    return [pytest.param(n, marks=() if n in QUICK else pytest.mark.slow) for n in names]
 
 
 # ----------------------------------------------------------------------------- the tests
-@pytest.mark.parametrize("cell", list(DEVICES))
-def test_cell_formula_matches_the_python_cell(results, cell):
-    assert results[f"cells-{cell}"] < 1e-6
+@pytest.mark.parametrize("name", tiered(f"cells-{cell}" for cell in DEVICES))
+def test_cell_formula_matches_the_python_cell(record, name):
+    assert record < 1e-6
 
 
-@pytest.mark.parametrize("name", [name for name in CASES if name.startswith("explicit-")])
-def test_explicit_settings_match_the_column_route(results, name):
-    record = results[name]
+@pytest.mark.parametrize("name", tiered(name for name in CASES if name.startswith("explicit-")))
+def test_explicit_settings_match_the_column_route(record, name):
     assert record["shape"]
     assert record["readings"] < FLOAT32, record
     assert record["products"] < 10 * FLOAT32, record  # a sum of B·m products
@@ -383,9 +421,8 @@ def test_explicit_settings_match_the_column_route(results, name):
         assert record["blocks"] > 1  # several row blocks, their partial products summed
 
 
-@pytest.mark.parametrize("name", [name for name in CASES if name.startswith("drawn-")])
-def test_directions_drawn_on_chip_match_their_reconstruction(results, name):
-    record = results[name]
+@pytest.mark.parametrize("name", tiered(name for name in CASES if name.startswith("drawn-")))
+def test_directions_drawn_on_chip_match_their_reconstruction(record, name):
     assert record["readings"] < FLOAT32, record
     assert record["products"] < 10 * FLOAT32, record
     assert record["stream"] and record["distinct"]
@@ -397,22 +434,20 @@ def test_on_chip_directions_are_standard_normal(results):
     assert abs(record["mean"]) < 0.02 and abs(record["var"] - 1) < 0.03  # 40 000 draws: ±4 standard errors
 
 
-@pytest.mark.parametrize("cell", list(DEVICES))
-def test_device_engine_fused_matches_the_column_route(results, cell):
-    record = results[f"device-{cell}"]
+@pytest.mark.parametrize("name", tiered(f"device-{cell}" for cell in DEVICES))
+def test_device_engine_fused_matches_the_column_route(record, name):
     assert max(record["forward"], record["settings"], record["basis"]) < FLOAT32, record
     assert record["zo_relative"] < 1e-2, record  # finite differences at μ = 1e-4 in float32
     assert "device.engine" in record["float64"] and "float32" in record["float64"]
 
 
-@pytest.mark.parametrize("name", list(ESTIMATES))
-def test_the_drawn_estimate_is_the_standard_formula_on_the_same_directions(results, name):
+@pytest.mark.parametrize("name", tiered(ESTIMATES))
+def test_the_drawn_estimate_is_the_standard_formula_on_the_same_directions(record, name):
     """engine=fused: ĝ with directions drawn on chip equals the explicit route's ĝ (engine=columns) on
     the directions fused.directions rebuilds, to float32 round-off (μ = 0.05, so a φ difference of
     round-off size moves a coefficient by ≈ 1e-6 relative; at μ = 1e-4 by ≈ 1e-3), with the same
     queries and reprograms and the same setting held afterwards; where the device or the options
     do not allow drawn directions, the explicit route with the same generator stream."""
-    record = results[name]
     falls_back = any(name.endswith(tail) for tail in FALLS_BACK)
     assert record["drawn"] is not falls_back, record
     assert record["counts"] and record["zo_queries"] > 0, record
@@ -423,9 +458,8 @@ def test_the_drawn_estimate_is_the_standard_formula_on_the_same_directions(resul
         assert record["reducer"], record
 
 
-@pytest.mark.parametrize("cell", list(DEVICES))
-def test_a_non_finite_reading_retakes_the_drawn_estimate_from_the_same_seed(results, cell):
-    record = results[f"retry-{cell}"]
+@pytest.mark.parametrize("name", tiered(f"retry-{cell}" for cell in DEVICES))
+def test_a_non_finite_reading_retakes_the_drawn_estimate_from_the_same_seed(record, name):
     assert record["equal"] and record["retries"] > 0, record
 
 
