@@ -288,7 +288,12 @@ class Device(nn.Module):
         if noisy and self.nonideal.output_noise:
             noise = torch.randn(y.shape, generator=self.noise_gen, dtype=y.dtype, device="cpu").to(y.device)
             y = y + self.nonideal.output_noise * y.abs() * noise
-        if self.faults.nonfinite_prob and self._draw() < self.faults.nonfinite_prob:
+        return self._inject_nonfinite(y)
+
+    def _inject_nonfinite(self, y: Tensor) -> Tensor:
+        """``y``, or with probability ``faults.nonfinite_prob`` a copy whose first reading is NaN (one
+        draw of the fault generator per call)."""
+        if self.faults.nonfinite_prob and self._draw() < self.faults.nonfinite_prob and y.numel():
             y = y.clone()
             y[(0,) * y.dim()] = float("nan")
         return y

@@ -307,9 +307,7 @@ class MZIMesh(Device):
             for start in range(0, count, fused.MAX_SETTINGS)
         ]
         phi = torch.cat(pieces) if pieces else torch.zeros(0, dtype=base.dtype, device=base.device)
-        if self.faults.nonfinite_prob and self._draw() < self.faults.nonfinite_prob and count:
-            phi[0] = float("nan")
-        return phi
+        return self._inject_nonfinite(phi)
 
     def drawn_directions(self, seed: int, indices: Tensor) -> Tensor:
         """The directions u_d (K, p) of :meth:`query_drawn` for direction indices (K,) (a copy of what
